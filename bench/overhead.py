@@ -1,0 +1,219 @@
+"""Wall-clock overhead of Hard View Selection per training step (paper Table 14, App. H).
+
+Times, in one process and on the same model, a *baseline step* (the training
+step of ``common/train.py`` without HVS, on the first candidate of every crop
+slot) and an *HVS step* at every selection resolution (the same step preceded
+by the selector's no-grad forward over all N candidates).  The configurations
+are interleaved: every repeat times each of them once, in an order rotated from
+repeat to repeat, so that machine noise and drift hit all of them alike.
+Reported per configuration: the median step time, the overhead factor
+median(HVS step) / median(baseline step) and the median selection time alone.
+
+    python -m bench.overhead --arch resnet18 --image-size 64 --batch-size 32
+
+Inputs are seeded random tensors: data loading and augmentation are not timed
+(the paper's factors measure the training step only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from common.config import COMMON_SPEC, resolve
+from common.hvs import HardViewSelector
+from common.train import amp_settings, seed_everything
+from simsiam.method import SimSiamMethod
+
+
+def image_candidates(cfg: dict, generator: torch.Generator) -> list:
+    """N random views [B, 3, S, S] of one crop slot (SimSiam, SimCLR)."""
+    B, S = int(cfg["train"]["batch_size"]), int(cfg["augment"]["size"])
+    return [torch.randn(B, 3, S, S, generator=generator) for _ in range(int(cfg["hvs"]["n_views"]))]
+
+
+class BenchMethod(NamedTuple):
+    cls: type                  # the SSLMethod subclass
+    paper: dict                # resolution -> overhead factor of the paper's Table 14
+    candidates: Callable       # (cfg, generator) -> list of candidate tensors, pool after pool
+    paper_setting: str = ""    # what the paper's factors were measured on
+
+
+#: Methods the benchmark knows; SimCLR or DINO are added as one more entry each.
+METHODS = {
+    "simsiam": BenchMethod(SimSiamMethod, {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16},
+                           image_candidates, "SimSiam RN50 GPU"),
+}
+
+
+def first_candidates(pools, candidates) -> list:
+    """The baseline's views: the first k candidates of every pool (n, k)."""
+    views, start = [], 0
+    for n, k in pools:
+        views += candidates[start:start + k]
+        start += n
+    return views
+
+
+class Step:
+    """One training step exactly as the loop of ``common/train.py`` runs it
+    (schedule, [selector,] loss, zero_grad, backward, optimizer step, hooks),
+    timed with CUDA synchronisation on GPU."""
+
+    def __init__(self, method, optimizer, autocast, scaler, device):
+        self.method, self.model, self.optimizer = method, method.model, optimizer
+        self.autocast, self.scaler = autocast, scaler
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, candidates, selector=None, generator=None):
+        """Run one step; return (step seconds, selection seconds)."""
+        m, model, opt = self.method, self.model, self.optimizer
+        self.sync()
+        t0 = time.perf_counter()
+        m.schedule(opt, 0, 0, 1)
+        with self.autocast():
+            t_sel = 0.0
+            if selector is None:
+                views = first_candidates(m.pools(), candidates)
+            else:
+                # the selector already synchronises (its choice moves to the CPU)
+                t1 = time.perf_counter()
+                views = selector(candidates, model, lambda c: m.candidate_outputs(model, c),
+                                 m.combination_scores, generator).views
+                self.sync()
+                t_sel = time.perf_counter() - t1
+            loss, _ = m.training_loss(model, views)
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if m.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), m.clip_grad)
+        m.before_optimizer_step(model, 0)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        m.after_step(0, 0, 1)
+        self.sync()
+        return time.perf_counter() - t0, t_sel
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def benchmark(args) -> dict:
+    """Time the baseline and every resolution, interleaved; return the result dict."""
+    entry = METHODS[args.method]
+    device = torch.device(args.device)
+    cfg = resolve({**COMMON_SPEC, **entry.cls.spec}, None, [
+        f"method={args.method}", f"model.arch={args.arch}", f"model.cifar_stem={str(args.cifar_stem).lower()}",
+        f"augment.size={args.image_size}", f"hvs.n_views={args.n_views}", "hvs.enabled=true",
+        f"train.batch_size={args.batch_size}", f"train.amp='{args.amp}'", f"run.device={args.device}"])
+    seed_everything(0)
+    method = entry.cls(cfg, device)
+    method.model.to(device).train()
+    optimizer = method.build_optimizer(args.batch_size)
+    autocast, scaler = amp_settings(cfg, device)
+    step = Step(method, optimizer, autocast, scaler, device)
+    candidates = [c.to(device) for c in entry.candidates(cfg, torch.Generator().manual_seed(0))]
+    generator = torch.Generator().manual_seed(1)
+
+    configs = [None] + [float(r) for r in args.resolutions]     # None: the baseline
+    selectors = {r: HardViewSelector(method.pools(), resolution=r) for r in configs if r is not None}
+    times = {r: [] for r in configs}
+    sel_times = {r: [] for r in configs}
+    for rep in range(args.warmup + args.repeats):
+        shift = rep % len(configs)
+        for r in configs[shift:] + configs[:shift]:
+            t_step, t_sel = step(candidates, selectors.get(r), generator)
+            if rep >= args.warmup:
+                times[r].append(t_step)
+                sel_times[r].append(t_sel)
+
+    base = statistics.median(times[None])
+    rows = [{"resolution": r, "hvs_step_s": statistics.median(times[r]), "baseline_step_s": base,
+             "factor": statistics.median(times[r]) / base, "selection_s": statistics.median(sel_times[r]),
+             "paper_factor": entry.paper.get(r), "hvs_step_times": times[r], "selection_times": sel_times[r]}
+            for r in configs if r is not None]
+    return {"device": device_name(device), "torch": torch.__version__, "method": args.method,
+            "arch": args.arch, "cifar_stem": args.cifar_stem, "image_size": args.image_size,
+            "batch_size": args.batch_size, "n_views": args.n_views,
+            "amp": args.amp if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
+            "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
+            "baseline_step_s": base, "baseline_step_times": times[None], "rows": rows,
+            "command": "python -m bench.overhead " + " ".join(args.argv)}
+
+
+def format_table(res: dict) -> str:
+    head = (f"device {res['device']} | torch {res['torch']} | {res['method']} {res['arch']}"
+            f"{' (cifar stem)' if res['cifar_stem'] else ''} | image {res['image_size']} px | "
+            f"batch {res['batch_size']} | n_views {res['n_views']} | amp {res['amp']} | "
+            f"threads {res['threads']} | median of {res['repeats']} (+{res['warmup']} warm-up)")
+    lines = [head, "resolution | HVS step (s) | baseline step (s) | overhead factor | selection (s) "
+                   f"| paper T14 factor ({res['paper_setting']})"]
+    for row in res["rows"]:
+        paper = f"{row['paper_factor']:.2f}" if row["paper_factor"] is not None else "-"
+        lines.append(f"{row['resolution']:>10.0%} | {row['hvs_step_s']:>12.4f} | {row['baseline_step_s']:>17.4f} "
+                     f"| {row['factor']:>15.2f} | {row['selection_s']:>13.4f} | {paper}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="simsiam", choices=sorted(METHODS))
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--cifar-stem", default=True, action=argparse.BooleanOptionalAction,
+                   help="3x3 stride-1 stem, no max-pool (for 32-64 px images)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-views", type=int, default=4, help="candidate views per image (paper: 4)")
+    p.add_argument("--resolutions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                   help="fractions of the view size used by the selection forward")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds over all configurations")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (GPU only)")
+    p.add_argument("--output", default="results/overhead.json")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU visible")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = benchmark(args)
+    print(format_table(res), flush=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"written {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

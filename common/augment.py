@@ -1,0 +1,210 @@
+"""Multi-view augmentation with recorded parameters.
+
+A *recipe* describes how one view is drawn (random resized crop, flip, colour
+jitter, grayscale, blur, solarize).  A :class:`MultiViewTransform` draws a list
+of views from one image: for every crop slot (e.g. SimSiam's one slot, DINO's
+global and local slots) it draws ``n`` candidates.  Every view comes with a
+row of parameters (see :data:`PARAM_NAMES`) so that the analyses of the paper
+(IoU of selected views, fANOVA, predictability) can be run from the logs.
+
+Randomness comes from an explicit :class:`random.Random` passed in, never from
+the global generators: :class:`MultiViewDataset` seeds it from
+``(seed, epoch, index)``, which makes the views of a sample independent of the
+number of workers and processes, and makes resumed runs exact.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Columns of the per-view parameter rows.  Crop boxes are in pixels of the
+#: original image; colour-jitter factors are neutral (1, 1, 1, 0) and its order
+#: is -1 when jitter was not applied; ``blur_sigma`` is 0 when not blurred.
+PARAM_NAMES = (
+    "img_w", "img_h", "crop_x", "crop_y", "crop_w", "crop_h", "flip",
+    "jitter", "brightness", "contrast", "saturation", "hue",
+    "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize",
+)
+P = {name: i for i, name in enumerate(PARAM_NAMES)}
+
+
+@dataclass
+class ViewRecipe:
+    """How one view is drawn.  Defaults are the SimSiam / MoCo-v2 recipe."""
+
+    size: int = 224
+    scale: tuple = (0.2, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5  # probability of *applying* blur
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"augmentation {name}={p} must be a probability in [0, 1]")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"augmentation scale={self.scale} must satisfy 0 < min <= max <= 1")
+        if self.size < 1:
+            raise ValueError(f"augmentation size={self.size} must be positive")
+        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
+        self.jitter, self.blur_sigma = tuple(self.jitter), tuple(self.blur_sigma)
+
+
+def sample_crop(rng: random.Random, width: int, height: int, scale, ratio):
+    """Random-resized-crop box (x, y, w, h): area fraction uniform in ``scale``,
+    log aspect ratio uniform in ``ratio``; ten tries, then a central crop with
+    the ratio clamped (the Inception-style sampler torchvision also uses)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random):
+    """Draw one augmented view; return (normalised tensor [3,S,S], params row)."""
+    row = [0.0] * len(PARAM_NAMES)
+    W, H = img.size
+    row[P["img_w"]], row[P["img_h"]] = W, H
+    x, y, w, h = sample_crop(rng, W, H, recipe.scale, recipe.ratio)
+    row[P["crop_x"]], row[P["crop_y"]], row[P["crop_w"]], row[P["crop_h"]] = x, y, w, h
+    out = img.resize((recipe.size, recipe.size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    if rng.random() < recipe.flip_p:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        row[P["flip"]] = 1
+    row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = 1, 1, 1, 0
+    for k in range(4):
+        row[P[f"order{k}"]] = -1
+    if rng.random() < recipe.jitter_p:
+        b, c, s, hue = recipe.jitter
+        factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+                   rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
+        order = list(range(4))
+        rng.shuffle(order)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k, op_index in enumerate(order):
+            out = ops[op_index](out, factors[op_index])
+            row[P[f"order{k}"]] = op_index
+        row[P["jitter"]] = 1
+        row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = factors
+    if rng.random() < recipe.gray_p:
+        out = out.convert("L").convert("RGB")
+        row[P["gray"]] = 1
+    if rng.random() < recipe.blur_p:
+        sigma = rng.uniform(*recipe.blur_sigma)
+        out = out.filter(ImageFilter.GaussianBlur(radius=sigma))
+        row[P["blur_sigma"]] = sigma
+    if rng.random() < recipe.solarize_p:
+        out = TF.solarize(out, 128)
+        row[P["solarize"]] = 1
+    tensor = TF.normalize(TF.to_tensor(out), recipe.mean, recipe.std)
+    return tensor, row
+
+
+@dataclass
+class MultiViewTransform:
+    """Draws ``n`` candidate views for every crop slot, in slot order.
+
+    ``slots`` is a list of ``(recipe, n)``; SimSiam uses one slot with N
+    candidates (N = 2 without HVS), DINO a global and a local slot."""
+
+    slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])
+
+    @property
+    def num_views(self) -> int:
+        return sum(n for _, n in self.slots)
+
+    def __call__(self, img: Image.Image, rng: random.Random):
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        views, rows = [], []
+        for recipe, n in self.slots:
+            for _ in range(n):
+                v, r = draw_view(img, recipe, rng)
+                views.append(v)
+                rows.append(r)
+        return views, torch.tensor(rows, dtype=torch.float32)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Deterministic per-sample seed for (run seed, epoch, dataset index)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
+
+
+class MultiViewDataset(Dataset):
+    """Wraps a dataset of ``(PIL image, label)`` into one of
+    ``(views, params [V, len(PARAM_NAMES)], label, index)``.  Call
+    :meth:`set_epoch` before each epoch's loader is created."""
+
+    def __init__(self, base: Dataset, transform: MultiViewTransform, seed: int = 0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img, label = self.base[index]
+        rng = random.Random(sample_seed(self.seed, self.epoch, index))
+        views, params = self.transform(img, rng)
+        return views, params, label, index
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Deterministic evaluation transform: resize the shorter side (to
+    size*256/224 for ImageNet-sized inputs, to ``size`` for small images), centre
+    crop ``size``, normalise."""
+    from torchvision import transforms as T
+
+    resize = size if size < 96 else int(round(size * 256 / 224))
+    return T.Compose([
+        T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of crop boxes given as param rows (``crop_x, crop_y, crop_w, crop_h``
+    columns), broadcasting over leading dimensions."""
+    ax, ay, aw, ah = (a[..., P[k]] for k in ("crop_x", "crop_y", "crop_w", "crop_h"))
+    bx, by, bw, bh = (b[..., P[k]] for k in ("crop_x", "crop_y", "crop_w", "crop_h"))
+    iw = (torch.minimum(ax + aw, bx + bw) - torch.maximum(ax, bx)).clamp(min=0)
+    ih = (torch.minimum(ay + ah, by + bh) - torch.maximum(ay, by)).clamp(min=0)
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)

@@ -1,0 +1,105 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``.
+
+A checkpoint is a dict of tensors and plain Python values only::
+
+    {"format": "hvs-ckpt-1", "method": "simsiam", "arch": "resnet18", "config": {...},
+     "epoch": e, "step": s, "model": state_dict, "optimizer": ..., "scaler": ...,
+     "method_state": {...}, "rng": {...}}
+
+``epoch`` is the number of finished epochs and ``step`` the number of optimizer
+steps taken, so a resumed run starts at step ``step`` of epoch ``epoch``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "hvs-ckpt-1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_atomic(obj, path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over
+    ``path``: a crash leaves either the old or the new checkpoint, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path, expect_method: str | None = None, expect_arch: str | None = None) -> dict:
+    """Load a checkpoint safely; refuse one of another method or architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
+        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this repository (format {FORMAT!r} expected)")
+    if expect_method is not None and ckpt["method"] != expect_method:
+        raise CheckpointError(f"{path} is a {ckpt['method']!r} checkpoint, but this run trains "
+                              f"{expect_method!r}: use another run.output_dir")
+    if expect_arch is not None and ckpt["arch"] != expect_arch:
+        raise CheckpointError(f"{path} holds architecture {ckpt['arch']!r}, but this run builds "
+                              f"{expect_arch!r}: use another run.output_dir or model.arch={ckpt['arch']}")
+    return ckpt
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype("int64")),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_backbone(path, which: str = "auto"):
+    """Backbone of any checkpoint of this repository, ready for feature
+    extraction: returns ``(backbone, info)`` where ``backbone(images) -> [B, D]``
+    and ``info`` has method, arch, dataset, image_size, data_dir.
+    ``which``: auto (teacher if the method has one), teacher or student."""
+    from common.registry import get_method
+
+    ckpt = load(path)
+    method_cls = get_method(ckpt["method"])
+    backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], ckpt.get("method_state", {}), which)
+    backbone.eval()
+    cfg = ckpt["config"]
+    info = {"method": ckpt["method"], "arch": ckpt["arch"], "dataset": cfg["data"]["dataset"],
+            "image_size": method_cls.image_size(cfg), "data_dir": cfg["data"].get("data_dir"),
+            "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"]}
+    return backbone, info

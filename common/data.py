@@ -1,0 +1,226 @@
+"""Finding and loading the image datasets, with errors that say how to fix them.
+
+A *data root* ``R`` comes from ``--data-dir`` or the ``HVS_DATA_DIR`` variable
+(:func:`resolve_data_dir`).  :func:`build_dataset` looks for dataset ``X``
+under it, in this order:
+
+1. ``R/X/<split>/``: an extracted ImageFolder tree (``<split>/<class>/<image>``);
+2. for CIFAR, torchvision's own folders ``R/cifar-10-batches-py`` and
+   ``R/cifar-100-python``;
+3. an archive ``R/X.tar.gz`` holding ``X/train`` and ``X/test`` (or ``X/val``),
+   extracted once into ``cache_root()/X`` (atomically, safe for several ranks);
+4. for ``imagefolder`` and ``imagenet``, ``R/<split>/`` itself;
+5. for CIFAR with ``download=True``, torchvision's download into ``R``.
+
+Every problem a user can fix (no root, dataset missing, empty folder, corrupt
+image or archive) raises :class:`DataError` naming the path concerned.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet-100", "imagenet", "imagefolder")
+SPLITS = ("train", "val", "test")  # 'test' is a synonym for 'val'
+
+# Folder names accepted for each split, tried in this order.
+_SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "test")}
+_CIFAR = {  # name -> (torchvision class, folder torchvision reads from)
+    "cifar10": (datasets.CIFAR10, "cifar-10-batches-py"),
+    "cifar100": (datasets.CIFAR100, "cifar-100-python"),
+}
+_HOW = ("Point --data-dir / HVS_DATA_DIR at a folder holding {x}/train/<class>/<image> "
+        "(and {x}/val or {x}/test), the archive {x}.tar.gz")
+
+
+class DataError(RuntimeError):
+    """A data problem the user can fix; the message names the path involved."""
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """Return the data root: ``data_dir`` if given, else ``$HVS_DATA_DIR``."""
+    source = "--data-dir"
+    if not data_dir:
+        data_dir, source = os.environ.get("HVS_DATA_DIR"), "HVS_DATA_DIR"
+    if not data_dir:
+        raise DataError("No data directory given: pass --data-dir PATH or set "
+                        "HVS_DATA_DIR=PATH (a folder holding the datasets).")
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise DataError(f"data directory {path} (from {source}) {what}: pass "
+                        f"--data-dir PATH or set HVS_DATA_DIR=PATH to an existing folder.")
+    return path
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where archives are extracted: ``cache_dir``, ``$HVS_CACHE_DIR`` or ``~/.cache/hvs``."""
+    root = cache_dir or os.environ.get("HVS_CACHE_DIR") or "~/.cache/hvs"
+    return Path(root).expanduser()
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB; a corrupt or unreadable file raises :class:`DataError`.
+
+    Module level so that it pickles into DataLoader worker processes.
+    """
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}. "
+                        f"Replace or delete the file.") from e
+
+
+def _image_folder(folder: Path, split: str, transform: Callable | None) -> Dataset:
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+    except FileNotFoundError as e:  # no class folders, or a class without images
+        raise DataError(f"{folder} is empty: expected {split}/<class>/<image> files "
+                        f"({e})") from e
+
+
+def _split_folder(base: Path, split: str, tried: list[Path]) -> Path | None:
+    """First existing ``base/<folder>`` for ``split``; records what was tried."""
+    for name in _SPLIT_FOLDERS[split]:
+        tried.append(base / name)
+        if tried[-1].is_dir():
+            return tried[-1]
+    return None
+
+
+def _extract_once(archive: Path, name: str, cache: Path) -> Path:
+    """Extract ``archive`` into ``cache/name`` unless already there; return that folder.
+
+    Extraction goes to a temporary folder in ``cache`` which is then renamed into
+    place, so concurrent processes never see a half-extracted tree; a process
+    losing the race uses the winner's copy.
+    """
+    final = cache / name
+    if final.is_dir():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=cache))
+    try:
+        print(f"extracting {archive} into {final} (once)", file=sys.stderr, flush=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        # The archive normally holds one top-level folder 'name'; accept a bare tree too.
+        src = tmp / name if (tmp / name).is_dir() else tmp
+        try:
+            os.rename(src, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"cannot extract {archive} into {cache}: {e}. Check the archive, "
+                        f"or set HVS_CACHE_DIR to a writable folder.") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_dataset(name: str, split: str, data_dir: str | None = None,
+                  transform: Callable | None = None, download: bool = False,
+                  cache_dir: str | None = None) -> Dataset:
+    """Dataset of ``(image, label)`` with ``.targets``, ``.classes`` and ``.root``.
+
+    ``image`` is a PIL RGB image, or ``transform(image)``.  See the module
+    docstring for where the data is looked for.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    split = "val" if split == "test" else split
+    root = resolve_data_dir(data_dir)
+    tried: list[Path] = []
+
+    # 1. An extracted ImageFolder tree R/X/<split>.
+    if folder := _split_folder(root / name, split, tried):
+        return _image_folder(folder, split, transform)
+
+    # 2. torchvision's CIFAR folders.
+    if name in _CIFAR:
+        cls, sub = _CIFAR[name]
+        tried.append(root / sub)
+        if (root / sub).is_dir():
+            try:
+                return cls(str(root), train=split == "train", transform=transform)
+            except RuntimeError as e:  # "Dataset not found or corrupted"
+                raise DataError(f"{root / sub} is incomplete or corrupt ({e}). Replace it, "
+                                f"or delete it and pass download=True.") from e
+
+    # 3. An archive R/X.tar.gz, extracted once into the cache.
+    archive = root / f"{name}.tar.gz"
+    tried.append(archive)
+    if archive.is_file():
+        extracted = _extract_once(archive, name, cache_root(cache_dir))
+        if folder := _split_folder(extracted, split, tried):
+            return _image_folder(folder, split, transform)
+
+    # 4. R itself is the dataset folder (ImageNet layout R/train, R/val).
+    if name in ("imagefolder", "imagenet"):
+        if folder := _split_folder(root, split, tried):
+            return _image_folder(folder, split, transform)
+
+    # 5. Download CIFAR into R.
+    if name in _CIFAR and download:
+        try:
+            return _CIFAR[name][0](str(root), train=split == "train",
+                                   transform=transform, download=True)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"downloading {name} into {root} failed: {e}") from e
+
+    how = _HOW.format(x=name) + {
+        "cifar10": ", or torchvision's CIFAR root (or pass download=True)",
+        "cifar100": ", or torchvision's CIFAR root (or pass download=True)",
+        "imagenet": ", or at the dataset folder itself (train/, val/)",
+        "imagefolder": ", or at the dataset folder itself (train/, val/)",
+    }.get(name, "")
+    raise DataError(f"dataset {name!r} (split {split!r}) not found under {root}: looked for "
+                    f"{', '.join(map(str, tried))}. {how}.")
+
+
+def subset_indices(targets: Sequence[int], n: int | float, seed: int) -> list[int]:
+    """Deterministic class-stratified subset of ``range(len(targets))``, sorted.
+
+    An integer ``n >= 1`` is the total number of images, split as evenly as
+    possible over the classes (the remainder going to the lowest labels; a class
+    too small to fill its share passes the rest on to the others).  A float
+    ``0 < n < 1`` keeps that fraction of every class (rounded, at least one).
+    ``n`` at least the dataset size gives all indices.
+    """
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(targets):
+        by_class[int(t)].append(i)
+    labels = sorted(by_class)
+    size = {c: len(by_class[c]) for c in labels}
+
+    if isinstance(n, float) and 0 < n < 1:
+        take = {c: max(1, round(n * size[c])) for c in labels}
+    elif n >= 1 and n == int(n):
+        take, left, open_ = dict.fromkeys(labels, 0), int(n), list(labels)
+        while left > 0 and open_:  # even shares; full classes drop out
+            share, extra = divmod(left, len(open_))
+            for k, c in enumerate(open_):
+                got = min(share + (k < extra), size[c] - take[c])
+                take[c] += got
+                left -= got
+            open_ = [c for c in open_ if take[c] < size[c]]
+    else:
+        raise ValueError(f"subset size must be an integer >= 1 or a fraction in (0, 1), got {n!r}")
+
+    rng = random.Random(seed)
+    return sorted(i for c in labels for i in rng.sample(by_class[c], take[c]))

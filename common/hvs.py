@@ -1,0 +1,228 @@
+"""Hard View Selection (Ferreira, Rapant, Hutter; arXiv 2310.03940), written once
+for every method.
+
+The loader draws several *candidates* for each crop slot.  A *combination* picks
+one candidate for every slot (for SimSiam and SimCLR: a pair of the N views; for
+DINO and iBOT: some global and some local candidates).  The selector
+
+1. pushes all candidates through the model once, without gradient (optionally
+   resized to a fraction of their size: Section 4.3 of the paper);
+2. asks the method for the per-sample score of every combination, computed
+   vectorised from those outputs (the method's own per-sample loss);
+3. keeps, per sample, the combination with the highest score (``hard``; the
+   paper), the lowest (``easy``; Appendix F.2), or a random one (``random``; the
+   control with the same number of drawn views and no forward pass);
+4. assembles the training minibatch from the chosen candidates, sample by
+   sample: different images may use different candidate indices.
+
+To the selector a method is two functions::
+
+    outputs = candidate_outputs(candidates)     # list of V tensors [B, ...]
+    scores  = combination_scores(outputs, combos)   # [B, C], combos [C, S]
+
+The selection pass changes no training state: it runs under ``torch.no_grad``,
+takes no optimizer step, and (with the default ``bn_mode='batch'``) restores
+the BatchNorm running statistics it touched.  EMA teachers and loss centres are
+the method's, and ``combination_scores`` must not update them.
+"""
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("hard", "easy", "random")
+#: BatchNorm behaviour during the selection forward:
+#:  - ``batch``: batch statistics of the candidates (as the authors' code), running
+#:    statistics restored afterwards, so selection leaves no trace (default);
+#:  - ``batch_update``: batch statistics, and the running statistics keep the
+#:    update of the selection forward (exactly the authors' code);
+#:  - ``running``: BatchNorm layers in eval mode, using the running statistics.
+BN_MODES = ("batch", "batch_update", "running")
+RESOLUTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+def pair_combinations(n: int) -> torch.Tensor:
+    """All C(n, 2) pairs (k, l), k < l, in lexicographic order: LongTensor [C, 2]."""
+    if n < 2:
+        raise ValueError(f"hard view selection needs at least 2 views, got n_views={n}")
+    return torch.tensor(list(itertools.combinations(range(n), 2)), dtype=torch.long)
+
+
+def pool_combinations(pools: Sequence[tuple]) -> torch.Tensor:
+    """Every combination that picks ``k`` of the ``n`` candidates of each pool.
+
+    ``pools`` is a list of ``(n, k)``; candidates are numbered pool after pool,
+    so pool p's candidates are ``offset_p .. offset_p + n_p - 1``.  Returns a
+    LongTensor [C, sum k] (C = prod over pools of C(n, k)); each row lists the
+    chosen candidates pool by pool, in increasing order within a pool."""
+    per_pool, offset = [], 0
+    for n, k in pools:
+        if not 1 <= k <= n:
+            raise ValueError(f"a pool of {n} candidates cannot fill {k} slots")
+        per_pool.append([tuple(offset + i for i in c) for c in itertools.combinations(range(n), k)])
+        offset += n
+    rows = [sum(parts, ()) for parts in itertools.product(*per_pool)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class Selection:
+    """What the selector chose for a minibatch of B samples."""
+
+    views: list            # S tensors [B, ...]: the training views, slot by slot
+    indices: torch.Tensor  # [B, S] candidate index chosen for every slot
+    choice: torch.Tensor   # [B] row of ``combos`` chosen for every sample
+    combos: torch.Tensor   # [C, S] the combinations compared this step
+    scores: Optional[torch.Tensor]  # [B, C] their per-sample scores (None in random mode)
+
+    @property
+    def chosen_scores(self) -> Optional[torch.Tensor]:
+        if self.scores is None:
+            return None
+        return self.scores.gather(1, self.choice[:, None]).squeeze(1)
+
+
+@contextmanager
+def batchnorm_mode(model: nn.Module, bn_mode: str):
+    """Context for the selection forward; see :data:`BN_MODES`."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"hvs.bn_mode={bn_mode!r} is not one of {BN_MODES}")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn_mode == "batch_update" or not bns:
+        yield
+        return
+    if bn_mode == "running":
+        flags = [m.training for m in bns]
+        for m in bns:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, flag in zip(bns, flags):
+                m.train(flag)
+        return
+    saved = [[b.clone() for b in m.buffers()] for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(bns, saved):
+                for b, s in zip(m.buffers(), bufs):
+                    b.copy_(s)
+
+
+def resize_views(views: Sequence[torch.Tensor], factor: float) -> list:
+    """Resize image batches [B, C, H, W] by ``factor`` (bilinear, antialiased)."""
+    if factor == 1.0:
+        return list(views)
+    out = []
+    for v in views:
+        h, w = v.shape[-2:]
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        out.append(F.interpolate(v, size=size, mode="bilinear", antialias=True, align_corners=False))
+    return out
+
+
+class HardViewSelector:
+    """Per-sample selection of the hardest combination of candidate views.
+
+    Args:
+        pools: list of ``(n_candidates, n_slots)``; ``[(4, 2)]`` is the paper's
+            setting for SimSiam/SimCLR (4 views, all 6 pairs compared).
+        mode: ``hard`` (argmax), ``easy`` (argmin) or ``random``.
+        max_combinations: compare at most this many combinations, a random subset
+            drawn afresh every step (0: all).  Never yields an empty selection.
+        resolution: fraction of each candidate's size used for the selection
+            forward only; training always uses the full-size candidates.
+        bn_mode: see :data:`BN_MODES`.
+
+    Ties resolve to the first combination in enumeration order.
+    """
+
+    def __init__(self, pools=((4, 2),), mode="hard", max_combinations=0, resolution=1.0,
+                 bn_mode="batch"):
+        if mode not in MODES:
+            raise ValueError(f"hvs.mode={mode!r} is not one of {MODES}")
+        if not 0.0 < float(resolution) <= 1.0:
+            raise ValueError(f"hvs.resolution={resolution} must be in (0, 1] (paper: {RESOLUTIONS})")
+        if int(max_combinations) < 0:
+            raise ValueError(f"hvs.max_combinations={max_combinations} must be >= 0 (0: compare all)")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"hvs.bn_mode={bn_mode!r} is not one of {BN_MODES}")
+        self.pools = [tuple(p) for p in pools]
+        self.mode, self.resolution, self.bn_mode = mode, float(resolution), bn_mode
+        self.max_combinations = int(max_combinations)
+        self.all_combos = pool_combinations(self.pools)
+        # slot -> pool, so that candidates of one pool (same shape) are stacked together
+        self.slot_pool = [p for p, (_, k) in enumerate(self.pools) for _ in range(k)]
+        self.pool_start = [sum(n for n, _ in self.pools[:p]) for p in range(len(self.pools))]
+
+    @property
+    def num_candidates(self) -> int:
+        return sum(n for n, _ in self.pools)
+
+    def combinations(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The combinations compared this step (a random subset if capped)."""
+        total = len(self.all_combos)
+        if self.max_combinations == 0 or total <= self.max_combinations:
+            return self.all_combos
+        keep = torch.randperm(total, generator=generator)[: self.max_combinations].sort().values
+        return self.all_combos[keep]
+
+    def choose(self, scores: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Row index per sample: argmax (hard), argmin (easy) or uniform (random)."""
+        if self.mode == "hard":
+            return scores.argmax(dim=1)
+        if self.mode == "easy":
+            return scores.argmin(dim=1)
+        return torch.randint(scores.shape[1], (scores.shape[0],), generator=generator)
+
+    def gather(self, candidates: Sequence[torch.Tensor], indices: torch.Tensor) -> list:
+        """Training views slot by slot: view s of sample b is candidate indices[b, s]."""
+        B = indices.shape[0]
+        rows = torch.arange(B, device=candidates[0].device)
+        stacks, views = {}, []
+        for s, p in enumerate(self.slot_pool):
+            if p not in stacks:
+                n = self.pools[p][0]
+                stacks[p] = torch.stack(candidates[self.pool_start[p]: self.pool_start[p] + n])
+            local = (indices[:, s] - self.pool_start[p]).to(rows.device)
+            views.append(stacks[p][local, rows])
+        return views
+
+    def __call__(self, candidates: Sequence[torch.Tensor], model: nn.Module,
+                 candidate_outputs: Callable, combination_scores: Callable,
+                 generator: Optional[torch.Generator] = None) -> Selection:
+        """Select training views from ``candidates`` (V tensors [B, ...]).
+
+        ``model`` is only used to put its BatchNorm layers in the selection mode;
+        ``candidate_outputs(candidates)`` runs the forward, ``combination_scores``
+        turns its outputs into scores [B, C].  ``generator`` (CPU) drives the cap
+        subset and the random mode."""
+        if len(candidates) != self.num_candidates:
+            raise ValueError(f"the selector expects {self.num_candidates} candidate views per "
+                             f"sample (pools {self.pools}), the loader gave {len(candidates)}")
+        B = candidates[0].shape[0]
+        combos = self.combinations(generator)
+        if self.mode == "random":
+            choice = torch.randint(len(combos), (B,), generator=generator)
+            scores = None
+        else:
+            small = resize_views(candidates, self.resolution)
+            with torch.no_grad(), batchnorm_mode(model, self.bn_mode):
+                outputs = candidate_outputs(small)
+                scores = combination_scores(outputs, combos.to(small[0].device)).float()
+            if scores.shape != (B, len(combos)):
+                raise RuntimeError(f"combination_scores returned shape {tuple(scores.shape)}, "
+                                   f"expected {(B, len(combos))}")
+            choice = self.choose(scores, generator).cpu()
+            scores = scores.detach()
+        indices = combos[choice]
+        views = self.gather(candidates, indices)
+        return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores)

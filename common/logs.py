@@ -1,0 +1,80 @@
+"""JSON-lines logs, console progress with an ETA, and the selection log."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class JsonLog:
+    """Appends one JSON object per line.  On resume, rows past the resumed step
+    are dropped so that the file reads as one uninterrupted run."""
+
+    def __init__(self, path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and resume_step is not None and self.path.exists():
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in keep))
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class Progress:
+    """Console progress over a known number of steps."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.t0 = time.time()
+
+    def eta(self, done: int) -> float:
+        rate = (time.time() - self.t0) / max(1, done - self.start)
+        return rate * (self.total - done)
+
+    def print(self, done: int, text: str) -> None:
+        if self.enabled:
+            print(f"[{done}/{self.total} ETA {fmt_time(self.eta(done))}] {text}", file=sys.stderr, flush=True)
+
+
+class SelectionLog:
+    """Buffers, every K steps, the per-view augmentation parameters, the scores
+    of all compared combinations and the choice, then writes them to one
+    compressed ``.npz`` per flush (``selection/rank{r}_steps{a}-{b}.npz``)::
+
+        step [n], index [n, B], params [n, B, V, P], combos [n, C, S],
+        scores [n, B, C], choice [n, B]   (+ param_names)
+    """
+
+    def __init__(self, folder, rank: int, param_names):
+        self.folder, self.rank, self.param_names = Path(folder), rank, list(param_names)
+        self.rows: list = []
+
+    def add(self, step, index, params, selection) -> None:
+        scores = selection.scores
+        self.rows.append({
+            "step": step, "index": index.numpy(), "params": params.numpy(),
+            "combos": selection.combos.numpy(), "choice": selection.choice.numpy(),
+            "scores": (scores.cpu().numpy() if scores is not None
+                       else np.full((len(index), len(selection.combos)), np.nan, np.float32)),
+        })
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        a, b = self.rows[0]["step"], self.rows[-1]["step"]
+        arrays = {k: np.stack([r[k] for r in self.rows]) for k in self.rows[0]}
+        np.savez_compressed(self.folder / f"rank{self.rank}_steps{a:08d}-{b:08d}.npz",
+                            param_names=np.array(self.param_names), **arrays)
+        self.rows = []

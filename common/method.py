@@ -1,0 +1,83 @@
+"""What the shared training loop and the selector know of a method.
+
+A method subclasses :class:`SSLMethod` and fills in a few functions; the loop
+(`common/train.py`) and the selector (`common/hvs.py`) know nothing else."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from common.augment import MultiViewTransform
+
+
+class SSLMethod:
+    #: name written into checkpoints and used by :mod:`common.registry`
+    name: str = ""
+    #: extra config keys of the method, merged into :data:`common.config.COMMON_SPEC`
+    spec: dict = {}
+    #: gradient-norm clipping applied by the loop (0: none)
+    clip_grad: float = 0.0
+
+    def __init__(self, cfg: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model: nn.Module = nn.Identity()  # set by the subclass: all trainable weights
+
+    # --- data ---------------------------------------------------------------
+    def view_transform(self, hvs_on: bool) -> MultiViewTransform:
+        """Candidate views per image, slot by slot (N per slot with HVS)."""
+        raise NotImplementedError
+
+    def pools(self) -> list:
+        """``[(n_candidates, n_slots), ...]`` for the selector, in the order the
+        transform draws the candidates."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_size(cls, cfg: dict) -> int:
+        return int(cfg["augment"]["size"])
+
+    @classmethod
+    def arch(cls, cfg: dict) -> str:
+        return str(cfg["model"]["arch"])
+
+    # --- optimisation ---------------------------------------------------------
+    def build_optimizer(self, global_batch: int) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def schedule(self, optimizer, epoch: int, it: int, iters_per_epoch: int) -> dict:
+        """Set lr (and the like) for this step; return the values to log."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, model: nn.Module, epoch: int) -> None:
+        """Hook after backward and unscaling, before the step (e.g. freeze a layer)."""
+
+    def after_step(self, epoch: int, it: int, iters_per_epoch: int) -> None:
+        """Hook after the optimizer step (EMA teacher, ...)."""
+
+    # --- hard view selection (called without gradient) -------------------------
+    def candidate_outputs(self, module: nn.Module, candidates: Sequence[torch.Tensor]) -> Any:
+        raise NotImplementedError
+
+    def combination_scores(self, outputs: Any, combos: torch.Tensor) -> torch.Tensor:
+        """Per-sample score [B, C] of every combination [C, S]: the method's own
+        per-sample training loss of those views.  Must not change any state."""
+        raise NotImplementedError
+
+    # --- training ---------------------------------------------------------------
+    def training_loss(self, model: nn.Module, views: Sequence[torch.Tensor]):
+        """Loss (scalar tensor) on the chosen views and a dict of tensors to log."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Extra state to checkpoint (loss centres, ...); tensors and plain values."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # --- evaluation ---------------------------------------------------------------
+    @classmethod
+    def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str) -> nn.Module:
+        raise NotImplementedError

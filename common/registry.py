@@ -1,0 +1,14 @@
+"""Method name -> class, imported lazily so that each method's folder stays
+self-contained."""
+import importlib
+
+METHODS = {
+    "simsiam": "simsiam.method:SimSiamMethod",
+}
+
+
+def get_method(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; this repository has {sorted(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
