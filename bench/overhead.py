@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from torch import nn
 
 from common.config import COMMON_SPEC, resolve
 from common.hvs import HardViewSelector
-from common.train import amp_settings, seed_everything
+from common.train import StepContext, amp_settings, seed_everything, train_step
 from simsiam.method import SimSiamMethod
 
 
@@ -64,49 +63,23 @@ def first_candidates(pools, candidates) -> list:
 
 
 class Step:
-    """One training step exactly as the loop of ``common/train.py`` runs it
-    (schedule, [selector,] loss, zero_grad, backward, optimizer step, hooks),
+    """One training step exactly as the loop runs it (``common.train.train_step``),
     timed with CUDA synchronisation on GPU."""
 
     def __init__(self, method, optimizer, autocast, scaler, device):
-        self.method, self.model, self.optimizer = method, method.model, optimizer
-        self.autocast, self.scaler = autocast, scaler
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.method = method
+        self.ctx = StepContext(method, method.model, method.model, optimizer, autocast, scaler, None, device)
 
     def __call__(self, candidates, selector=None, generator=None):
         """Run one step; return (step seconds, selection seconds)."""
-        m, model, opt = self.method, self.model, self.optimizer
-        self.sync()
+        self.ctx.selector = selector
+        if selector is None:
+            candidates = first_candidates(self.method.pools(), candidates)
+        self.ctx.sync()
         t0 = time.perf_counter()
-        m.schedule(opt, 0, 0, 1)
-        with self.autocast():
-            t_sel = 0.0
-            if selector is None:
-                views = first_candidates(m.pools(), candidates)
-            else:
-                # the selector already synchronises (its choice moves to the CPU)
-                t1 = time.perf_counter()
-                views = selector(candidates, model, lambda c: m.candidate_outputs(model, c),
-                                 m.combination_scores, generator).views
-                self.sync()
-                t_sel = time.perf_counter() - t1
-            loss, _ = m.training_loss(model, views)
-        opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if m.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), m.clip_grad)
-        m.before_optimizer_step(model, 0)
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
-        m.after_step(0, 0, 1)
-        self.sync()
+        self.method.schedule(self.ctx.optimizer, 0, 0, 1)
+        _, _, _, t_sel = train_step(self.ctx, candidates, 0, 0, 1, generator, time_selection=True)
+        self.ctx.sync()
         return time.perf_counter() - t0, t_sel
 
 

@@ -122,6 +122,55 @@ def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, st
     }, path)
 
 
+class StepContext:
+    """Everything one training step needs besides the batch."""
+
+    def __init__(self, method, model, ddp_model, optimizer, autocast, scaler, selector, device):
+        self.method, self.model, self.ddp_model, self.optimizer = method, model, ddp_model, optimizer
+        self.autocast, self.scaler, self.selector, self.device = autocast, scaler, selector, device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def train_step(ctx: StepContext, candidates, epoch, it, iters, generator=None, time_selection=False):
+    """One optimisation step: [selection ->] the method's loss on the chosen views
+    -> backward -> clip -> step -> method hooks.  Returns (loss, stats, selection,
+    selection seconds); with ``time_selection`` the selection is timed between
+    CUDA synchronisations (otherwise no synchronisation is added)."""
+    method, model = ctx.method, ctx.model
+    sel, sel_time = None, 0.0
+    with ctx.autocast():
+        views = candidates
+        if ctx.selector is not None:
+            if time_selection:
+                ctx.sync()
+            t0 = time.perf_counter()
+            sel = ctx.selector(candidates, model, lambda c: method.candidate_outputs(model, c),
+                               method.combination_scores, generator)
+            if time_selection:
+                ctx.sync()
+            sel_time, views = time.perf_counter() - t0, sel.views
+        loss, stats = method.training_loss(ctx.ddp_model, views)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.unscale_(ctx.optimizer)
+    else:
+        loss.backward()
+    if method.clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), method.clip_grad)
+    method.before_optimizer_step(model, epoch)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    method.after_step(epoch, it, iters)
+    return loss, stats, sel, sel_time
+
+
 # ----------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------
@@ -170,6 +219,7 @@ def run(cfg: dict, method_cls) -> Path:
         selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
                                     resolution=h["resolution"], bn_mode=h["bn_mode"])
 
+    ctx = StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device)
     ckpt_path = out / "checkpoint.pth"
     start_epoch, step = 0, 0
     if ckpt_path.exists():
@@ -201,7 +251,7 @@ def run(cfg: dict, method_cls) -> Path:
 
     # 4. the loop ----------------------------------------------------------------
     model.train()
-    t_interval, sel_time = time.time(), 0.0
+    t_interval, last_logged = time.time(), step
     for epoch in range(start_epoch, epochs):
         done_in_epoch = step - epoch * iters
         if done_in_epoch >= iters:
@@ -216,37 +266,8 @@ def run(cfg: dict, method_cls) -> Path:
             candidates = [c.to(device, non_blocking=True) for c in candidates]
             sched = method.schedule(optimizer, epoch, it, iters)
             timed = step % log_every == 0
-            with autocast():
-                sel = None
-                if selector is not None:
-                    if timed and device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t_sel = time.time()
-                    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + dist.rank())
-                    sel = selector(candidates, model, lambda c: method.candidate_outputs(model, c),
-                                   method.combination_scores, gen)
-                    if timed and device.type == "cuda":
-                        torch.cuda.synchronize()
-                    sel_time = time.time() - t_sel
-                    views = sel.views
-                else:
-                    views = candidates
-                loss, stats = method.training_loss(ddp_model, views)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if method.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), method.clip_grad)
-            method.before_optimizer_step(model, epoch)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            method.after_step(epoch, it, iters)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + dist.rank())
+            loss, stats, sel, sel_time = train_step(ctx, candidates, epoch, it, iters, gen, time_selection=timed)
             epoch_loss += loss.detach()
             epoch_n += 1
             step += 1
@@ -260,9 +281,9 @@ def run(cfg: dict, method_cls) -> Path:
                     raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}: stopping")
                 now = time.time()
                 row = {"type": "step", "epoch": epoch, "step": step, "loss": loss_value,
-                       "step_time": (now - t_interval) / (log_every if step > 1 else 1), **sched,
+                       "step_time": (now - t_interval) / (step - last_logged), **sched,
                        **{k: float(v) for k, v in stats.items()}}
-                t_interval = now
+                t_interval, last_logged = now, step
                 if sel is not None:
                     row.update(sel_time=sel_time, **selection_stats(sel, params))
                 log.write(**row)
