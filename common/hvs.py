@@ -76,9 +76,9 @@ class Selection:
     """What the selector chose for a minibatch of B samples."""
 
     views: list            # S tensors [B, ...]: the training views, slot by slot
-    indices: torch.Tensor  # [B, S] candidate index chosen for every slot
-    choice: torch.Tensor   # [B] row of ``combos`` chosen for every sample
-    combos: torch.Tensor   # [C, S] the combinations compared this step
+    indices: torch.Tensor  # [B, S] candidate index chosen for every slot (on the views' device)
+    choice: torch.Tensor   # [B] row of ``combos`` chosen for every sample (same device)
+    combos: torch.Tensor   # [C, S] the combinations compared this step (same device)
     scores: Optional[torch.Tensor]  # [B, C] their per-sample scores (None in random mode)
 
     @property
@@ -181,7 +181,7 @@ class HardViewSelector:
             return scores.argmax(dim=1)
         if self.mode == "easy":
             return scores.argmin(dim=1)
-        return torch.randint(scores.shape[1], (scores.shape[0],), generator=generator)
+        return torch.randint(scores.shape[1], (scores.shape[0],), generator=generator).to(scores.device)
 
     def gather(self, candidates: Sequence[torch.Tensor], indices: torch.Tensor) -> list:
         """Training views slot by slot: view s of sample b is candidate indices[b, s]."""
@@ -192,7 +192,7 @@ class HardViewSelector:
             if p not in stacks:
                 n = self.pools[p][0]
                 stacks[p] = torch.stack(candidates[self.pool_start[p]: self.pool_start[p] + n])
-            local = (indices[:, s] - self.pool_start[p]).to(rows.device)
+            local = (indices[:, s] - self.pool_start[p]).to(rows.device)  # no-op on one device
             views.append(stacks[p][local, rows])
         return views
 
@@ -208,21 +208,20 @@ class HardViewSelector:
         if len(candidates) != self.num_candidates:
             raise ValueError(f"the selector expects {self.num_candidates} candidate views per "
                              f"sample (pools {self.pools}), the loader gave {len(candidates)}")
-        B = candidates[0].shape[0]
-        combos = self.combinations(generator)
+        B, device = candidates[0].shape[0], candidates[0].device
+        combos = self.combinations(generator).to(device)
         if self.mode == "random":
-            choice = torch.randint(len(combos), (B,), generator=generator)
+            choice = torch.randint(len(combos), (B,), generator=generator).to(device)
             scores = None
         else:
             small = resize_views(candidates, self.resolution)
             with torch.no_grad(), batchnorm_mode(model, self.bn_mode):
                 outputs = candidate_outputs(small)
-                scores = combination_scores(outputs, combos.to(small[0].device)).float()
+                scores = combination_scores(outputs, combos).float()
             if scores.shape != (B, len(combos)):
                 raise RuntimeError(f"combination_scores returned shape {tuple(scores.shape)}, "
                                    f"expected {(B, len(combos))}")
-            choice = self.choose(scores, generator).cpu()
-            scores = scores.detach()
+            choice = self.choose(scores, generator)  # stays on the device: no synchronisation
         indices = combos[choice]
         views = self.gather(candidates, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores)

@@ -64,7 +64,7 @@ class SelectionLog:
         scores = selection.scores
         self.rows.append({
             "step": step, "index": index.numpy(), "params": params.numpy(),
-            "combos": selection.combos.numpy(), "choice": selection.choice.numpy(),
+            "combos": selection.combos.cpu().numpy(), "choice": selection.choice.cpu().numpy(),
             "scores": (scores.cpu().numpy() if scores is not None
                        else np.full((len(index), len(selection.combos)), np.nan, np.float32)),
         })

@@ -98,18 +98,19 @@ def seed_everything(seed: int) -> None:
 
 
 def selection_stats(sel, params) -> dict:
-    """Statistics of the chosen combinations for the step log."""
-    out = {"sel_changed": (sel.indices != torch.arange(sel.indices.shape[1])).any(1).float().mean().item()}
+    """Statistics of the chosen combinations for the step log (on CPU; logged steps only)."""
+    indices, choice, combos = sel.indices.cpu(), sel.choice.cpu(), sel.combos.cpu()
+    out = {"sel_changed": (indices != torch.arange(indices.shape[1])).any(1).float().mean().item()}
     if sel.scores is not None:
         out["sel_score"] = sel.chosen_scores.mean().item()
         out["sel_score_all"] = sel.scores.mean().item()
-    if sel.indices.shape[1] == 2:  # pairs: IoU of the chosen pair vs all compared pairs
+    if indices.shape[1] == 2:  # pairs: IoU of the chosen pair vs all compared pairs
         rows = torch.arange(len(params))
-        iou_chosen = box_iou(params[rows, sel.indices[:, 0]], params[rows, sel.indices[:, 1]])
-        iou_all = box_iou(params[:, sel.combos[:, 0]], params[:, sel.combos[:, 1]])
+        iou_chosen = box_iou(params[rows, indices[:, 0]], params[rows, indices[:, 1]])
+        iou_all = box_iou(params[:, combos[:, 0]], params[:, combos[:, 1]])
         out["sel_iou"] = iou_chosen.mean().item()
         out["sel_iou_all"] = iou_all.mean().item()
-        out["sel_lowest_iou"] = (iou_all.argmin(1) == sel.choice).float().mean().item()
+        out["sel_lowest_iou"] = (iou_all.argmin(1) == choice).float().mean().item()
     return out
 
 
