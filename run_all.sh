@@ -4,7 +4,7 @@
 # weighted k-NN, and write results/summary.md with our numbers beside the
 # paper's.  Re-running resumes unfinished runs and skips finished evaluations.
 #
-#   bash run_all.sh                                   # small CPU profile, ~15 min
+#   bash run_all.sh                                   # small CPU profile, SimSiam + SimCLR, ~15 min
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Table 1
 #
@@ -16,21 +16,22 @@ usage() {
   cat <<'EOF'
 usage: bash run_all.sh [options]
   --profile small|gpu|gpu-tin|paper  scale to run (default small)
-      small    SimSiam RN18 (CIFAR stem), 3,000 CIFAR-10 images, 1 epoch, CPU (~15 min on 2 cores)
-      gpu      SimSiam RN18 (CIFAR stem), CIFAR-10, 100 epochs (about a GPU-hour)
-      gpu-tin  SimSiam RN18 (CIFAR stem), Tiny-ImageNet-100 at 64 px, 100 epochs
-      paper    SimSiam RN50, ImageNet, 100 epochs, batch 512 (the paper's Table 1 setting)
+      small    RN18 (CIFAR stem), 1,500 CIFAR-10 images, 1 epoch, CPU (~15 min on 2 cores for both methods)
+      gpu      RN18 (CIFAR stem), CIFAR-10, 100 epochs (about a GPU-hour per method)
+      gpu-tin  RN18 (CIFAR stem), Tiny-ImageNet-100 at 64 px, 100 epochs
+      paper    RN50, ImageNet, 100 epochs (the paper's Table 1 setting; configs/<method>_paper.yaml)
   --data-dir PATH     data root (default: $HVS_DATA_DIR); may hold cifar10.tar.gz etc.
   --gpus N            processes per node for torchrun (default: 0 = one process, CPU or 1 GPU)
   --seeds "0 1 2"     seeds (default "0")
-  --methods "simsiam" methods to run (default: simsiam)
+  --methods "simsiam simclr"  methods to run (default: both)
+  --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
   Extra arguments after -- are passed to every training run as config overrides.
 EOF
 }
 
-PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam"
+PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr"; PAPER_EPOCHS=100
 RESULTS=results; RUNS=runs; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS="$2"; shift 2;;
     --seeds) SEEDS="$2"; shift 2;;
     --methods) METHODS="$2"; shift 2;;
+    --paper-epochs) PAPER_EPOCHS="$2"; shift 2;;
     --results) RESULTS="$2"; shift 2;;
     --runs) RUNS="$2"; shift 2;;
     -h|--help) usage; exit 0;;
@@ -54,14 +56,14 @@ export HVS_DATA_DIR="$DATA_DIR"
 
 # profile -> config file suffix, k-NN options, scale line of the summary, paper epochs
 case "$PROFILE" in
-  small)   CFG=small;              KNN=(--train-subset 3000 --test-subset 2000)
-           SCALE="small CPU profile: ResNet-18 (CIFAR stem), 32 px, 3,000 CIFAR-10 training images, 1 epoch, batch 64; k-NN bank = those 3,000 images, 2,000 test images";;
+  small)   CFG=small;              KNN=(--train-subset 1500 --test-subset 1000)
+           SCALE="small CPU profile: ResNet-18 (CIFAR stem), 32 px, 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); k-NN bank = those 1,500 images, 1,000 test images";;
   gpu)     CFG=cifar10_gpu;        KNN=()
            SCALE="GPU profile: ResNet-18 (CIFAR stem), CIFAR-10 (50k images, 32 px), 100 epochs, batch 512; k-NN on the full test set";;
   gpu-tin) CFG=tiny_imagenet_gpu;  KNN=()
            SCALE="GPU profile: ResNet-18 (CIFAR stem), Tiny-ImageNet-100 (50k images, 64 px), 100 epochs, batch 512";;
   paper)   CFG=paper;              KNN=()
-           SCALE="paper profile: ResNet-50, ImageNet, 100 epochs, batch 512";;
+           SCALE="paper profile: ResNet-50, ImageNet, 100 epochs, batch 512 (SimSiam) / 4096 (SimCLR, Table 10)";;
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 
@@ -91,7 +93,7 @@ for method in $METHODS; do
   done
 done
 
-python -m eval.summary --results "$OUT" --scale "$SCALE (seeds: $SEEDS)" > /dev/null
+python -m eval.summary --results "$OUT" --scale "$SCALE (seeds: $SEEDS)" --paper-epochs "$PAPER_EPOCHS" > /dev/null
 cp "$OUT/summary.md" "$RESULTS/summary.md"
 echo "wrote $RESULTS/summary.md" >&2
 cat "$RESULTS/summary.md"

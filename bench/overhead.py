@@ -30,6 +30,7 @@ import torch
 from common.config import COMMON_SPEC, resolve
 from common.hvs import HardViewSelector
 from common.train import StepContext, amp_settings, seed_everything, train_step
+from simclr.method import SimCLRMethod
 from simsiam.method import SimSiamMethod
 
 
@@ -41,15 +42,16 @@ def image_candidates(cfg: dict, generator: torch.Generator) -> list:
 
 class BenchMethod(NamedTuple):
     cls: type                  # the SSLMethod subclass
-    paper: dict                # resolution -> overhead factor of the paper's Table 14
+    paper: dict | None         # resolution -> overhead factor of the paper's Table 14 (None: not in it)
     candidates: Callable       # (cfg, generator) -> list of candidate tensors, pool after pool
     paper_setting: str = ""    # what the paper's factors were measured on
 
 
-#: Methods the benchmark knows; SimCLR or DINO are added as one more entry each.
+#: Methods the benchmark knows; DINO and iBOT are added as one more entry each.
 METHODS = {
     "simsiam": BenchMethod(SimSiamMethod, {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16},
                            image_candidates, "SimSiam RN50 GPU"),
+    "simclr": BenchMethod(SimCLRMethod, None, image_candidates, "no SimCLR factor in the paper"),
 }
 
 
@@ -127,7 +129,7 @@ def benchmark(args) -> dict:
     base = statistics.median(times[None])
     rows = [{"resolution": r, "hvs_step_s": statistics.median(times[r]), "baseline_step_s": base,
              "factor": statistics.median(times[r]) / base, "selection_s": statistics.median(sel_times[r]),
-             "paper_factor": entry.paper.get(r), "hvs_step_times": times[r], "selection_times": sel_times[r]}
+             "paper_factor": (entry.paper or {}).get(r), "hvs_step_times": times[r], "selection_times": sel_times[r]}
             for r in configs if r is not None]
     return {"device": device_name(device), "torch": torch.__version__, "method": args.method,
             "arch": args.arch, "cifar_stem": args.cifar_stem, "image_size": args.image_size,
@@ -146,7 +148,7 @@ def format_table(res: dict) -> str:
     lines = [head, "resolution | HVS step (s) | baseline step (s) | overhead factor | selection (s) "
                    f"| paper T14 factor ({res['paper_setting']})"]
     for row in res["rows"]:
-        paper = f"{row['paper_factor']:.2f}" if row["paper_factor"] is not None else "-"
+        paper = f"{row['paper_factor']:.2f}" if row["paper_factor"] is not None else "—"
         lines.append(f"{row['resolution']:>10.0%} | {row['hvs_step_s']:>12.4f} | {row['baseline_step_s']:>17.4f} "
                      f"| {row['factor']:>15.2f} | {row['selection_s']:>13.4f} | {paper}")
     return "\n".join(lines)

@@ -92,6 +92,28 @@ def sample_crop(rng: random.Random, width: int, height: int, scale, ratio):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, size=224) -> dict:
+    """Config keys ``augment.*`` of a one-slot recipe, with a method's defaults."""
+    from common.config import _spec
+
+    return {
+        "augment.size": _spec(size, "crop size in pixels"),
+        "augment.scale": _spec(list(scale), "random-resized-crop area range"),
+        "augment.jitter": _spec(list(jitter), "colour jitter brightness, contrast, saturation, hue"),
+        "augment.jitter_p": _spec(0.8, "probability of colour jitter"),
+        "augment.gray_p": _spec(0.2, "probability of grayscale"),
+        "augment.blur_p": _spec(blur_p, "probability of applying Gaussian blur"),
+        "augment.blur_sigma": _spec([0.1, 2.0], "blur sigma range"),
+        "augment.flip_p": _spec(0.5, "probability of a horizontal flip"),
+    }
+
+
+def recipe_from_cfg(a: dict) -> ViewRecipe:
+    """The :class:`ViewRecipe` of an ``augment`` config section (see :func:`augment_spec`)."""
+    return ViewRecipe(size=a["size"], scale=a["scale"], flip_p=a["flip_p"], jitter=a["jitter"],
+                      jitter_p=a["jitter_p"], gray_p=a["gray_p"], blur_p=a["blur_p"], blur_sigma=a["blur_sigma"])
+
+
 def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random):
     """Draw one augmented view; return (normalised tensor [3,S,S], params row)."""
     row = [0.0] * len(PARAM_NAMES)

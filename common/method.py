@@ -9,7 +9,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from common.augment import MultiViewTransform
+from common.augment import MultiViewTransform, recipe_from_cfg
+from common.backbones import build_resnet
+from common.config import _spec
 
 
 class SSLMethod:
@@ -81,3 +83,42 @@ class SSLMethod:
     @classmethod
     def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str) -> nn.Module:
         raise NotImplementedError
+
+
+class PairMethod(SSLMethod):
+    """A method trained on two views of every image with a ResNet backbone
+    (SimSiam, SimCLR).  With HVS the loader draws N candidates from one recipe
+    into one pool, and the selector compares all C(N, 2) pairs."""
+
+    spec = {
+        "model.arch": _spec("resnet50", "torchvision ResNet backbone (resnet18/34/50/101)"),
+        "model.cifar_stem": _spec(False, "3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+    }
+
+    def build_backbone(self) -> nn.Module:
+        m = self.cfg["model"]
+        return build_resnet(m["arch"], cifar_stem=m["cifar_stem"], zero_init_residual=True)
+
+    def view_transform(self, hvs_on):
+        n = self.cfg["hvs"]["n_views"] if hvs_on else 2
+        return MultiViewTransform([(recipe_from_cfg(self.cfg["augment"]), n)])
+
+    def pools(self):
+        return [(self.cfg["hvs"]["n_views"], 2)]
+
+    @staticmethod
+    def per_candidate(outputs, V: int, B: int):
+        """Reshape outputs of one forward over the V concatenated candidate
+        batches ([V*B, ...], or a tuple of them) to [V, B, ...]."""
+        if isinstance(outputs, tuple):
+            return tuple(o.view(V, B, *o.shape[1:]) for o in outputs)
+        return outputs.view(V, B, *outputs.shape[1:])
+
+    @classmethod
+    def backbone_from_state(cls, cfg, model_state, method_state, which):
+        if which == "teacher":
+            raise ValueError(f"{cls.name} has no teacher: use --which student (or auto)")
+        backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in model_state.items()
+                                  if k.startswith("backbone.")})
+        return backbone

@@ -4,6 +4,7 @@ import importlib
 
 METHODS = {
     "simsiam": "simsiam.method:SimSiamMethod",
+    "simclr": "simclr.method:SimCLRMethod",
 }
 
 

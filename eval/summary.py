@@ -21,12 +21,18 @@ NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "ibot": "iBOT
 FILE = re.compile(r"(?P<method>[a-z0-9]+)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_knn\.json$")
 
 
+#: Table 1's long-schedule column is 300 epochs, except SimCLR's 200.
+LONG_EPOCHS = {"SimCLR": "200"}
+
+
 def paper_rows(table="1", epochs="100"):
-    """{(method, protocol): [(arch, baseline, hvs), ...]} from the paper's table."""
+    """{(method, protocol): [(arch, baseline, hvs), ...]} from the paper's table;
+    ``epochs="300"`` means each method's long schedule (SimCLR: 200)."""
     rows = defaultdict(list)
     with open(PAPER_CSV) as f:
         for r in csv.DictReader(f):
-            if r["table"] == table and r["epochs"] == epochs:
+            wanted = LONG_EPOCHS.get(r["method"], epochs) if epochs == "300" else epochs
+            if r["table"] == table and r["epochs"] == wanted:
                 rows[(r["method"], r["protocol"])].append((r["arch"], float(r["baseline"]), float(r["hvs"])))
     return rows
 
@@ -54,7 +60,7 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
     lines = [
         "# HVS: our numbers beside the paper's", "",
         f"**Our scale:** {scale}", "",
-        f"**Paper:** Table 1, ImageNet, {paper_epochs} epochs (ResNet-50 / ViT-S/16, many GPUs). "
+        f"**Paper:** Table 1, ImageNet, {paper_epochs} epochs{' (SimCLR: 200)' if paper_epochs == '300' else ''} (ResNet-50 / ViT-S/16, many GPUs). "
         "Numbers at our scale are not comparable in absolute terms; compare the sign and size of the difference.",
         "", f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split, mean ± sd over seeds.", "",
         "| Method | Protocol | Ours baseline | Ours + HVS | Ours diff | Seeds | Paper arch | Paper baseline | Paper + HVS | Paper diff |",
@@ -65,9 +71,12 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
         seeds = sorted(set(base) & set(hvs))
         diffs = [hvs[s] - base[s] for s in seeds]
         name = NAMES.get(method, method)
-        for arch, pb, ph in paper.get((name, "knn"), [("—", float("nan"), float("nan"))]):
-            lines.append(f"| {name} | k-NN | {mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
-                         f"{mean_sd(diffs) if diffs else '—'} | {len(seeds)} | {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
+        ours = (f"| {name} | k-NN | {mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
+                f"{mean_sd(diffs) if diffs else '—'} | {len(seeds)} |")
+        for arch, pb, ph in paper.get((name, "knn"), []):
+            lines.append(f"{ours} {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
+        if (name, "knn") not in paper:
+            lines.append(f"{ours} — | — | — | — |")
         for arch, pb, ph in paper.get((name, "linear"), []):
             lines.append(f"| {name} | linear | not run yet | not run yet | — | 0 | {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
     if not found:
@@ -80,7 +89,8 @@ def main(argv=None):
     p.add_argument("--results", required=True, help="folder holding the *_knn.json files")
     p.add_argument("--scale", required=True, help="one line describing the scale our numbers ran at")
     p.add_argument("--k", default="20", help="which k of the k-NN to report (default 20, as DINO)")
-    p.add_argument("--paper-epochs", default="100", help="paper rows to show: 100 or 300 (200 for SimCLR)")
+    p.add_argument("--paper-epochs", default="100", choices=["100", "300"],
+                   help="paper rows to show: 100, or 300 (each method's long schedule: 200 for SimCLR)")
     args = p.parse_args(argv)
     results = Path(args.results)
     text = render(results, args.scale, args.k, args.paper_epochs)

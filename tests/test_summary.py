@@ -26,3 +26,14 @@ def test_paper_rows_cover_table_1():
     rows = paper_rows("1", "100")
     assert {m for m, _ in rows} == {"SimSiam", "SimCLR", "DINO", "iBOT"}
     assert rows[("SimSiam", "linear")] == [("RN50", 68.20, 68.98)]
+
+
+def test_long_schedule_rows_use_simclr_200_epochs(tmp_path):
+    assert paper_rows("1", "300")[("SimCLR", "knn")] == [("RN50", 55.65, 57.31)]
+    assert paper_rows("1", "300")[("SimSiam", "knn")] == [("RN50", 61.40, 62.97)]
+    write(tmp_path, "simclr_baseline_s0_knn.json", 30.0)
+    write(tmp_path, "simclr_hvs_s0_knn.json", 31.0)
+    main(["--results", str(tmp_path), "--scale", "s", "--paper-epochs", "300"])
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
+               if line.startswith("| SimCLR | k-NN"))
+    assert "55.65 | 57.31 | +1.66" in row and "nan" not in row

@@ -1,0 +1,104 @@
+"""SimCLR with and without Hard View Selection, as the shared loop sees it.
+
+Recipe (HVS paper Table 10 / Appendix G.1.3, SimCLR paper): ResNet-50 with
+zero-init residual, head 2048-2048-128 with BN, NT-Xent at temperature 0.1 over
+the global batch (4096), LARS with lr 0.3 x batch/256 (linear, not square-root,
+scaling), momentum 0.9, weight decay 1e-4, 10 epochs of linear warm-up then
+cosine decay to 0, per step.  Augmentation of SimCLR: crop scale 0.08-1, flip,
+colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale p 0.2,
+blur sigma 0.1-2 with p 0.5.
+
+HVS (Appendix I.1): the objective is unchanged; the score of pair (k, l) for an
+image is its NT-Xent with both directions summed, the negatives being views k
+and l of the other images of the global batch (:func:`simclr.loss.pair_scores`).
+
+LARS is ``timm.optim.Lars`` (timm 1.0), read from its source:
+
+- update: g' = trust * (g + wd * w), trust = eta * |w| / (|g| + wd * |w| + eps)
+  (eta = ``trust_coeff``, 0.001 as SimCLR), set to 1 where |w| or |g| is 0;
+  then PyTorch-SGD momentum, buf = m * buf + g', w -= lr * buf.  No clipping
+  (``trust_clip=False``: LARS, not LARC).
+- the adaptation and the weight decay are applied only to a group whose
+  ``weight_decay`` is non-zero or whose ``always_adapt`` is set; other groups
+  take plain momentum SGD.  So SimCLR's exclusion of BatchNorm and bias
+  parameters from both weight decay and adaptation is one group with
+  ``weight_decay=0, always_adapt=False``; the weights are a group with
+  ``always_adapt=True`` (adapted even if weight decay is set to 0).
+- two small differences to SimCLR's TensorFlow LARS: its denominator is
+  |g + wd * w| (timm's |g| + wd * |w| is the triangle-inequality bound, the
+  NVIDIA-apex form), and it keeps the learning rate inside the momentum buffer
+  (v = m * v + lr * g'); the two agree while the learning rate is constant and
+  differ slightly during warm-up and decay.
+"""
+import math
+
+import torch
+from timm.optim import Lars
+
+from common.augment import augment_spec
+from common.config import _spec
+from common.method import PairMethod
+from simclr.loss import nt_xent, pair_scores
+from simclr.model import SimCLR
+
+
+class SimCLRMethod(PairMethod):
+    """SimCLR (Chen et al. 2020), optionally with Hard View Selection."""
+
+    name = "simclr"
+    spec = {
+        **PairMethod.spec,
+        "model.proj_hidden": _spec(2048, "projection head hidden width"),
+        "model.dim": _spec(128, "projection head output width"),
+        "model.proj_layers": _spec(3, "linear layers in the projection head (SimCLR v1: 2, v2: 3)"),
+        "loss.temperature": _spec(0.1, "NT-Xent temperature"),
+        "optim.lr": _spec(0.3, "base learning rate for batch 256 (scaled linearly with the global batch)"),
+        "optim.momentum": _spec(0.9, "LARS momentum"),
+        "optim.weight_decay": _spec(1e-4, "weight decay (not on BatchNorm and bias parameters)"),
+        "optim.trust_coeff": _spec(0.001, "LARS trust coefficient eta"),
+        "optim.warmup_epochs": _spec(10, "epochs of linear learning-rate warm-up before the cosine decay"),
+        **augment_spec(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5),
+    }
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        m = cfg["model"]
+        self.model = SimCLR(self.build_backbone(), m["dim"], m["proj_hidden"], m["proj_layers"])
+        self.temperature = float(cfg["loss"]["temperature"])
+
+    # --- optimisation ---------------------------------------------------------
+    def build_optimizer(self, global_batch):
+        o = self.cfg["optim"]
+        self.init_lr = o["lr"] * global_batch / 256
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [  # weights: decay + LARS adaptation; BatchNorm and biases (1-d): neither
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": o["weight_decay"], "always_adapt": True},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False},
+        ]
+        return Lars(groups, lr=self.init_lr, momentum=o["momentum"], trust_coeff=o["trust_coeff"])
+
+    def learning_rate(self, step: int, total: int, warmup: int) -> float:
+        """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0."""
+        if step < warmup:
+            return self.init_lr * step / warmup
+        return self.init_lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+        warmup = round(self.cfg["optim"]["warmup_epochs"] * iters_per_epoch)
+        total = self.cfg["train"]["epochs"] * iters_per_epoch
+        lr = self.learning_rate(epoch * iters_per_epoch + it, total, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return {"lr": lr}
+
+    # --- hard view selection ---------------------------------------------------
+    def candidate_outputs(self, module, candidates):
+        return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
+
+    def combination_scores(self, outputs, combos):
+        return pair_scores(outputs, combos, self.temperature)
+
+    # --- training -----------------------------------------------------------------
+    def training_loss(self, model, views):
+        z1, z2 = model(views[0], views[1])
+        return nt_xent(z1, z2, self.temperature), {}
