@@ -47,12 +47,13 @@ def collect(results: Path, k: str):
     return found
 
 
-def mean_sd(values):
+def mean_sd(values, signed=False):
     if not values:
         return "—"
+    fmt = "+.2f" if signed else ".2f"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.2f}"
 
 
 def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") -> str:
@@ -72,7 +73,7 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
         diffs = [hvs[s] - base[s] for s in seeds]
         name = NAMES.get(method, method)
         ours = (f"| {name} | k-NN | {mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
-                f"{mean_sd(diffs) if diffs else '—'} | {len(seeds)} |")
+                f"{mean_sd(diffs, signed=True)} | {len(seeds)} |")
         for arch, pb, ph in paper.get((name, "knn"), []):
             lines.append(f"{ours} {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
         if (name, "knn") not in paper:

@@ -1,6 +1,5 @@
 """common/gather.py: a two-process gloo run, each rank holding half the batch,
 gives the single-process loss, gradients and HVS scores of the whole batch."""
-import socket
 
 import torch
 import torch.distributed as dist
@@ -23,15 +22,10 @@ def problem():
     return x_a.double(), x_b.double(), candidates.double(), nn.Linear(D_IN, D).double()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank, port, out_dir):
+def worker(rank, out_dir):
     torch.set_num_threads(1)  # two processes share the cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a rendezvous file, not a TCP port picked in advance: no race for the port
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         x_a, x_b, candidates, model = problem()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -52,8 +46,9 @@ def test_gather_is_identity_in_one_process():
     assert gather_with_grad(x) is x
 
 
-def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback, not whatever the hostname resolves to
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     x_a, x_b, candidates, model = problem()

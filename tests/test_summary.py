@@ -18,7 +18,7 @@ def test_summary_table(tmp_path):
     assert "tiny test scale" in text
     row = next(line for line in text.splitlines() if line.startswith("| SimSiam | k-NN"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:6] == ["41.00 ± 1.41", "42.00 ± 0.71", "1.00 ± 0.71", "2"]
+    assert cells[2:6] == ["41.00 ± 1.41", "42.00 ± 0.71", "+1.00 ± 0.71", "2"]
     assert cells[6:] == ["RN50", "57.47", "58.97", "+1.50"]  # Table 1, SimSiam k-NN, 100 epochs
 
 

@@ -137,11 +137,12 @@ def test_knn_reads_a_training_checkpoint(tmp_path, image_root):
 
 def test_torchrun_two_processes_gloo(tmp_path, image_root):
     out = tmp_path / "ddp"
-    r = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "simsiam.main", "--output-dir", str(out), "--data-dir", str(image_root),
             "data.dataset=imagefolder", "model.arch=resnet18", "model.cifar_stem=true", "model.proj_hidden=64",
             "model.dim=64", "model.pred_dim=16", "augment.size=16", "train.batch_size=8", "train.epochs=1",
-            "data.num_workers=0", "hvs.enabled=true", "run.log_every=1", "run.selection_log_every=1")
+            "data.num_workers=0", "hvs.enabled=true", "run.log_every=1", "run.selection_log_every=1",
+            env={"GLOO_SOCKET_IFNAME": "lo"})
     assert r.returncode == 0, r.stderr[-3000:]
     state = ckpt_io.load(out / "checkpoint.pth")
     assert state["step"] == 4 and state["epoch"] == 1  # 32 images / global batch 8
