@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from common import checkpoint as ckpt_io
 from common import dist
 from common.augment import PARAM_NAMES, MultiViewDataset, box_iou
-from common.config import COMMON_SPEC, ConfigError, dump, parse_args
+from common.config import COMMON_SPEC, ConfigError, dump, flatten, parse_args
 from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
@@ -112,6 +112,13 @@ def selection_stats(sel, params) -> dict:
         out["sel_iou_all"] = iou_all.mean().item()
         out["sel_lowest_iou"] = (iou_all.argmin(1) == choice).float().mean().item()
     return out
+
+
+def config_changes(old: dict, new: dict, ignore=("run.stop_after_steps",)) -> list:
+    """Keys whose values differ between two resolved configs, e.g. ``["train.epochs: 2 -> 4"]``."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k) != b.get(k)]
 
 
 def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, step):
@@ -234,6 +241,10 @@ def run(cfg: dict, method_cls) -> Path:
         start_epoch, step = state["epoch"], state["step"]
         if main:
             print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
+            changed = config_changes(state["config"], cfg)
+            if changed:
+                print(f"warning: the config differs from the checkpoint's in {', '.join(changed)}: "
+                      "the resumed run follows the new values", file=sys.stderr, flush=True)
 
     log = JsonLog(out / "log.jsonl", resume_step=step, enabled=main)
     sel_log = SelectionLog(out / "selection", dist.rank(), PARAM_NAMES)

@@ -37,6 +37,8 @@ def worker(rank, out_dir):
         gathered = gather_with_grad(torch.full((2, 3), float(rank)))
         torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()],
                     "scores": scores, "gathered": gathered}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # both ranks done with collectives before teardown
+        del ddp  # the DDP reducer must go before its process group (else gloo can abort at exit)
     finally:
         dist.destroy_process_group()
 

@@ -55,6 +55,14 @@ def test_exact_resume(tmp_path, image_root, stop):
     assert [r["step"] for r in read_log(b)] == [r["step"] for r in read_log(tmp_path / "a")]
 
 
+def test_config_changes_are_named():
+    from common.train import config_changes
+
+    old = {"train": {"epochs": 2, "batch_size": 8}, "run": {"stop_after_steps": 4}}
+    new = {"train": {"epochs": 4, "batch_size": 8}, "run": {"stop_after_steps": 0}}
+    assert config_changes(old, new) == ["train.epochs: 2 -> 4"]
+
+
 def test_checkpoint_of_other_architecture_or_method(tmp_path, image_root):
     out = tmp_path / "r"
     run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "run.max_steps_per_epoch=1"), SimSiamMethod)
