@@ -175,13 +175,10 @@ class HardViewSelector:
         keep = torch.randperm(total, generator=generator)[: self.max_combinations].sort().values
         return self.all_combos[keep]
 
-    def choose(self, scores: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Row index per sample: argmax (hard), argmin (easy) or uniform (random)."""
-        if self.mode == "hard":
-            return scores.argmax(dim=1)
-        if self.mode == "easy":
-            return scores.argmin(dim=1)
-        return torch.randint(scores.shape[1], (scores.shape[0],), generator=generator).to(scores.device)
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Row index per sample: argmax (hard) or argmin (easy); the random mode
+        chooses in :meth:`__call__` without scores."""
+        return scores.argmax(dim=1) if self.mode == "hard" else scores.argmin(dim=1)
 
     def gather(self, candidates: Sequence[torch.Tensor], indices: torch.Tensor) -> list:
         """Training views slot by slot: view s of sample b is candidate indices[b, s]."""
@@ -192,8 +189,7 @@ class HardViewSelector:
             if p not in stacks:
                 n = self.pools[p][0]
                 stacks[p] = torch.stack(candidates[self.pool_start[p]: self.pool_start[p] + n])
-            local = (indices[:, s] - self.pool_start[p]).to(rows.device)  # no-op on one device
-            views.append(stacks[p][local, rows])
+            views.append(stacks[p][indices[:, s] - self.pool_start[p], rows])
         return views
 
     def __call__(self, candidates: Sequence[torch.Tensor], model: nn.Module,
@@ -221,7 +217,7 @@ class HardViewSelector:
             if scores.shape != (B, len(combos)):
                 raise RuntimeError(f"combination_scores returned shape {tuple(scores.shape)}, "
                                    f"expected {(B, len(combos))}")
-            choice = self.choose(scores, generator)  # stays on the device: no synchronisation
+            choice = self.choose(scores)  # stays on the device: no synchronisation
         indices = combos[choice]
         views = self.gather(candidates, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores)
