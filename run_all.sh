@@ -4,9 +4,14 @@
 # weighted k-NN, and write results/summary.md with our numbers beside the
 # paper's.  Re-running resumes unfinished runs and skips finished evaluations.
 #
-#   bash run_all.sh                                   # small CPU profile, SimSiam + SimCLR, ~15 min
-#   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour
+#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, ~25 min
+#   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only, ~15 min on 2 cores
+#   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Table 1
+#
+# A method token names the entry point before its first underscore and the
+# config after it: dino_resnet runs `python -m dino.main --config
+# configs/dino_resnet_<profile config>.yaml` and writes dino_resnet_*_knn.json.
 #
 # Several nodes: TORCHRUN_ARGS="--nnodes 4 --rdzv-backend c10d --rdzv-endpoint host:29400"
 set -euo pipefail
@@ -16,14 +21,22 @@ usage() {
   cat <<'EOF'
 usage: bash run_all.sh [options]
   --profile small|gpu|gpu-tin|paper  scale to run (default small)
-      small    RN18 (CIFAR stem), 1,500 CIFAR-10 images, 1 epoch, CPU (~15 min on 2 cores for both methods)
-      gpu      RN18 (CIFAR stem), CIFAR-10, 100 epochs (about a GPU-hour per method)
-      gpu-tin  RN18 (CIFAR stem), Tiny-ImageNet-100 at 64 px, 100 epochs
-      paper    RN50, ImageNet, 100 epochs (the paper's Table 1 setting; configs/<method>_paper.yaml)
+      small    1,500 CIFAR-10 images, 1 epoch, CPU: RN18 (CIFAR stem) for SimSiam, SimCLR and
+               dino_resnet, ViT-tiny/4 with 32 px global and 16 px local crops for DINO
+               (configs/<method>_small.yaml; on 2 cores SimSiam + SimCLR ~15 min, DINO ~8 min,
+               dino_resnet ~12 min)
+      gpu      CIFAR-10, 100 epochs, same backbones (<method>_cifar10_gpu.yaml; SimSiam and SimCLR about
+               a GPU-hour each; DINO not yet timed on a GPU)
+      gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's ViT-tiny with 8 px patches
+               (<method>_tiny_imagenet_gpu.yaml)
+      paper    ImageNet, 100 epochs, the paper's Table 1 setting: RN50 for SimSiam, SimCLR and
+               dino_resnet, ViT-S/16 for DINO (configs/<method>_paper.yaml; the long schedules,
+               {simsiam,dino}_paper_300ep.yaml and simclr_paper_200ep.yaml, are run by hand)
   --data-dir PATH     data root (default: $HVS_DATA_DIR); may hold cifar10.tar.gz etc.
   --gpus N            processes per node for torchrun (default: 0 = one process, CPU or 1 GPU)
   --seeds "0 1 2"     seeds (default "0")
-  --methods "simsiam simclr"  methods to run (default: both)
+  --methods "simsiam simclr dino"  method tokens to run (default: these three); one of
+                      simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet)
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
@@ -31,7 +44,7 @@ usage: bash run_all.sh [options]
 EOF
 }
 
-PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr"; PAPER_EPOCHS=100
+PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino"; PAPER_EPOCHS=100
 RESULTS=results; RUNS=runs; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -57,13 +70,13 @@ export HVS_DATA_DIR="$DATA_DIR"
 # profile -> config file suffix, k-NN options, scale line of the summary, paper epochs
 case "$PROFILE" in
   small)   CFG=small;              KNN=(--train-subset 1500 --test-subset 1000)
-           SCALE="small CPU profile: ResNet-18 (CIFAR stem), 32 px, 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); k-NN bank = those 1,500 images, 1,000 test images";;
+           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); k-NN bank = those 1,500 images, 1,000 test images";;
   gpu)     CFG=cifar10_gpu;        KNN=()
-           SCALE="GPU profile: ResNet-18 (CIFAR stem), CIFAR-10 (50k images, 32 px), 100 epochs, batch 512; k-NN on the full test set";;
+           SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; k-NN on the full test set";;
   gpu-tin) CFG=tiny_imagenet_gpu;  KNN=()
-           SCALE="GPU profile: ResNet-18 (CIFAR stem), Tiny-ImageNet-100 (50k images, 64 px), 100 epochs, batch 512";;
+           SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256";;
   paper)   CFG=paper;              KNN=()
-           SCALE="paper profile: ResNet-50, ImageNet, 100 epochs, batch 512 (SimSiam) / 4096 (SimCLR, Table 10)";;
+           SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512";;
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 
@@ -73,18 +86,25 @@ else
   LAUNCH=(python -m)
 fi
 
+# a method token: entry point before the first underscore, config named after the whole
+# token; all checked before the first run starts
+for method in $METHODS; do
+  entry="${method%%_*}"
+  [ -f "$entry/main.py" ] || { echo "run_all.sh: method token '$method' names no entry point ($entry/main.py does not exist)" >&2; exit 2; }
+  [ -f "configs/${method}_${CFG}.yaml" ] || { echo "run_all.sh: no config configs/${method}_${CFG}.yaml for method $method (profile $PROFILE)" >&2; exit 2; }
+done
 OUT="$RESULTS/$PROFILE"
 mkdir -p "$OUT"
 for method in $METHODS; do
+  entry="${method%%_*}"
   config="configs/${method}_${CFG}.yaml"
-  [ -f "$config" ] || { echo "run_all.sh: no config $config for method $method" >&2; exit 2; }
   for seed in $SEEDS; do
     for variant in baseline hvs; do
       hvs=false; [ "$variant" = hvs ] && hvs=true
       run_dir="$RUNS/$PROFILE/${method}_${variant}_s${seed}"
       json="$OUT/${method}_${variant}_s${seed}_knn.json"
       echo "=== $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
-      "${LAUNCH[@]}" "$method.main" --config "$config" --output-dir "$run_dir" \
+      "${LAUNCH[@]}" "$entry.main" --config "$config" --output-dir "$run_dir" \
         "run.seed=$seed" "hvs.enabled=$hvs" ${EXTRA[@]+"${EXTRA[@]}"}
       if [ ! -f "$json" ] || [ "$run_dir/checkpoint.pth" -nt "$json" ]; then
         python -m eval.knn --checkpoint "$run_dir/checkpoint.pth" ${KNN[@]+"${KNN[@]}"} --output "$json"

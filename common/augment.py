@@ -36,6 +36,7 @@ PARAM_NAMES = (
     "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize",
 )
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ViewRecipe:
     blur_p: float = 0.5  # probability of *applying* blur
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
+    interpolation: str = "bilinear"  # of the crop resize: bilinear (torchvision's default) or bicubic (DINO)
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
@@ -63,6 +65,8 @@ class ViewRecipe:
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"augmentation scale={self.scale} must satisfy 0 < min <= max <= 1")
+        if self.interpolation not in RESAMPLE:
+            raise ValueError(f"augmentation interpolation={self.interpolation!r} is not one of {sorted(RESAMPLE)}")
         if self.size < 1:
             raise ValueError(f"augmentation size={self.size} must be positive")
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
@@ -121,7 +125,7 @@ def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random):
     row[P["img_w"]], row[P["img_h"]] = W, H
     x, y, w, h = sample_crop(rng, W, H, recipe.scale, recipe.ratio)
     row[P["crop_x"]], row[P["crop_y"]], row[P["crop_w"]], row[P["crop_h"]] = x, y, w, h
-    out = img.resize((recipe.size, recipe.size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    out = img.resize((recipe.size, recipe.size), RESAMPLE[recipe.interpolation], box=(x, y, x + w, y + h))
     if rng.random() < recipe.flip_p:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         row[P["flip"]] = 1

@@ -23,3 +23,41 @@ def build_resnet(arch: str, cifar_stem: bool = False, zero_init_residual: bool =
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     return net
+
+
+#: our names -> timm's ViT definitions (width, depth, heads); the patch size and
+#: the image size are set per run
+VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+        "vit_base": "vit_base_patch16_224"}
+
+
+def build_vit(arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
+              depth: int = 0) -> nn.Module:
+    """A timm VisionTransformer mapping images to the normalised [CLS] token
+    (``num_features`` wide), as DINO's ViT: qkv bias, LayerNorm eps 1e-6,
+    stochastic depth ``drop_path_rate``.  Position embeddings are created for
+    ``img_size`` and interpolated (bicubic) for other sizes, e.g. DINO's 96 px
+    local crops; a size must be a multiple of ``patch_size``.  ``depth`` > 0
+    overrides the number of blocks (12 for all three)."""
+    if arch not in VITS:
+        raise ValueError(f"model.arch={arch!r} is not one of {sorted(VITS) + list(RESNETS)}")
+    import timm
+
+    extra = {"depth": depth} if depth else {}
+    return timm.create_model(VITS[arch], pretrained=False, num_classes=0, patch_size=patch_size,
+                             img_size=img_size, drop_path_rate=drop_path_rate, dynamic_img_size=True, **extra)
+
+
+def build_backbone(arch: str, *, cifar_stem: bool = False, patch_size: int = 16, img_size: int = 224,
+                   drop_path_rate: float = 0.0, depth: int = 0, zero_init_residual: bool = False) -> nn.Module:
+    """ResNet or ViT by name (see :data:`RESNETS`, :data:`VITS`); both expose
+    ``num_features``."""
+    if arch in VITS:
+        return build_vit(arch, patch_size, img_size, drop_path_rate, depth)
+    if arch in RESNETS:
+        return build_resnet(arch, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)
+    raise ValueError(f"model.arch={arch!r} is not one of {list(RESNETS) + sorted(VITS)}")
+
+
+def is_vit(arch: str) -> bool:
+    return arch in VITS

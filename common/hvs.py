@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,8 @@ class Selection:
     choice: torch.Tensor   # [B] row of ``combos`` chosen for every sample (same device)
     combos: torch.Tensor   # [C, S] the combinations compared this step (same device)
     scores: Optional[torch.Tensor]  # [B, C] their per-sample scores (None in random mode)
+    outputs: Any = None    # what candidate_outputs returned (None in random mode); a method may
+    #                        reuse parts of it in its training step where that is exact
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
@@ -117,14 +119,38 @@ def batchnorm_mode(model: nn.Module, bn_mode: str):
                     b.copy_(s)
 
 
-def resize_views(views: Sequence[torch.Tensor], factor: float) -> list:
-    """Resize image batches [B, C, H, W] by ``factor`` (bilinear, antialiased)."""
+@contextmanager
+def without_training_noise(model: nn.Module):
+    """Dropout and stochastic depth (timm's DropPath) off during the selection
+    forward, so that a combination's score is the loss of the current network,
+    not of a random thinning of it; BatchNorm is left to :func:`batchnorm_mode`."""
+    from timm.layers import DropPath
+
+    noisy = [m for m in model.modules()
+             if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)) and m.training]
+    for m in noisy:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in noisy:
+            m.train()
+
+
+def resize_views(views: Sequence[torch.Tensor], factor: float, multiple: int = 1) -> list:
+    """Resize image batches [B, C, H, W] by ``factor`` (bilinear, antialiased).
+    With ``multiple`` > 1 (a ViT's patch size) each side is rounded down to a
+    multiple of it, as DINO's patch embedding drops a partial patch: 75 % of
+    224 px is 168 px = 10.5 patches of 16, so 160 px."""
     if factor == 1.0:
         return list(views)
     out = []
     for v in views:
         h, w = v.shape[-2:]
-        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        if multiple > 1:
+            size = tuple(max(multiple, multiple * int(x * factor // multiple)) for x in (h, w))
+        else:
+            size = (max(1, round(h * factor)), max(1, round(w * factor)))
         out.append(F.interpolate(v, size=size, mode="bilinear", antialias=True, align_corners=False))
     return out
 
@@ -141,12 +167,15 @@ class HardViewSelector:
         resolution: fraction of each candidate's size used for the selection
             forward only; training always uses the full-size candidates.
         bn_mode: see :data:`BN_MODES`.
+        size_multiple: reduced sizes are rounded to a multiple of this (a ViT's
+            patch size).
 
+    Dropout and stochastic depth are off during the selection forward.
     Ties resolve to the first combination in enumeration order.
     """
 
     def __init__(self, pools=((4, 2),), mode="hard", max_combinations=0, resolution=1.0,
-                 bn_mode="batch"):
+                 bn_mode="batch", size_multiple=1):
         if mode not in MODES:
             raise ValueError(f"hvs.mode={mode!r} is not one of {MODES}")
         if not 0.0 < float(resolution) <= 1.0:
@@ -158,6 +187,7 @@ class HardViewSelector:
         self.pools = [tuple(p) for p in pools]
         self.mode, self.resolution, self.bn_mode = mode, float(resolution), bn_mode
         self.max_combinations = int(max_combinations)
+        self.size_multiple = int(size_multiple)
         self.all_combos = pool_combinations(self.pools)
         # slot -> pool, so that candidates of one pool (same shape) are stacked together
         self.slot_pool = [p for p, (_, k) in enumerate(self.pools) for _ in range(k)]
@@ -208,10 +238,10 @@ class HardViewSelector:
         combos = self.combinations(generator).to(device)
         if self.mode == "random":
             choice = torch.randint(len(combos), (B,), generator=generator).to(device)
-            scores = None
+            scores = outputs = None
         else:
-            small = resize_views(candidates, self.resolution)
-            with torch.no_grad(), batchnorm_mode(model, self.bn_mode):
+            small = resize_views(candidates, self.resolution, self.size_multiple)
+            with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model):
                 outputs = candidate_outputs(small)
                 scores = combination_scores(outputs, combos).float()
             if scores.shape != (B, len(combos)):
@@ -220,4 +250,5 @@ class HardViewSelector:
             choice = self.choose(scores)  # stays on the device: no synchronisation
         indices = combos[choice]
         views = self.gather(candidates, indices)
-        return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores)
+        return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores,
+                         outputs=outputs)

@@ -21,6 +21,8 @@ class SSLMethod:
     spec: dict = {}
     #: gradient-norm clipping applied by the loop (0: none)
     clip_grad: float = 0.0
+    #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
+    size_multiple: int = 1
 
     def __init__(self, cfg: dict, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -68,8 +70,10 @@ class SSLMethod:
         raise NotImplementedError
 
     # --- training ---------------------------------------------------------------
-    def training_loss(self, model: nn.Module, views: Sequence[torch.Tensor]):
-        """Loss (scalar tensor) on the chosen views and a dict of tensors to log."""
+    def training_loss(self, model: nn.Module, views: Sequence[torch.Tensor], selection=None):
+        """Loss (scalar tensor) on the chosen views and a dict of tensors to log.
+        ``selection`` is the selector's :class:`common.hvs.Selection` (None
+        without HVS); a method may reuse its ``outputs`` where that is exact."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -5,6 +5,7 @@ import importlib
 METHODS = {
     "simsiam": "simsiam.method:SimSiamMethod",
     "simclr": "simclr.method:SimCLRMethod",
+    "dino": "dino.method:DINOMethod",
 }
 
 

@@ -99,18 +99,18 @@ def seed_everything(seed: int) -> None:
 
 def selection_stats(sel, params) -> dict:
     """Statistics of the chosen combinations for the step log (on CPU; logged steps only)."""
-    indices, choice, combos = sel.indices.cpu(), sel.choice.cpu(), sel.combos.cpu()
+    indices, combos = sel.indices.cpu(), sel.combos.cpu()
     out = {"sel_changed": (indices != torch.arange(indices.shape[1])).any(1).float().mean().item()}
     if sel.scores is not None:
         out["sel_score"] = sel.chosen_scores.mean().item()
         out["sel_score_all"] = sel.scores.mean().item()
-    if indices.shape[1] == 2:  # pairs: IoU of the chosen pair vs all compared pairs
+    if indices.shape[1] >= 2:  # IoU of the first two slots (the pair; DINO's two global crops)
         rows = torch.arange(len(params))
         iou_chosen = box_iou(params[rows, indices[:, 0]], params[rows, indices[:, 1]])
         iou_all = box_iou(params[:, combos[:, 0]], params[:, combos[:, 1]])
         out["sel_iou"] = iou_chosen.mean().item()
         out["sel_iou_all"] = iou_all.mean().item()
-        out["sel_lowest_iou"] = (iou_all.argmin(1) == choice).float().mean().item()
+        out["sel_lowest_iou"] = (iou_chosen <= iou_all.min(1).values).float().mean().item()
     return out
 
 
@@ -121,12 +121,13 @@ def config_changes(old: dict, new: dict, ignore=("run.stop_after_steps",)) -> li
             if k not in ignore and a.get(k) != b.get(k)]
 
 
-def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, step):
+def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, step, loop=None):
+    """``loop``: the loop's running sums inside an epoch (for its mean loss)."""
     ckpt_io.save_atomic({
         "format": ckpt_io.FORMAT, "method": method.name, "arch": method.arch(cfg), "config": cfg,
         "epoch": epoch, "step": step, "model": model_state, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "method_state": method.state_dict(), "rng": ckpt_io.rng_state(),
+        "method_state": method.state_dict(), "rng": ckpt_io.rng_state(), "loop": loop or {},
     }, path)
 
 
@@ -160,7 +161,7 @@ def train_step(ctx: StepContext, candidates, epoch, it, iters, generator=None, t
             if time_selection:
                 ctx.sync()
             sel_time, views = time.perf_counter() - t0, sel.views
-        loss, stats = method.training_loss(ctx.ddp_model, views)
+        loss, stats = method.training_loss(ctx.ddp_model, views, sel)
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.scaler is not None:
         ctx.scaler.scale(loss).backward()
@@ -225,11 +226,12 @@ def run(cfg: dict, method_cls) -> Path:
     if cfg["hvs"]["enabled"]:
         h = cfg["hvs"]
         selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
-                                    resolution=h["resolution"], bn_mode=h["bn_mode"])
+                                    resolution=h["resolution"], bn_mode=h["bn_mode"],
+                                    size_multiple=method.size_multiple)
 
     ctx = StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device)
     ckpt_path = out / "checkpoint.pth"
-    start_epoch, step = 0, 0
+    start_epoch, step, loop_state = 0, 0, {}
     if ckpt_path.exists():
         state = ckpt_io.load(ckpt_path, expect_method=method.name, expect_arch=method.arch(cfg))
         model.load_state_dict(state["model"])
@@ -238,7 +240,7 @@ def run(cfg: dict, method_cls) -> Path:
             scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state["method_state"])
         ckpt_io.set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
+        start_epoch, step, loop_state = state["epoch"], state["step"], state.get("loop", {})
         if main:
             print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
             changed = config_changes(state["config"], cfg)
@@ -255,10 +257,10 @@ def run(cfg: dict, method_cls) -> Path:
     ckpt_every = int(cfg["run"]["ckpt_every_steps"])
     stop_after = int(cfg["run"]["stop_after_steps"])
 
-    def checkpoint(epoch_done):
+    def checkpoint(epoch_done, loop=None):
         sel_log.flush()
         if main:
-            save_checkpoint(ckpt_path, method, model.state_dict(), optimizer, scaler, cfg, epoch_done, step)
+            save_checkpoint(ckpt_path, method, model.state_dict(), optimizer, scaler, cfg, epoch_done, step, loop)
         dist.barrier()
 
     # 4. the loop ----------------------------------------------------------------
@@ -272,13 +274,18 @@ def run(cfg: dict, method_cls) -> Path:
         sampler.set_epoch(epoch, skip_batches=done_in_epoch)
         loader = make_loader(dataset, sampler, per_rank, int(cfg["data"]["num_workers"]), device.type == "cuda")
         epoch_loss, epoch_n, t_epoch = torch.zeros((), device=device), 0, time.time()
+        if done_in_epoch and loop_state:  # resumed inside this epoch: the sums of its first steps
+            epoch_loss += loop_state["epoch_loss"]
+            epoch_n = int(loop_state["epoch_n"])
         for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
             if it >= iters:
                 break
             candidates = [c.to(device, non_blocking=True) for c in candidates]
             sched = method.schedule(optimizer, epoch, it, iters)
             timed = step % log_every == 0
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + dist.rank())
+            step_seed = seed * 1_000_003 + step * 101 + dist.rank()
+            gen = torch.Generator().manual_seed(step_seed)  # cap subset, random mode
+            torch.manual_seed(step_seed + 1)  # stochastic depth etc.: a function of the step, so resume is exact
             loss, stats, sel, sel_time = train_step(ctx, candidates, epoch, it, iters, gen, time_selection=timed)
             epoch_loss += loss.detach()
             epoch_n += 1
@@ -302,7 +309,7 @@ def run(cfg: dict, method_cls) -> Path:
                 progress.print(step, f"epoch {epoch + 1}/{epochs} it {it + 1}/{iters} loss {loss_value:.4f} "
                                f"lr {sched.get('lr', 0):.4g}" + (f" sel {sel_time:.3f}s" if sel else ""))
             if it + 1 < iters and ((ckpt_every and step % ckpt_every == 0) or step == stop_after):
-                checkpoint(epoch)
+                checkpoint(epoch, {"epoch_loss": dist.all_reduce_mean(epoch_loss).item(), "epoch_n": epoch_n})
             if step == stop_after:
                 break
         if step - epoch * iters >= iters:  # the epoch is complete

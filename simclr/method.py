@@ -99,6 +99,6 @@ class SimCLRMethod(PairMethod):
         return pair_scores(outputs, combos, self.temperature)
 
     # --- training -----------------------------------------------------------------
-    def training_loss(self, model, views):
+    def training_loss(self, model, views, selection=None):
         z1, z2 = model(views[0], views[1])
         return nt_xent(z1, z2, self.temperature), {}

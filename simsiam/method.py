@@ -61,6 +61,6 @@ class SimSiamMethod(PairMethod):
         return pair_scores(*outputs, combos)
 
     # --- training -----------------------------------------------------------------
-    def training_loss(self, model, views):
+    def training_loss(self, model, views, selection=None):
         p1, p2, z1, z2 = model(views[0], views[1])
         return simsiam_loss(p1, p2, z1, z2), {}

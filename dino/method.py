@@ -1,0 +1,209 @@
+"""DINO with and without Hard View Selection, as the shared loop sees it.
+
+Recipe (HVS paper Table 8 / Appendix G.1.1, DINO's ``main_dino.py`` defaults):
+ViT-S/16 (stochastic depth 0.1 in the student), head 2048-2048-256 with GELU and
+no BN to 65,536 weight-normalised prototypes of norm 1, the last layer frozen
+during the first epoch; student temperature 0.1, teacher temperature 0.04
+(optionally warmed up linearly per epoch), centre momentum 0.9; AdamW, lr 5e-4
+x batch/256 reached after 10 linear warm-up epochs, then cosine to 1e-6, weight
+decay cosine from 0.04 to 0.4 (not on biases and norms), per step; teacher EMA
+momentum cosine from 0.996 to 1; each parameter's gradient clipped to norm 3.0;
+multi-crop: 2 global crops of 224 px (scale 0.4-1) and 8 local crops of 96 px
+(scale 0.05-0.4), see :mod:`common.multicrop`.  ResNet-50 (DINO's README):
+SGD, lr 0.03 x batch/256, weight decay 1e-4 constant, global scale 0.14-1,
+local scale 0.05-0.14 (``configs/dino_resnet_paper.yaml``).
+
+HVS (Section 3.3): candidates for every crop slot; the score of a combination
+is its per-image DINO loss, read from a table of cross-entropies between the
+teacher's output for every global candidate and the student's output for
+every candidate (:func:`dino.loss.cross_entropy_table`), computed with one
+forward pass of each network.  The selection uses the current centre and
+teacher temperature and changes neither; the teacher's outputs of the chosen
+global views are reused in the training step when that is exact (full-size
+selection, a teacher without BatchNorm), see ``hvs.reuse_teacher``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.backbones import build_backbone, is_vit
+from common.config import _spec
+from common.method import SSLMethod
+from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
+from common.schedules import cosine_schedule, linear_warmup
+from dino.loss import combination_scores, cross_entropy_table, dino_loss, updated_center
+from dino.model import DINO, DINOHead
+
+
+def clip_each_gradient(parameters, max_norm: float) -> None:
+    """DINO's clipping: every parameter's gradient is scaled down to norm
+    ``max_norm`` on its own (not the global norm of all gradients)."""
+    for p in parameters:
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+class DINOMethod(SSLMethod):
+    """DINO (Caron et al. 2021), optionally with Hard View Selection."""
+
+    name = "dino"
+    spec = {
+        "model.arch": _spec("vit_small", "backbone: vit_tiny, vit_small, vit_base (timm) or resnet18/34/50/101 (torchvision)"),
+        "model.patch_size": _spec(16, "ViT patch size (16 for ViT-S/16; 4 for 32 px images)"),
+        "model.depth": _spec(0, "ViT blocks (0: the architecture's 12; fewer for quick CPU tests)"),
+        "model.drop_path": _spec(0.1, "stochastic depth rate of the student ViT (the teacher has none)"),
+        "model.cifar_stem": _spec(False, "ResNet: 3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+        "model.out_dim": _spec(65536, "number of prototypes (head output width)"),
+        "model.head_hidden": _spec(2048, "head MLP hidden width"),
+        "model.head_bottleneck": _spec(256, "head bottleneck width before the weight-normalised last layer"),
+        "model.head_layers": _spec(3, "linear layers in the head MLP"),
+        "model.use_bn_in_head": _spec(False, "BatchNorm in the head MLP"),
+        "model.norm_last_layer": _spec(True, "fix the norm of every prototype to 1"),
+        "loss.student_temp": _spec(0.1, "student temperature"),
+        "loss.teacher_temp": _spec(0.04, "teacher temperature after the warm-up"),
+        "loss.warmup_teacher_temp": _spec(0.04, "teacher temperature at epoch 0"),
+        "loss.warmup_teacher_temp_epochs": _spec(0, "epochs of linear teacher-temperature warm-up"),
+        "loss.center_momentum": _spec(0.9, "momentum of the centre of the teacher outputs"),
+        "optim.name": _spec("adamw", "optimizer", ["adamw", "sgd"]),
+        "optim.lr": _spec(5e-4, "peak learning rate for batch 256 (scaled linearly with the global batch)"),
+        "optim.min_lr": _spec(1e-6, "learning rate at the end of the cosine decay"),
+        "optim.warmup_epochs": _spec(10, "epochs of linear learning-rate warm-up from 0"),
+        "optim.weight_decay": _spec(0.04, "weight decay at the start (cosine schedule; not on biases and norms)"),
+        "optim.weight_decay_end": _spec(0.4, "weight decay at the end"),
+        "optim.momentum": _spec(0.9, "SGD momentum (optim.name=sgd)"),
+        "optim.momentum_teacher": _spec(0.996, "teacher EMA momentum at the start (cosine schedule to 1)"),
+        "optim.clip_grad": _spec(3.0, "clip each parameter's gradient to this norm (0: off)"),
+        "optim.freeze_last_layer": _spec(1, "epochs during which the head's last layer is not updated"),
+        "hvs.reuse_teacher": _spec(True, "reuse the selection's teacher outputs of the chosen global views in the training step where exact (hvs.resolution=1 and no BatchNorm in the teacher)"),
+        **multicrop_spec(),
+    }
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        m = cfg["model"]
+        self.student_temp = float(cfg["loss"]["student_temp"])
+        self.teacher_temp = float(cfg["loss"]["warmup_teacher_temp"])
+        self.center = torch.zeros(1, m["out_dim"], device=device)
+        self.model = DINO(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
+        self.size_multiple = int(m["patch_size"]) if is_vit(m["arch"]) else 1
+        has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in self.model.teacher.modules())
+        h = cfg["hvs"]
+        self.reuse_teacher = bool(h["reuse_teacher"]) and float(h["resolution"]) == 1.0 and not has_bn
+        self.momentum = float(cfg["optim"]["momentum_teacher"])
+
+    @classmethod
+    def backbone(cls, cfg: dict, drop_path: float = 0.0) -> nn.Module:
+        m = cfg["model"]
+        return build_backbone(m["arch"], cifar_stem=m["cifar_stem"], patch_size=m["patch_size"],
+                              img_size=cfg["augment"]["global_size"], drop_path_rate=drop_path,
+                              depth=m["depth"])
+
+    @classmethod
+    def head(cls, cfg: dict, in_dim: int) -> nn.Module:
+        m = cfg["model"]
+        return DINOHead(in_dim, m["out_dim"], m["head_hidden"], m["head_bottleneck"], m["head_layers"],
+                        m["use_bn_in_head"], m["norm_last_layer"])
+
+    @classmethod
+    def network(cls, cfg: dict, drop_path: float) -> MultiCropNet:
+        backbone = cls.backbone(cfg, drop_path)
+        return MultiCropNet(backbone, cls.head(cfg, backbone.num_features))
+
+    # --- data ---------------------------------------------------------------
+    def view_transform(self, hvs_on):
+        return multicrop_transform(self.cfg, hvs_on)
+
+    def pools(self):
+        return multicrop_pools(self.cfg)
+
+    @classmethod
+    def image_size(cls, cfg):
+        return int(cfg["augment"]["global_size"])
+
+    @classmethod
+    def arch(cls, cfg):
+        m = cfg["model"]
+        return f"{m['arch']}/{m['patch_size']}" if is_vit(m["arch"]) else m["arch"]
+
+    # --- optimisation ---------------------------------------------------------
+    def build_optimizer(self, global_batch):
+        o = self.cfg["optim"]
+        self.init_lr = o["lr"] * global_batch / 256
+        decay, no_decay = [], []
+        for name, p in self.model.student.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if o["name"] == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=o["momentum"])
+        return torch.optim.AdamW(groups, lr=0.0)
+
+    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+        o, step = self.cfg["optim"], epoch * iters_per_epoch + it
+        total = self.cfg["train"]["epochs"] * iters_per_epoch
+        lr = cosine_schedule(step, total, self.init_lr, o["min_lr"], round(o["warmup_epochs"] * iters_per_epoch))
+        wd = cosine_schedule(step, total, o["weight_decay"], o["weight_decay_end"])
+        self.momentum = cosine_schedule(step, total, o["momentum_teacher"], 1.0)
+        lo = self.cfg["loss"]
+        self.teacher_temp = linear_warmup(epoch, lo["warmup_teacher_temp_epochs"], lo["warmup_teacher_temp"],
+                                          lo["teacher_temp"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = wd
+        return {"lr": lr, "wd": wd, "momentum": self.momentum, "teacher_temp": self.teacher_temp}
+
+    def before_optimizer_step(self, model, epoch):
+        if self.cfg["optim"]["clip_grad"]:
+            clip_each_gradient(self.model.student.parameters(), self.cfg["optim"]["clip_grad"])
+        if epoch < self.cfg["optim"]["freeze_last_layer"]:
+            for p in self.model.student.head.last_layer.parameters():
+                p.grad = None
+
+    def after_step(self, epoch, it, iters_per_epoch):
+        ema_update(self.model.teacher, self.model.student, self.momentum)
+
+    # --- hard view selection ---------------------------------------------------
+    def candidate_outputs(self, module, candidates):
+        V, B = len(candidates), len(candidates[0])
+        n_teacher = N_GLOBAL * self.pools()[0][0]  # the global candidates come first
+        student = module.student(candidates).view(V, B, -1)
+        teacher = module.teacher(candidates[:n_teacher]).view(n_teacher, B, -1)
+        return {"student": student, "teacher": teacher}
+
+    def combination_scores(self, outputs, combos):
+        table = cross_entropy_table(outputs["teacher"], outputs["student"], self.center,
+                                    self.student_temp, self.teacher_temp)
+        return combination_scores(table, combos, N_GLOBAL)
+
+    # --- training -----------------------------------------------------------------
+    def chosen_teacher_outputs(self, selection):
+        """The selection's teacher outputs of the chosen global views, [2B, K]."""
+        t = selection.outputs["teacher"]
+        rows = torch.arange(t.shape[1], device=t.device)
+        return torch.cat([t[selection.indices[:, s], rows] for s in range(N_GLOBAL)])
+
+    def training_loss(self, model, views, selection=None):
+        reuse = None
+        if self.reuse_teacher and selection is not None and selection.outputs is not None:
+            reuse = self.chosen_teacher_outputs(selection)
+        student_out, teacher_out = model(views, N_GLOBAL, reuse)
+        loss = dino_loss(student_out, teacher_out, self.center, self.student_temp, self.teacher_temp,
+                         n_student=len(views), n_teacher=N_GLOBAL)
+        self.center = updated_center(self.center, teacher_out, self.cfg["loss"]["center_momentum"])
+        return loss, {}
+
+    def state_dict(self):
+        return {"center": self.center.detach().cpu()}
+
+    def load_state_dict(self, state):
+        self.center = state["center"].to(self.device)
+
+    # --- evaluation ---------------------------------------------------------------
+    @classmethod
+    def backbone_from_state(cls, cfg, model_state, method_state, which):
+        prefix = "student.backbone." if which == "student" else "teacher.backbone."  # auto: the teacher
+        backbone = cls.backbone(cfg)
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
+        return backbone
