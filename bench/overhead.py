@@ -131,23 +131,19 @@ class Step:
     def __init__(self, method, optimizer, autocast, scaler, device):
         self.method = method
         self.ctx = StepContext(method, method.model, method.model, optimizer, autocast, scaler, None, device)
-        # A method that reuses the selection's teacher outputs in its training step
-        # (DINO) decides so when built, for its hvs.resolution: only at full size,
-        # where it is exact.  One method object serves every resolution here, so
-        # the flag is set per step as a run at that resolution would have it.
-        self.reuse_full = getattr(method, "reuse_teacher", None)
 
     def teacher_reused(self, selector) -> bool | None:
-        """Whether the training step reuses the selection's teacher outputs (None: the method has no teacher)."""
-        if self.reuse_full is None:
+        """Whether the training step reuses the selection's teacher outputs
+        (DINO: only after a full-size selection, where it is exact; None: the
+        method has no teacher)."""
+        reuse = getattr(self.method, "reuse_teacher", None)
+        if reuse is None:
             return None
-        return bool(self.reuse_full and selector is not None and selector.resolution == 1.0)
+        return bool(reuse and selector is not None and selector.resolution == 1.0)
 
     def __call__(self, candidates, selector=None, generator=None):
         """Run one step; return (step seconds, selection seconds)."""
         self.ctx.selector = selector
-        if self.reuse_full is not None:
-            self.method.reuse_teacher = self.teacher_reused(selector)
         if selector is None:
             candidates = first_candidates(self.method.pools(), candidates)
         self.ctx.sync()

@@ -82,6 +82,7 @@ class Selection:
     scores: Optional[torch.Tensor]  # [B, C] their per-sample scores (None in random mode)
     outputs: Any = None    # what candidate_outputs returned (None in random mode); a method may
     #                        reuse parts of it in its training step where that is exact
+    resolution: float = 1.0  # fraction of the candidates' size that ``outputs`` were computed at
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
@@ -251,4 +252,4 @@ class HardViewSelector:
         indices = combos[choice]
         views = self.gather(candidates, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores,
-                         outputs=outputs)
+                         outputs=outputs, resolution=self.resolution)

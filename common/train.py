@@ -97,10 +97,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def selection_stats(sel, params) -> dict:
-    """Statistics of the chosen combinations for the step log (on CPU; logged steps only)."""
+def selection_stats(sel, params, baseline_row) -> dict:
+    """Statistics of the chosen combinations for the step log (on CPU; logged
+    steps only).  ``baseline_row`` [S] is the combination the baseline trains on
+    (the first candidates of every pool: ``HardViewSelector.all_combos[0]``)."""
     indices, combos = sel.indices.cpu(), sel.combos.cpu()
-    out = {"sel_changed": (indices != torch.arange(indices.shape[1])).any(1).float().mean().item()}
+    out = {"sel_changed": (indices != baseline_row).any(1).float().mean().item()}
     if sel.scores is not None:
         out["sel_score"] = sel.chosen_scores.mean().item()
         out["sel_score_all"] = sel.scores.mean().item()
@@ -304,7 +306,7 @@ def run(cfg: dict, method_cls) -> Path:
                        **{k: float(v) for k, v in stats.items()}}
                 t_interval, last_logged = now, step
                 if sel is not None:
-                    row.update(sel_time=sel_time, **selection_stats(sel, params))
+                    row.update(sel_time=sel_time, **selection_stats(sel, params, selector.all_combos[0]))
                 log.write(**row)
                 progress.print(step, f"epoch {epoch + 1}/{epochs} it {it + 1}/{iters} loss {loss_value:.4f} "
                                f"lr {sched.get('lr', 0):.4g}" + (f" sel {sel_time:.3f}s" if sel else ""))

@@ -186,7 +186,8 @@ class DINOMethod(SSLMethod):
 
     def training_loss(self, model, views, selection=None):
         reuse = None
-        if self.reuse_teacher and selection is not None and selection.outputs is not None:
+        if (self.reuse_teacher and selection is not None and selection.outputs is not None
+                and selection.resolution == 1.0):  # outputs of the full-size crops only
             reuse = self.chosen_teacher_outputs(selection)
         student_out, teacher_out = model(views, N_GLOBAL, reuse)
         loss = dino_loss(student_out, teacher_out, self.center, self.student_temp, self.teacher_temp,

@@ -356,3 +356,24 @@ def test_multicrop_views_follow_their_slot_recipes(tmp_path, image_root):
         _, params = method.view_transform(True)(img, random.Random(seed))
         assert (params[:2, P["blur_sigma"]] > 0).all()
         assert (params[4:, P["solarize"]] == 0).all()
+
+
+def test_selection_stats_compare_with_the_baseline_views():
+    """``sel_changed`` counts samples that train on other views than the
+    baseline's (the first candidates of every pool), and the IoU columns use
+    the two global crops."""
+    from common.hvs import Selection
+    from common.train import selection_stats
+
+    selector = HardViewSelector([(2, 1), (2, 1), (4, 2)])
+    first = selector.all_combos[0]
+    assert first.tolist() == [0, 2, 4, 5]
+    combos = selector.all_combos[:3]
+    indices = torch.stack([first, combos[2]])  # sample 0: the baseline's views; sample 1: others
+    sel = Selection(views=[], indices=indices, choice=torch.tensor([0, 2]), combos=combos,
+                    scores=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    params = torch.zeros(2, 8, len(P))
+    params[..., P["crop_w"]] = params[..., P["crop_h"]] = 10.0
+    stats = selection_stats(sel, params, first)
+    assert stats["sel_changed"] == 0.5
+    assert stats["sel_score"] == 1.0 and stats["sel_iou"] == 1.0
