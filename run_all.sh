@@ -4,7 +4,7 @@
 # weighted k-NN, and write results/summary.md with our numbers beside the
 # paper's.  Re-running resumes unfinished runs and skips finished evaluations.
 #
-#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, ~25 min
+#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~33 min
 #   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only, ~15 min on 2 cores
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Table 1
@@ -22,21 +22,23 @@ usage() {
 usage: bash run_all.sh [options]
   --profile small|gpu|gpu-tin|paper  scale to run (default small)
       small    1,500 CIFAR-10 images, 1 epoch, CPU: RN18 (CIFAR stem) for SimSiam, SimCLR and
-               dino_resnet, ViT-tiny/4 with 32 px global and 16 px local crops for DINO
-               (configs/<method>_small.yaml; on 2 cores SimSiam + SimCLR ~15 min, DINO ~8 min,
+               dino_resnet, ViT-tiny/4 with 32 px global and 16 px local crops for DINO (8 local
+               crops) and iBOT (10 local crops) (configs/<method>_small.yaml; baseline + HVS at
+               23 steps on 2 cores: SimSiam + SimCLR ~15 min, DINO ~8 min, iBOT ~8-9 min,
                dino_resnet ~12 min)
       gpu      CIFAR-10, 100 epochs, same backbones (<method>_cifar10_gpu.yaml; SimSiam and SimCLR about
-               a GPU-hour each; DINO not yet timed on a GPU)
-      gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's ViT-tiny with 8 px patches
+               a GPU-hour each; DINO and iBOT not yet timed on a GPU)
+      gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's and iBOT's ViT-tiny with 8 px patches
                (<method>_tiny_imagenet_gpu.yaml)
       paper    ImageNet, 100 epochs, the paper's Table 1 setting: RN50 for SimSiam, SimCLR and
-               dino_resnet, ViT-S/16 for DINO (configs/<method>_paper.yaml; the long schedules,
-               {simsiam,dino}_paper_300ep.yaml and simclr_paper_200ep.yaml, are run by hand)
+               dino_resnet, ViT-S/16 for DINO and iBOT (configs/<method>_paper.yaml; the long
+               schedules, {simsiam,dino,ibot}_paper_300ep.yaml and simclr_paper_200ep.yaml, are
+               run by hand)
   --data-dir PATH     data root (default: $HVS_DATA_DIR); may hold cifar10.tar.gz etc.
   --gpus N            processes per node for torchrun (default: 0 = one process, CPU or 1 GPU)
   --seeds "0 1 2"     seeds (default "0")
-  --methods "simsiam simclr dino"  method tokens to run (default: these three); one of
-                      simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet)
+  --methods "simsiam simclr dino ibot"  method tokens to run (default: these four); one of
+                      simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT)
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
@@ -44,7 +46,7 @@ usage: bash run_all.sh [options]
 EOF
 }
 
-PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino"; PAPER_EPOCHS=100
+PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino ibot"; PAPER_EPOCHS=100
 RESULTS=results; RUNS=runs; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -70,13 +72,13 @@ export HVS_DATA_DIR="$DATA_DIR"
 # profile -> config file suffix, k-NN options, scale line of the summary, paper epochs
 case "$PROFILE" in
   small)   CFG=small;              KNN=(--train-subset 1500 --test-subset 1000)
-           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); k-NN bank = those 1,500 images, 1,000 test images";;
+           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); k-NN bank = those 1,500 images, 1,000 test images";;
   gpu)     CFG=cifar10_gpu;        KNN=()
-           SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; k-NN on the full test set";;
+           SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; iBOT's ViT-tiny/4 with 2 x 32 px + 10 x 16 px crops, batch 256; k-NN on the full test set";;
   gpu-tin) CFG=tiny_imagenet_gpu;  KNN=()
-           SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256";;
+           SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256; iBOT's ViT-tiny/8 with 2 x 64 px + 10 x 32 px crops, batch 256";;
   paper)   CFG=paper;              KNN=()
-           SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512";;
+           SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512; iBOT's ViT-S/16 with 2 x 224 px + 10 x 96 px crops (8,192 shared prototypes), batch 512";;
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 

@@ -11,11 +11,14 @@ median(HVS step) / median(baseline step) and the median selection time alone.
 
     python -m bench.overhead --arch resnet18 --image-size 64 --batch-size 32
     python -m bench.overhead --method dino --image-size 32 --batch-size 16
+    python -m bench.overhead --method ibot --image-size 32 --batch-size 16
 
 SimSiam and SimCLR: N views of one size per image, all C(N, 2) pairs compared.
-DINO: multi-crop candidates (``hvs.global_candidates`` global crops of
+DINO and iBOT: multi-crop candidates (``hvs.global_candidates`` global crops of
 ``--image-size``, ``hvs.local_candidates`` local crops of ``--local-size``),
-``hvs.max_combinations`` (128) combinations compared per step.
+``hvs.max_combinations`` (128) combinations compared per step; iBOT also
+block-masks the global candidates and scores the masked-patch loss.  The
+paper's Table 14 has factors for SimSiam and DINO only (no SimCLR, no iBOT).
 
 Inputs are seeded random tensors: data loading and augmentation are not timed
 (the paper's factors measure the training step only).
@@ -38,6 +41,7 @@ from common.hvs import HardViewSelector
 from common.multicrop import multicrop_pools
 from common.train import StepContext, amp_settings, seed_everything, train_step
 from dino.method import DINOMethod
+from ibot.method import IBOTMethod
 from simclr.method import SimCLRMethod
 from simsiam.method import SimSiamMethod
 
@@ -66,8 +70,8 @@ def pair_overrides(args) -> list:
 
 
 def dino_overrides(args) -> list:
-    """Config overrides of DINO from the command line.  The last layer is not
-    frozen: the step timed is a step after DINO's first epoch, where it trains."""
+    """Config overrides of DINO (and iBOT) from the command line.  The last layer
+    is not frozen: the step timed is a step after the first epoch, where it trains."""
     return [f"model.arch={args.arch}", f"model.cifar_stem={str(args.cifar_stem).lower()}",
             f"model.patch_size={args.patch_size}", f"model.out_dim={args.out_dim}",
             f"augment.global_size={args.image_size}", f"augment.local_size={args.local_size}",
@@ -86,6 +90,11 @@ def multicrop_setting(cfg: dict) -> str:
             f"combinations | out_dim {m['out_dim']}")
 
 
+def ibot_setting(cfg: dict) -> str:
+    k = cfg["mask"]
+    return f"{multicrop_setting(cfg)} | masks ratio {k['ratio']} var {k['ratio_var']}"
+
+
 class BenchMethod(NamedTuple):
     cls: type                  # the SSLMethod subclass
     paper: dict | None         # resolution -> overhead factor of the paper's Table 14 (None: not in it)
@@ -96,7 +105,7 @@ class BenchMethod(NamedTuple):
     paper_setting: str = ""    # what the paper's factors were measured on
 
 
-#: Methods the benchmark knows; iBOT becomes one more entry.
+#: Methods the benchmark knows.
 METHODS = {
     "simsiam": BenchMethod(SimSiamMethod, {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16},
                            image_candidates, pair_overrides, pair_setting, "resnet18", "SimSiam RN50 GPU"),
@@ -105,7 +114,11 @@ METHODS = {
     "dino": BenchMethod(DINOMethod, {1.0: 2.15, 0.75: 1.68, 0.5: 1.56, 0.25: 1.50},
                         multicrop_candidates, dino_overrides, multicrop_setting, "vit_tiny",
                         "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations"),
+    "ibot": BenchMethod(IBOTMethod, None, multicrop_candidates, dino_overrides, ibot_setting, "vit_tiny",
+                        "no iBOT factor in the paper: Table 14 has SimSiam and DINO only"),
 }
+#: local crops per image by default (--n-local): each method's own recipe
+N_LOCAL = {"dino": 8, "ibot": 10}
 
 
 def build_selector(method, cfg: dict, resolution: float) -> HardViewSelector:
@@ -134,7 +147,7 @@ class Step:
 
     def teacher_reused(self, selector) -> bool | None:
         """Whether the training step reuses the selection's teacher outputs
-        (DINO: only after a full-size selection, where it is exact; None: the
+        (DINO, iBOT: only after a full-size selection, where it is exact; None: the
         method has no teacher)."""
         reuse = getattr(self.method, "reuse_teacher", None)
         if reuse is None:
@@ -230,23 +243,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="simsiam", choices=sorted(METHODS))
     p.add_argument("--arch", default=None,
-                   help="backbone (default: resnet18 for simsiam/simclr, vit_tiny for dino; "
-                        "dino also takes resnet18/34/50/101)")
+                   help="backbone (default: resnet18 for simsiam/simclr, vit_tiny for dino and ibot; "
+                        "dino also takes resnet18/34/50/101, ibot only ViTs)")
     p.add_argument("--cifar-stem", default=True, action=argparse.BooleanOptionalAction,
                    help="ResNets: 3x3 stride-1 stem, no max-pool (for 32-64 px images)")
-    p.add_argument("--image-size", type=int, default=64, help="view size; DINO: the global crop size")
+    p.add_argument("--image-size", type=int, default=64, help="view size; DINO, iBOT: the global crop size")
     p.add_argument("--batch-size", type=int, default=32)
     g = p.add_argument_group("simsiam, simclr")
     g.add_argument("--n-views", type=int, default=4, help="candidate views per image (paper: 4)")
-    g = p.add_argument_group("dino")
+    g = p.add_argument_group("dino, ibot")
     g.add_argument("--local-size", type=int, default=None, help="local crop size (default: --image-size // 2)")
     g.add_argument("--patch-size", type=int, default=4, help="ViT patch size (default 4; the paper's ViT-S/16: 16)")
     g.add_argument("--out-dim", type=int, default=None,
-                   help="prototypes (default: 4096 on CPU, DINO's 65536 on GPU)")
-    g.add_argument("--n-local", type=int, default=8, help="local crops per image (default 8)")
+                   help="prototypes (default: 4096 on CPU; on GPU the method's own, DINO 65536, iBOT 8192)")
+    g.add_argument("--n-local", type=int, default=None, help="local crops per image (default: DINO 8, iBOT 10)")
     g.add_argument("--global-candidates", type=int, default=4,
                    help="global candidates per image, split over the 2 global slots (paper: 4)")
-    g.add_argument("--local-candidates", type=int, default=16, help="local candidates per image (paper: 16)")
+    g.add_argument("--local-candidates", type=int, default=None,
+                   help="local candidates per image (default: 2 per local crop: DINO 16 (the paper's), iBOT 20)")
     p.add_argument("--resolutions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
                    help="fractions of the view size used by the selection forward")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds over all configurations")
@@ -264,8 +278,15 @@ def parse_args(argv=None):
     if args.local_size is None:
         args.local_size = args.image_size // 2
     if args.out_dim is None:
-        args.out_dim = 4096 if args.device == "cpu" else DINOMethod.spec["model.out_dim"]["default"]
-    if args.method == "dino" and args.arch.startswith("vit"):
+        spec = METHODS[args.method].cls.spec  # SimSiam, SimCLR: out_dim is not used
+        args.out_dim = 4096 if args.device == "cpu" else spec.get("model.out_dim", DINOMethod.spec["model.out_dim"])["default"]
+    if args.n_local is None:
+        args.n_local = N_LOCAL.get(args.method, 8)
+    if args.local_candidates is None:
+        args.local_candidates = 2 * args.n_local
+    if args.method == "ibot" and not args.arch.startswith("vit"):
+        p.error(f"--method ibot needs a ViT (patch tokens to mask), not --arch {args.arch}")
+    if args.method in ("dino", "ibot") and args.arch.startswith("vit"):
         for name, size in (("--image-size", args.image_size), ("--local-size", args.local_size)):
             if size % args.patch_size:
                 p.error(f"{name} {size} is not a multiple of --patch-size {args.patch_size}")

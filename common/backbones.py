@@ -61,3 +61,18 @@ def build_backbone(arch: str, *, cifar_stem: bool = False, patch_size: int = 16,
 
 def is_vit(arch: str) -> bool:
     return arch in VITS
+
+
+def vit_tokens(vit: nn.Module, images, mask=None, mask_token=None):
+    """All output tokens of a timm ViT built by :func:`build_vit`, [B, 1 + N, D]
+    ([CLS] first, after the final norm; ``vit(images)`` is the [CLS] row).  With
+    ``mask`` [B, h, w] (bool, on the patch grid), the embeddings of the masked
+    patches are replaced by ``mask_token`` [D] before the position embeddings
+    are added (BEiT's and iBOT's masked image modelling)."""
+    import torch
+
+    x = vit.patch_embed(images)  # [B, h, w, D]: dynamic_img_size keeps the grid
+    if mask is not None:
+        x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    return vit.norm(vit.blocks(x))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import dist
 
 
-def _precise(x: torch.Tensor) -> torch.Tensor:
+def precise(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -31,7 +31,7 @@ def _chunks(x, n: int) -> list:
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     """Centred and sharpened teacher distribution, softmax((t - c) / temp)."""
-    return F.softmax((_precise(teacher_out) - _precise(center)) / temp, dim=-1)
+    return F.softmax((precise(teacher_out) - precise(center)) / temp, dim=-1)
 
 
 def dino_loss(student_out, teacher_out, center: torch.Tensor, student_temp: float, teacher_temp: float,
@@ -43,7 +43,7 @@ def dino_loss(student_out, teacher_out, center: torch.Tensor, student_temp: floa
     n_teacher global views.  Returns the mean over images (``reduce``) or the
     per-image loss [B]."""
     with torch.autocast(center.device.type, enabled=False):
-        s_views = [F.log_softmax(_precise(s) / student_temp, dim=-1) for s in _chunks(student_out, n_student)]
+        s_views = [F.log_softmax(precise(s) / student_temp, dim=-1) for s in _chunks(student_out, n_student)]
         t_views = [teacher_probs(t, center, teacher_temp) for t in _chunks(teacher_out, n_teacher)]
         total, terms = 0.0, 0
         for i, p in enumerate(t_views):
@@ -65,7 +65,7 @@ def cross_entropy_table(teacher_out: torch.Tensor, student_out: torch.Tensor, ce
     of every image: teacher_out [Vt, B, K], student_out [V, B, K] -> [B, Vt, V]."""
     with torch.autocast(center.device.type, enabled=False):
         p = teacher_probs(teacher_out, center, teacher_temp)
-        log_q = F.log_softmax(_precise(student_out) / student_temp, dim=-1)
+        log_q = F.log_softmax(precise(student_out) / student_temp, dim=-1)
         return -torch.einsum("ibk,jbk->bij", p, log_q)
 
 

@@ -49,6 +49,7 @@ class DINOMethod(SSLMethod):
     """DINO (Caron et al. 2021), optionally with Hard View Selection."""
 
     name = "dino"
+    model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
     spec = {
         "model.arch": _spec("vit_small", "backbone: vit_tiny, vit_small, vit_base (timm) or resnet18/34/50/101 (torchvision)"),
         "model.patch_size": _spec(16, "ViT patch size (16 for ViT-S/16; 4 for 32 px images)"),
@@ -86,7 +87,7 @@ class DINOMethod(SSLMethod):
         self.student_temp = float(cfg["loss"]["student_temp"])
         self.teacher_temp = float(cfg["loss"]["warmup_teacher_temp"])
         self.center = torch.zeros(1, m["out_dim"], device=device)
-        self.model = DINO(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
+        self.model = self.model_cls(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
         self.size_multiple = int(m["patch_size"]) if is_vit(m["arch"]) else 1
         has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in self.model.teacher.modules())
         h = cfg["hvs"]
@@ -109,7 +110,7 @@ class DINOMethod(SSLMethod):
     @classmethod
     def network(cls, cfg: dict, drop_path: float) -> MultiCropNet:
         backbone = cls.backbone(cfg, drop_path)
-        return MultiCropNet(backbone, cls.head(cfg, backbone.num_features))
+        return cls.net_cls(backbone, cls.head(cfg, backbone.num_features))
 
     # --- data ---------------------------------------------------------------
     def view_transform(self, hvs_on):
@@ -178,17 +179,22 @@ class DINOMethod(SSLMethod):
         return combination_scores(table, combos, N_GLOBAL)
 
     # --- training -----------------------------------------------------------------
-    def chosen_teacher_outputs(self, selection):
-        """The selection's teacher outputs of the chosen global views, [2B, K]."""
-        t = selection.outputs["teacher"]
+    @staticmethod
+    def chosen_globals(selection, key: str) -> torch.Tensor:
+        """The rows of the chosen global views in the selection's ``outputs[key]``
+        ([G, B, ...] over the global candidates), [2B, ...] (view after view)."""
+        t = selection.outputs[key]
         rows = torch.arange(t.shape[1], device=t.device)
         return torch.cat([t[selection.indices[:, s], rows] for s in range(N_GLOBAL)])
 
+    def can_reuse_teacher(self, selection) -> bool:
+        """Whether the selection's teacher outputs are those of the training step
+        (full-size crops, ``hvs.reuse_teacher``, no BatchNorm in the teacher)."""
+        return (self.reuse_teacher and selection is not None and selection.outputs is not None
+                and selection.resolution == 1.0)
+
     def training_loss(self, model, views, selection=None):
-        reuse = None
-        if (self.reuse_teacher and selection is not None and selection.outputs is not None
-                and selection.resolution == 1.0):  # outputs of the full-size crops only
-            reuse = self.chosen_teacher_outputs(selection)
+        reuse = self.chosen_globals(selection, "teacher") if self.can_reuse_teacher(selection) else None
         student_out, teacher_out = model(views, N_GLOBAL, reuse)
         loss = dino_loss(student_out, teacher_out, self.center, self.student_temp, self.teacher_temp,
                          n_student=len(views), n_teacher=N_GLOBAL)

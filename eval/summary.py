@@ -6,7 +6,8 @@ Reads ``<results>/<token>_<baseline|hvs>_s<seed>_knn.json`` (written by
 project's copy of Tables 1, 2, 4 and 7), and writes ``<results>/summary.md``.
 Each of our results is shown beside the paper's row of the same method and
 backbone family, taken from the architecture in the k-NN file (our ResNets
-beside RN50, our ViTs beside ViT-S/16).
+beside RN50, our ViTs beside ViT-S/16: ``dino`` and ``ibot`` runs of a
+``vit_tiny/4`` beside DINO's and iBOT's ViT-S/16 rows).
 
     python -m eval.summary --results results/small --scale "..." --paper-epochs 100
 """

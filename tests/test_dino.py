@@ -286,17 +286,7 @@ def test_last_layer_frozen_in_the_first_epoch(tmp_path, image_root):
 def test_exact_resume_with_centre(tmp_path, image_root, stop):
     args = ("train.epochs=2", "hvs.enabled=true", "hvs.max_combinations=8", "optim.warmup_epochs=1",
             "loss.warmup_teacher_temp_epochs=2")
-    run(dino_cfg(tmp_path / "a", image_root, *args), DINOMethod)
-    b = tmp_path / "b"
-    run(dino_cfg(b, image_root, *args, f"run.stop_after_steps={stop}"), DINOMethod)
-    run(dino_cfg(b, image_root, *args), DINOMethod)
-    sa, sb = ckpt_io.load(tmp_path / "a" / "checkpoint.pth"), ckpt_io.load(b / "checkpoint.pth")
-    assert sa["step"] == sb["step"] == 8
-    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
-    assert torch.equal(sa["method_state"]["center"], sb["method_state"]["center"])
-    assert sa["method_state"]["center"].abs().sum() > 0
-    la, lb = read_log(tmp_path / "a"), read_log(b)
-    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]
+    assert_exact_resume(lambda out, *o: dino_cfg(out, image_root, *o), DINOMethod, tmp_path, args, stop, ["center"])
 
 
 @pytest.mark.parametrize("hvs", ["false", "true"])
@@ -313,11 +303,7 @@ def test_short_run_evaluates_with_knn_on_the_teacher(tmp_path, image_root, hvs):
     assert info["method"] == "dino" and info["arch"] == "vit_tiny/4" and info["image_size"] == 16
     assert torch.equal(teacher.state_dict()["cls_token"], state["teacher.backbone.cls_token"])
     assert not torch.equal(teacher.state_dict()["cls_token"], student.state_dict()["cls_token"])
-    r = cli("-m", "eval.knn", "--checkpoint", str(out / "checkpoint.pth"), "--ks", "1", "3",
-            "--num-workers", "0", "--output", str(tmp_path / "knn.json"))
-    assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "knn.json").read_text())
-    assert res["n_train"] == 32 and 0 <= res["knn"]["3"]["top1"] <= 100
+    assert_knn_evaluates(out / "checkpoint.pth", tmp_path)
 
 
 def test_torchrun_two_processes_hvs(tmp_path, image_root):
@@ -377,3 +363,33 @@ def test_selection_stats_compare_with_the_baseline_views():
     stats = selection_stats(sel, params, first)
     assert stats["sel_changed"] == 0.5
     assert stats["sel_score"] == 1.0 and stats["sel_iou"] == 1.0
+
+
+def assert_exact_resume(make_cfg, method_cls, tmp_path, args, stop, state_keys, steps=8):
+    """A run stopped after ``stop`` steps and resumed ends bitwise equal to an
+    uninterrupted run: weights, the method's state ``state_keys`` (non-zero) and
+    the logged losses.  ``make_cfg(out, *overrides)`` builds the config."""
+    from common import checkpoint as ckpt_io
+    from common.train import run
+
+    run(make_cfg(tmp_path / "a", *args), method_cls)
+    b = tmp_path / "b"
+    run(make_cfg(b, *args, f"run.stop_after_steps={stop}"), method_cls)
+    run(make_cfg(b, *args), method_cls)
+    sa, sb = ckpt_io.load(tmp_path / "a" / "checkpoint.pth"), ckpt_io.load(b / "checkpoint.pth")
+    assert sa["step"] == sb["step"] == steps
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    for key in state_keys:
+        assert torch.equal(sa["method_state"][key], sb["method_state"][key])
+        assert sa["method_state"][key].abs().sum() > 0
+    la, lb = (read_log(out) for out in (tmp_path / "a", b))
+    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]
+
+
+def assert_knn_evaluates(checkpoint, tmp_path):
+    """``python -m eval.knn`` runs on the checkpoint and writes a sane result."""
+    r = cli("-m", "eval.knn", "--checkpoint", str(checkpoint), "--ks", "1", "3",
+            "--num-workers", "0", "--output", str(tmp_path / "knn.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["n_train"] == 32 and 0 <= res["knn"]["3"]["top1"] <= 100

@@ -123,3 +123,44 @@ def test_missing_k_is_a_clear_error(tmp_path):
     write(tmp_path, "simsiam_baseline_s0_knn.json", 40.0)
     with pytest.raises(SystemExit, match="no k=10 result"):
         main(["--results", str(tmp_path), "--scale", "s", "--k", "10"])
+
+
+@pytest.mark.parametrize("epochs, knn, linear", [("100", ["62.82", "63.05", "+0.23"], ["69.50", "70.41", "+0.91"]),
+                                                 ("300", ["66.60", "67.12", "+0.52"], ["72.48", "73.99", "+1.51"])])
+def test_ibot_runs_sit_beside_the_paper_ibot_row(tmp_path, epochs, knn, linear):
+    # as eval.knn writes them for an ibot checkpoint: arch = IBOTMethod.arch(cfg), "vit_tiny/4"
+    write(tmp_path, "ibot_baseline_s0_knn.json", 25.0, arch="vit_tiny/4")
+    write(tmp_path, "ibot_hvs_s0_knn.json", 25.75, arch="vit_tiny/4")
+    write(tmp_path, "dino_baseline_s0_knn.json", 30.0, arch="vit_tiny/4")
+    write(tmp_path, "dino_hvs_s0_knn.json", 31.5, arch="vit_tiny/4")
+    main(["--results", str(tmp_path), "--scale", "s", "--paper-epochs", epochs])
+    [cells] = rows(tmp_path, "| iBOT | k-NN")  # one paper row (ViT-S/16), no RN50 row for iBOT
+    assert cells[2:7] == ["vit_tiny/4", "25.00", "25.75", "+0.75", "1"]
+    assert cells[7:] == ["ViT-S/16", *knn]
+    [lin] = rows(tmp_path, "| iBOT | linear")
+    assert lin[3:5] == ["not run yet", "not run yet"] and lin[7:] == ["ViT-S/16", *linear]
+    # DINO's results stay beside DINO's rows, not iBOT's
+    dino = {c[7]: c for c in rows(tmp_path, "| DINO | k-NN")}
+    assert dino["ViT-S/16"][3] == "30.00" and dino["RN50"][3] == "not run"
+
+
+def test_ibot_file_without_arch_is_a_vit(tmp_path):
+    write(tmp_path, "ibot_baseline_s0_knn.json", 25.0)
+    write(tmp_path, "ibot_hvs_s0_knn.json", 26.0)
+    main(["--results", str(tmp_path), "--scale", "s"])
+    [cells] = rows(tmp_path, "| iBOT | k-NN")
+    assert cells[3] == "25.00" and cells[7:] == ["ViT-S/16", "62.82", "63.05", "+0.23"]
+    assert family(None, "ibot") == "vit"
+
+
+def test_ibot_checkpoint_arch_is_a_vit():
+    """The arch eval.knn writes for an iBOT checkpoint (the method's ``arch``) is of the ViT family."""
+    from pathlib import Path
+
+    from common.config import COMMON_SPEC, resolve
+    from ibot.method import IBOTMethod
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name, arch in (("ibot_small", "vit_tiny/4"), ("ibot_tiny_imagenet_gpu", "vit_tiny/8"),
+                       ("ibot_paper", "vit_small/16")):
+        cfg = resolve({**COMMON_SPEC, **IBOTMethod.spec}, str(configs / f"{name}.yaml"), [])
+        assert IBOTMethod.arch(cfg) == arch and family(arch) == family("ViT-S/16") == "vit"

@@ -1,0 +1,85 @@
+"""iBOT's loss (Zhou et al. 2021, Eq. 1-3) and the HVS score of a combination.
+
+For an image with global crops u, v (the teacher's views, unmasked; the
+student's views masked by m_u, m_v) and local crops:
+
+    L_cls   = DINO's loss on the [CLS] outputs (:func:`dino.loss.dino_loss`): the
+              teacher's centred, sharpened [CLS] distribution of each global crop
+              against the student's of every *other* crop, local crops included;
+    L_patch = for each global crop, the mean over its masked patches i of
+              H(P_t(patch i of the unmasked crop), P_s(patch i of the masked crop)),
+              then the mean over the two global crops (an image whose crops are
+              both unmasked contributes 0);
+    loss    = lambda1 L_cls + lambda2 L_patch, averaged over the images.
+
+The patch distributions have their own centre (the mean teacher patch output
+over all tokens of the batch) and their own teacher temperature.  All computed
+in float32 (float64 for float64 inputs), outside autocast."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dino.loss import precise, combination_scores as cls_combination_scores, dino_loss, teacher_probs
+
+
+def masked_rows(patch: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Outputs of the masked patches, [M, K], in the order of ``masks.nonzero()``
+    (image by image, row-major), from outputs of all patches [B, N, K] (or
+    already [M, K])."""
+    return patch if patch.dim() == 2 else patch[masks.flatten(1)]
+
+
+def patch_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
+               center: torch.Tensor, student_temp: float, teacher_temp: float,
+               reduce: bool = True) -> torch.Tensor:
+    """Masked-patch loss of one global view of B images.
+
+    ``masks`` [B, h, w] (or [B, N]) marks the masked patches; ``student_patch``
+    and ``teacher_patch`` are the outputs of all N patches [B, N, K] or only of
+    the masked ones [M, K] (:func:`masked_rows` order).  Per image: the mean over
+    its masked patches of H(P_t, P_s) (0 without masked patches).  Returns the
+    mean over images (``reduce``) or the per-image loss [B]."""
+    flat = masks.flatten(1)
+    with torch.autocast(center.device.type, enabled=False):
+        p = teacher_probs(masked_rows(teacher_patch, flat), center, teacher_temp)
+        log_q = F.log_softmax(precise(masked_rows(student_patch, flat)) / student_temp, dim=-1)
+        per_patch = torch.sum(-p * log_q, dim=-1)  # [M]
+        image = flat.nonzero()[:, 0]
+        total = per_patch.new_zeros(flat.shape[0]).index_add_(0, image, per_patch)
+        per_image = total / flat.sum(1).clamp(min=1).to(total.dtype)
+    return per_image.mean() if reduce else per_image
+
+
+def ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks: torch.Tensor,
+              center: torch.Tensor, patch_center: torch.Tensor, student_temp: float, teacher_temp: float,
+              teacher_patch_temp: float, n_student: int, n_global: int = 2, lambda1: float = 1.0,
+              lambda2: float = 1.0, reduce: bool = True):
+    """iBOT's loss of a batch of B images: returns (loss, L_cls, L_patch), means
+    over images (``reduce``) or per-image [B].
+
+    ``student_cls`` [n_student * B, K] (global crops first, then the local ones)
+    and ``teacher_cls`` [n_global * B, K] as for :func:`dino.loss.dino_loss`;
+    ``masks`` [n_global * B, h, w] of the global crops, view after view, with
+    ``student_patch`` and ``teacher_patch`` in the forms of :func:`patch_loss`."""
+    cls = dino_loss(student_cls, teacher_cls, center, student_temp, teacher_temp, n_student, n_global,
+                    reduce=False)
+    patch = patch_loss(student_patch, teacher_patch, masks, patch_center, student_temp, teacher_patch_temp,
+                       reduce=False).view(n_global, -1).mean(0)
+    loss = lambda1 * cls + lambda2 * patch
+    return (loss.mean(), cls.mean(), patch.mean()) if reduce else (loss, cls, patch)
+
+
+def combination_scores(cls_table: torch.Tensor, candidate_patch_loss: torch.Tensor, combos: torch.Tensor,
+                       n_global: int, lambda1: float = 1.0, lambda2: float = 1.0) -> torch.Tensor:
+    """Per-image iBOT loss of every combination [B, C], with no forward pass per
+    combination: the [CLS] term is read from DINO's table of cross-entropies
+    (:func:`dino.loss.cross_entropy_table` of the [CLS] outputs), the patch term
+    is the mean of the per-candidate patch losses [G, B] of the combination's
+    ``n_global`` global candidates (a patch loss depends only on its own view
+    and mask).  ``combos`` [C, S] lists the global candidates first; their
+    numbers index the rows of ``candidate_patch_loss``."""
+    combos = combos.to(cls_table.device)
+    cls = cls_combination_scores(cls_table, combos, n_global)
+    patch = sum(candidate_patch_loss[combos[:, s]] for s in range(n_global)).t() / n_global
+    return lambda1 * cls + lambda2 * patch.to(cls.dtype)
