@@ -67,7 +67,7 @@ def vit_tokens(vit: nn.Module, images, mask=None, mask_token=None):
     """All output tokens of a timm ViT built by :func:`build_vit`, [B, 1 + N, D]
     ([CLS] first, after the final norm; ``vit(images)`` is the [CLS] row).  With
     ``mask`` [B, h, w] (bool, on the patch grid), the embeddings of the masked
-    patches are replaced by ``mask_token`` [D] before the position embeddings
+    patches are replaced by ``mask_token`` ([D] or [1, D]) before the position embeddings
     are added (BEiT's and iBOT's masked image modelling)."""
     import torch
 

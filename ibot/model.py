@@ -21,7 +21,8 @@ class MaskedViTNet(MultiCropNet):
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__(backbone, head)
-        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))  # zero-initialised, as iBOT
+        # zero-initialised and [1, D] as iBOT's (a matrix, so it gets weight decay like iBOT's)
+        self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim))
 
     def tokens(self, crops, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone tokens [n B, 1 + N, D] of same-size crops (a list of [B, 3, H, W]

@@ -261,6 +261,14 @@ def test_patch_temperature_warms_up_after_the_mask_start(tmp_path, image_root):
     assert m.schedule(opt, 1, 0, 4)["teacher_temp"] == pytest.approx(0.055)  # [CLS]: from epoch 0
 
 
+def test_mask_token_is_trained_with_weight_decay_as_ibots(tmp_path, image_root):
+    m = IBOTMethod(ibot_cfg(tmp_path, image_root), CPU)
+    decayed, plain = m.build_optimizer(8).param_groups
+    token = m.model.student.mask_token
+    assert any(p is token for p in decayed["params"]) and not any(p is token for p in plain["params"])
+    assert all(p is not m.model.teacher.mask_token for g in (decayed, plain) for p in g["params"])
+
+
 def test_ibot_config_errors(tmp_path, image_root):
     with pytest.raises(ValueError, match="model.arch='resnet18': must be one of"):
         IBOTMethod(ibot_cfg(tmp_path, image_root, "model.arch=resnet18"), CPU)
@@ -293,7 +301,7 @@ def test_short_run_evaluates_with_knn(tmp_path, image_root, hvs):
     state = ckpt_io.load(out / "checkpoint.pth")["model"]
     assert info["method"] == "ibot" and info["arch"] == "vit_tiny/4" and info["image_size"] == 16
     assert torch.equal(teacher.state_dict()["cls_token"], state["teacher.backbone.cls_token"])
-    assert "student.mask_token" in state
+    assert state["student.mask_token"].shape == (1, 192)
     assert_knn_evaluates(out / "checkpoint.pth", tmp_path)
 
 
