@@ -117,8 +117,6 @@ METHODS = {
     "ibot": BenchMethod(IBOTMethod, None, multicrop_candidates, dino_overrides, ibot_setting, "vit_tiny",
                         "no iBOT factor in the paper: Table 14 has SimSiam and DINO only"),
 }
-#: local crops per image by default (--n-local): each method's own recipe
-N_LOCAL = {"dino": 8, "ibot": 10}
 
 
 def build_selector(method, cfg: dict, resolution: float) -> HardViewSelector:
@@ -277,11 +275,12 @@ def parse_args(argv=None):
         args.arch = METHODS[args.method].arch
     if args.local_size is None:
         args.local_size = args.image_size // 2
+    # multi-crop defaults from the method's own recipe (SimSiam, SimCLR do not use them: DINO's)
+    spec = {**DINOMethod.spec, **METHODS[args.method].cls.spec}
     if args.out_dim is None:
-        spec = METHODS[args.method].cls.spec  # SimSiam, SimCLR: out_dim is not used
-        args.out_dim = 4096 if args.device == "cpu" else spec.get("model.out_dim", DINOMethod.spec["model.out_dim"])["default"]
+        args.out_dim = 4096 if args.device == "cpu" else spec["model.out_dim"]["default"]
     if args.n_local is None:
-        args.n_local = N_LOCAL.get(args.method, 8)
+        args.n_local = spec["augment.n_local"]["default"]
     if args.local_candidates is None:
         args.local_candidates = 2 * args.n_local
     if args.method == "ibot" and not args.arch.startswith("vit"):

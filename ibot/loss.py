@@ -23,13 +23,6 @@ import torch.nn.functional as F
 from dino.loss import precise, combination_scores as cls_combination_scores, dino_loss, teacher_probs
 
 
-def masked_rows(patch: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Outputs of the masked patches, [M, K], in the order of ``masks.nonzero()``
-    (image by image, row-major), from outputs of all patches [B, N, K] (or
-    already [M, K])."""
-    return patch if patch.dim() == 2 else patch[masks.flatten(1)]
-
-
 def patch_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
                center: torch.Tensor, student_temp: float, teacher_temp: float,
                reduce: bool = True) -> torch.Tensor:
@@ -37,15 +30,20 @@ def patch_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: 
 
     ``masks`` [B, h, w] (or [B, N]) marks the masked patches; ``student_patch``
     and ``teacher_patch`` are the outputs of all N patches [B, N, K] or only of
-    the masked ones [M, K] (:func:`masked_rows` order).  Per image: the mean over
-    its masked patches of H(P_t, P_s) (0 without masked patches).  Returns the
-    mean over images (``reduce``) or the per-image loss [B]."""
+    the masked ones [M, K] (in the order of ``masks.nonzero()``: image by image,
+    row-major).  Per image: the mean over its masked patches of H(P_t, P_s) (0
+    without masked patches).  Returns the mean over images (``reduce``) or the
+    per-image loss [B]."""
     flat = masks.flatten(1)
+    image, patch = flat.nonzero(as_tuple=True)  # the one synchronisation (the count of masked patches)
+
+    def rows(x):
+        return x if x.dim() == 2 else x[image, patch]
+
     with torch.autocast(center.device.type, enabled=False):
-        p = teacher_probs(masked_rows(teacher_patch, flat), center, teacher_temp)
-        log_q = F.log_softmax(precise(masked_rows(student_patch, flat)) / student_temp, dim=-1)
+        p = teacher_probs(rows(teacher_patch), center, teacher_temp)
+        log_q = F.log_softmax(precise(rows(student_patch)) / student_temp, dim=-1)
         per_patch = torch.sum(-p * log_q, dim=-1)  # [M]
-        image = flat.nonzero()[:, 0]
         total = per_patch.new_zeros(flat.shape[0]).index_add_(0, image, per_patch)
         per_image = total / flat.sum(1).clamp(min=1).to(total.dtype)
     return per_image.mean() if reduce else per_image

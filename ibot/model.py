@@ -25,10 +25,9 @@ class MaskedViTNet(MultiCropNet):
         self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim))
 
     def tokens(self, crops, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Backbone tokens [n B, 1 + N, D] of same-size crops (a list of [B, 3, H, W]
-        or one tensor); ``masks`` [n B, h, w] masks the patches."""
-        images = torch.cat(list(crops)) if isinstance(crops, (list, tuple)) else crops
-        return vit_tokens(self.backbone, images, masks, self.mask_token)
+        """Backbone tokens [n B, 1 + N, D] of n same-size crop batches [B, 3, H, W];
+        ``masks`` [n B, h, w] masks the patches."""
+        return vit_tokens(self.backbone, torch.cat(list(crops)), masks, self.mask_token)
 
     def head_outputs(self, tokens: torch.Tensor, masks: torch.Tensor | None = None):
         """(cls [n B, K], patch) through the shared head: ``patch`` holds the
