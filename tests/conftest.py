@@ -38,3 +38,20 @@ def tiny_cfg(method_cls, out, data_dir, *overrides):
     cfg = resolve(spec, None, tiny + [f"run.output_dir={out}", f"data.data_dir={data_dir}", *overrides])
     cfg["method"] = method_cls.name
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, image_root):
+    """Checkpoints of one short pretraining each on ``image_root`` (16 px):
+    ``simsiam`` (ResNet-18, CIFAR stem), ``dino`` and ``dino_hvs`` (ViT-tiny/4
+    with 2 blocks, 3 heads).  Shared by the evaluation tests; read-only."""
+    from common.train import run
+    from dino.method import DINOMethod
+    from simsiam.method import SimSiamMethod
+    from tests.test_dino import dino_cfg
+
+    root = tmp_path_factory.mktemp("pretrained")
+    run(tiny_cfg(SimSiamMethod, root / "simsiam", image_root, "train.epochs=1"), SimSiamMethod)
+    run(dino_cfg(root / "dino", image_root, "train.epochs=1"), DINOMethod)
+    run(dino_cfg(root / "dino_hvs", image_root, "train.epochs=1", "hvs.enabled=true"), DINOMethod)
+    return {name: root / name / "checkpoint.pth" for name in ("simsiam", "dino", "dino_hvs")}
