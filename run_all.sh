@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Reproduce the paper's comparisons at a chosen scale: for every method and
-# seed, pretrain the baseline and HVS (same seed), evaluate both with the
-# weighted k-NN, and write results/summary.md with our numbers beside the
-# paper's.  Re-running resumes unfinished runs and skips finished evaluations.
+# seed, pretrain the baseline and HVS (same seed) and evaluate both with the
+# weighted k-NN and the method's linear probe (Table 1), transfer the Table 2
+# methods to other datasets with a linear probe and finetuning (Table 2), draw
+# the attention maps of the ViT methods (Appendix J), and write
+# results/summary.md with our numbers beside the paper's.  Re-running resumes
+# unfinished runs and skips finished evaluations.
 #
-#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~33 min
-#   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only, ~15 min on 2 cores
+#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~50 min
+#   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
-#   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Table 1
+#   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
 #
 # A method token names the entry point before its first underscore and the
 # config after it: dino_resnet runs `python -m dino.main --config
@@ -40,6 +43,16 @@ usage: bash run_all.sh [options]
   --methods "simsiam simclr dino ibot"  method tokens to run (default: these four); one of
                       simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT)
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
+  --evals "knn linear transfer attention"   evaluations to run (default: all four)
+      knn        weighted k-NN on the pretraining dataset (Table 1)
+      linear     the method's linear probe on the pretraining dataset (Table 1); small profile: fast
+                 mode (configs/linear_small.yaml), gpu: the full protocol, paper: the protocol
+      transfer   linear probe and finetuning on the transfer datasets (Table 2), for the methods
+                 of --transfer-methods
+      attention  attention maps of the ViT methods, HVS above the baseline (Appendix J)
+  --transfer "D ..."  transfer datasets (default: small, gpu: tiny-imagenet-100; gpu-tin: cifar10;
+                      paper: cifar10 cifar100 flowers102 inat21 food101)
+  --transfer-methods "simsiam dino"   method tokens transferred (default: these two, as Table 2)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
   Extra arguments after -- are passed to every training run as config overrides.
@@ -47,7 +60,8 @@ EOF
 }
 
 PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino ibot"; PAPER_EPOCHS=100
-RESULTS=results; RUNS=runs; EXTRA=()
+RESULTS=results; RUNS=runs; EXTRA=(); EVALS="knn linear transfer attention"; TRANSFER=default
+TRANSFER_METHODS="simsiam dino"
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE="$2"; shift 2;;
@@ -56,6 +70,9 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS="$2"; shift 2;;
     --methods) METHODS="$2"; shift 2;;
     --paper-epochs) PAPER_EPOCHS="$2"; shift 2;;
+    --evals) EVALS="$2"; shift 2;;
+    --transfer) TRANSFER="$2"; shift 2;;
+    --transfer-methods) TRANSFER_METHODS="$2"; shift 2;;
     --results) RESULTS="$2"; shift 2;;
     --runs) RUNS="$2"; shift 2;;
     -h|--help) usage; exit 0;;
@@ -69,24 +86,45 @@ if [ -z "$DATA_DIR" ]; then
 fi
 export HVS_DATA_DIR="$DATA_DIR"
 
-# profile -> config file suffix, k-NN options, scale line of the summary, paper epochs
+# profile -> config file suffix, k-NN options, scale line of the summary, evaluation settings:
+# LIN / FT: extra configs of eval.linear / eval.finetune (layered on the method's protocol),
+# T1 / TR: data subsets of Table 1's and Table 2's evaluations, TRANSFER_DEFAULT: Table 2's datasets
 case "$PROFILE" in
   small)   CFG=small;              KNN=(--train-subset 1500 --test-subset 1000)
-           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); k-NN bank = those 1,500 images, 1,000 test images";;
+           LIN=(--config configs/linear_small.yaml); FT=(--config configs/finetune_small.yaml)
+           T1=(data.train_subset=1500 data.test_subset=1000); TR=(data.train_subset=5000 data.test_subset=2000)
+           TRANSFER_DEFAULT="tiny-imagenet-100"
+           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (2 epochs, configs/finetune_small.yaml)";;
   gpu)     CFG=cifar10_gpu;        KNN=()
-           SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; iBOT's ViT-tiny/4 with 2 x 32 px + 10 x 16 px crops, batch 256; k-NN on the full test set";;
+           LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
+           TRANSFER_DEFAULT="tiny-imagenet-100"
+           SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; iBOT's ViT-tiny/4 with 2 x 32 px + 10 x 16 px crops, batch 256; k-NN on the full test set; linear probe: the method's full protocol; transfer to Tiny-ImageNet-100 at 32 px (configs/finetune_gpu.yaml)";;
   gpu-tin) CFG=tiny_imagenet_gpu;  KNN=()
-           SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256; iBOT's ViT-tiny/8 with 2 x 64 px + 10 x 32 px crops, batch 256";;
+           LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
+           TRANSFER_DEFAULT="cifar10"
+           SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256; iBOT's ViT-tiny/8 with 2 x 64 px + 10 x 32 px crops, batch 256; linear probe: the method's full protocol; transfer to CIFAR-10 at 64 px (configs/finetune_gpu.yaml)";;
   paper)   CFG=paper;              KNN=()
-           SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512; iBOT's ViT-S/16 with 2 x 224 px + 10 x 96 px crops (8,192 shared prototypes), batch 512";;
+           LIN=(); FT=(); T1=(); TR=()
+           TRANSFER_DEFAULT="cifar10 cifar100 flowers102 inat21 food101"
+           SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512; iBOT's ViT-S/16 with 2 x 224 px + 10 x 96 px crops (8,192 shared prototypes), batch 512; linear probe: the method's protocol; transfer at 224 px with Tables 11 and 12";;
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
+[ "$TRANSFER" = default ] && TRANSFER="$TRANSFER_DEFAULT"
+[ "$TRANSFER" = none ] && TRANSFER=""
+for e in $EVALS; do
+  case "$e" in knn|linear|transfer|attention) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention)" >&2; exit 2;; esac
+done
+has() { [[ " $EVALS " == *" $1 "* ]]; }
+# a result is (re)computed when missing or older than the checkpoint it evaluates
+stale() { [ ! -f "$1" ] || [ "$2" -nt "$1" ]; }
 
 if [ "$GPUS" -gt 0 ]; then
   LAUNCH=(torchrun --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m)
 else
   LAUNCH=(python -m)
 fi
+# the small profile's fast linear probe runs in one process
+LIN_LAUNCH=("${LAUNCH[@]}"); [ "$PROFILE" = small ] && LIN_LAUNCH=(python -m)
 
 # a method token: entry point before the first underscore, config named after the whole
 # token; all checked before the first run starts
@@ -104,14 +142,46 @@ for method in $METHODS; do
     for variant in baseline hvs; do
       hvs=false; [ "$variant" = hvs ] && hvs=true
       run_dir="$RUNS/$PROFILE/${method}_${variant}_s${seed}"
-      json="$OUT/${method}_${variant}_s${seed}_knn.json"
+      ckpt="$run_dir/checkpoint.pth"
+      stem="$OUT/${method}_${variant}_s${seed}"
       echo "=== $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
       "${LAUNCH[@]}" "$entry.main" --config "$config" --output-dir "$run_dir" \
         "run.seed=$seed" "hvs.enabled=$hvs" ${EXTRA[@]+"${EXTRA[@]}"}
-      if [ ! -f "$json" ] || [ "$run_dir/checkpoint.pth" -nt "$json" ]; then
-        python -m eval.knn --checkpoint "$run_dir/checkpoint.pth" ${KNN[@]+"${KNN[@]}"} --output "$json"
+      if has knn && stale "${stem}_knn.json" "$ckpt"; then
+        python -m eval.knn --checkpoint "$ckpt" ${KNN[@]+"${KNN[@]}"} --output "${stem}_knn.json"
+      fi
+      if has linear && stale "${stem}_linear.json" "$ckpt"; then
+        echo "=== linear probe: $method $variant seed $seed" >&2
+        "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$ckpt" ${LIN[@]+"${LIN[@]}"} ${T1[@]+"${T1[@]}"} \
+          "run.seed=$seed" --output-dir "$run_dir/eval/linear" --output "${stem}_linear.json"
+      fi
+      if has transfer && [[ " $TRANSFER_METHODS " == *" $method "* ]]; then
+        for dataset in $TRANSFER; do
+          if stale "${stem}_linear-$dataset.json" "$ckpt"; then
+            echo "=== transfer, linear probe: $method $variant seed $seed -> $dataset" >&2
+            "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$ckpt" --dataset "$dataset" ${LIN[@]+"${LIN[@]}"} \
+              ${TR[@]+"${TR[@]}"} "run.seed=$seed" --output-dir "$run_dir/eval/linear_$dataset" \
+              --output "${stem}_linear-$dataset.json"
+          fi
+          if stale "${stem}_finetune-$dataset.json" "$ckpt"; then
+            echo "=== transfer, finetuning: $method $variant seed $seed -> $dataset" >&2
+            "${LAUNCH[@]}" eval.finetune --checkpoint "$ckpt" --dataset "$dataset" ${FT[@]+"${FT[@]}"} \
+              ${TR[@]+"${TR[@]}"} "run.seed=$seed" --output-dir "$run_dir/eval/finetune_$dataset" \
+              --output "${stem}_finetune-$dataset.json"
+          fi
+        done
       fi
     done
+    # attention maps of the ViT methods: HVS above the baseline, the same test images
+    if has attention && grep -qE "^\s*arch: vit" "$config"; then
+      png="$OUT/${method}_s${seed}_attention.png"
+      hvs_ckpt="$RUNS/$PROFILE/${method}_hvs_s${seed}/checkpoint.pth"
+      base_ckpt="$RUNS/$PROFILE/${method}_baseline_s${seed}/checkpoint.pth"
+      if stale "$png" "$hvs_ckpt" || [ "$base_ckpt" -nt "$png" ]; then
+        python -m eval.attention --checkpoints "$hvs_ckpt" "$base_ckpt" --labels "$method + HVS" "$method" \
+          --n-images 4 --output "$png"
+      fi
+    fi
   done
 done
 

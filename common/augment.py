@@ -188,12 +188,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
 
 
-class MultiViewDataset(Dataset):
-    """Wraps a dataset of ``(PIL image, label)`` into one of
-    ``(views, params [V, len(PARAM_NAMES)], label, index)``.  Call
-    :meth:`set_epoch` before each epoch's loader is created."""
+class EpochSeededDataset(Dataset):
+    """Base of the datasets that draw random views of ``(PIL image, label)``
+    samples with randomness seeded from (seed, epoch, index)
+    (:func:`sample_seed`): the same views whatever the number of workers or
+    ranks, and after a resume.  Call :meth:`set_epoch` before each epoch's
+    loader is created."""
 
-    def __init__(self, base: Dataset, transform: MultiViewTransform, seed: int = 0):
+    def __init__(self, base: Dataset, transform, seed: int = 0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -202,11 +204,37 @@ class MultiViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+
+class MultiViewDataset(EpochSeededDataset):
+    """``(views, params [V, len(PARAM_NAMES)], label, index)`` drawn by a
+    :class:`MultiViewTransform` from a :class:`random.Random` of the sample's seed."""
+
     def __getitem__(self, index: int):
         img, label = self.base[index]
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
         views, params = self.transform(img, rng)
         return views, params, label, index
+
+
+class SeededDataset(EpochSeededDataset):
+    """``(transform(image), label)`` for transforms that draw from the global
+    generators (torchvision's, timm's: torch, ``random``, numpy): those are
+    seeded with the sample's seed for the call and restored afterwards."""
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        image, label = self.base[index]
+        seed = sample_seed(self.seed, self.epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            image = self.transform(image)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return image, label
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -87,19 +87,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_backbone(path, which: str = "auto"):
+def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
     """Backbone of any checkpoint of this repository, ready for feature
     extraction: returns ``(backbone, info)`` where ``backbone(images) -> [B, D]``
-    and ``info`` has method, arch, dataset, image_size, data_dir.
-    ``which``: auto (teacher if the method has one), teacher or student."""
+    and ``info`` has method, arch, dataset, image_size, data_dir, epoch, step,
+    hvs, which (the weights taken) and fingerprint (a hash of the backbone's
+    weights).  ``which``: auto (teacher if the method has one), teacher or
+    student.  ``drop_path``: stochastic depth of a ViT (finetuning)."""
     from common.registry import get_method
 
     ckpt = load(path)
     method_cls = get_method(ckpt["method"])
-    backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], ckpt.get("method_state", {}), which)
+    try:
+        backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], ckpt.get("method_state", {}),
+                                                  which, drop_path=drop_path)
+    except ValueError as err:  # e.g. --which teacher for a method without one
+        raise CheckpointError(f"{path}: {err}") from err
     backbone.eval()
     cfg = ckpt["config"]
+    if which == "auto":
+        which = "teacher" if method_cls.has_teacher else "student"
     info = {"method": ckpt["method"], "arch": ckpt["arch"], "dataset": cfg["data"]["dataset"],
             "image_size": method_cls.image_size(cfg), "data_dir": cfg["data"].get("data_dir"),
-            "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"]}
+            "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"], "which": which,
+            "fingerprint": fingerprint(backbone)}
     return backbone, info
+
+
+def fingerprint(module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes, dtypes and
+    bytes), to recognise the same weights (e.g. that a frozen backbone did not
+    change, or that an evaluation resumes on the checkpoint it started from)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

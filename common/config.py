@@ -34,11 +34,11 @@ COMMON_SPEC = {
     "run.selection_log_every": _spec(100, "every K steps log per-view augmentation params, all combination scores and the choice (0: never)"),
     "run.stop_after_steps": _spec(0, "checkpoint and exit after K steps in total, as if preempted (0: run to the end); re-run the command to resume"),
     "run.max_steps_per_epoch": _spec(0, "cut each epoch after K steps, for smoke tests (0: full epochs)"),
-    "data.dataset": _spec("cifar10", "cifar10 | cifar100 | tiny-imagenet-100 | imagenet | imagefolder"),
+    "data.dataset": _spec("cifar10", "cifar10 | cifar100 | tiny-imagenet-100 | imagenet | imagefolder | flowers102 | food101 | inat21 | inat21-mini"),
     "data.data_dir": _spec(None, "data root (default: env HVS_DATA_DIR); may hold the offline archives"),
     "data.subset": _spec(0, "train on a class-stratified subset: N images (int) or a fraction (float); 0: all"),
     "data.num_workers": _spec(2, "DataLoader worker processes per rank"),
-    "data.download": _spec(False, "let torchvision download CIFAR where a network exists"),
+    "data.download": _spec(False, "let torchvision download the dataset (CIFAR, Flowers102, Food101, iNat21) where a network exists"),
     "train.epochs": _spec(100, "number of epochs"),
     "train.batch_size": _spec(512, "global batch size (split evenly over ranks)"),
     "train.amp": _spec("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
@@ -105,11 +105,12 @@ def _check(key, value, spec):
 
 
 def resolve(spec: dict, yaml_path=None, overrides=()) -> dict:
-    """Defaults <- YAML file <- ``key=value`` overrides; returns a nested dict."""
+    """Defaults <- YAML file(s) <- ``key=value`` overrides; returns a nested dict.
+    ``yaml_path`` is one path or a list of them, applied in order."""
     flat = {k: copy.deepcopy(s["default"]) for k, s in spec.items()}
     layers = []
-    if yaml_path:
-        path = Path(yaml_path)
+    paths = yaml_path if isinstance(yaml_path, (list, tuple)) else [yaml_path]
+    for path in (Path(p) for p in paths if p):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
@@ -141,26 +142,46 @@ def keys_help(spec: dict) -> str:
     return "\n".join(lines)
 
 
+#: command-line flags of every entry point that stand for a config key
+SHORTCUTS = {"--output-dir": "run.output_dir", "--data-dir": "data.data_dir"}
+
+
+def build_parser(spec: dict, description: str, shortcuts: dict = SHORTCUTS) -> argparse.ArgumentParser:
+    """``--config`` (YAML, repeatable), one flag per entry of ``shortcuts``
+    (``--flag`` -> config key, with that key's help) and ``key=value``
+    overrides; the epilog lists every key with its default."""
+    parser = argparse.ArgumentParser(
+        description=description, epilog=keys_help(spec),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="YAML file from configs/ (its keys override the defaults); "
+                             "repeat to layer several, later files winning")
+    for flag, key in shortcuts.items():
+        parser.add_argument(flag, metavar=flag[2:].replace("-", "_").upper(),
+                            help=f"shortcut for {key}=...: {spec[key]['help']}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+    return parser
+
+
+def overrides_of(args: argparse.Namespace, shortcuts: dict = SHORTCUTS) -> list:
+    """The ``key=value`` overrides of parsed arguments, shortcut flags last."""
+    overrides = list(args.overrides)
+    for flag, key in shortcuts.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
 def parse_args(spec: dict, description: str, argv=None) -> dict:
     """The command line of every training entry point::
 
         python -m simsiam.main --config configs/simsiam_small.yaml hvs.enabled=true
     """
-    parser = argparse.ArgumentParser(
-        description=description, epilog=keys_help(spec),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file from configs/ (its keys override the defaults)")
-    parser.add_argument("--output-dir", help="shortcut for run.output_dir=...")
-    parser.add_argument("--data-dir", help="shortcut for data.data_dir=... (default: env HVS_DATA_DIR)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
+    parser = build_parser(spec, description)
+    args = parser.parse_intermixed_args(argv)
     try:
-        return resolve(spec, args.config, overrides)
+        return resolve(spec, args.config, overrides_of(args))
     except ConfigError as err:
         parser.error(str(err))
 

@@ -5,18 +5,42 @@ A *data root* ``R`` comes from ``--data-dir`` or the ``HVS_DATA_DIR`` variable
 under it, in this order:
 
 1. ``R/X/<split>/``: an extracted ImageFolder tree (``<split>/<class>/<image>``);
-2. for CIFAR, torchvision's own folders ``R/cifar-10-batches-py`` and
-   ``R/cifar-100-python``;
-3. an archive ``R/X.tar.gz`` holding ``X/train`` and ``X/test`` (or ``X/val``),
-   extracted once into ``cache_root()/X`` (atomically, safe for several ranks);
-4. for ``imagefolder`` and ``imagenet``, ``R/<split>/`` itself;
-5. for CIFAR with ``download=True``, torchvision's download into ``R``.
+   this works for every name, so any dataset can be given as an ImageFolder tree;
+2. torchvision's own layout, directly under ``R`` or under ``R/X/``:
 
-Every problem a user can fix (no root, dataset missing, empty folder, corrupt
-image or archive) raises :class:`DataError` naming the path concerned.
+   - ``cifar10`` / ``cifar100``: ``cifar-10-batches-py`` / ``cifar-100-python``
+     (directly under ``R`` only);
+   - ``flowers102``: ``flowers-102/`` (``jpg/``, ``imagelabels.mat``,
+     ``setid.mat``; torchvision checks the md5 of the two ``.mat`` files);
+   - ``food101``: ``food-101/`` (``images/<class>/<id>.jpg``,
+     ``meta/{train,test}.json``);
+   - ``inat21``: ``2021_train/`` and ``2021_valid/`` (category folders such as
+     ``00000_Animalia_...``; 10,000 species, the label is the full species);
+   - ``inat21-mini``: ``2021_train_mini/`` and ``2021_valid/``;
+
+3. an archive ``R/X.tar.gz`` holding ``X/train`` and ``X/test`` (or ``X/val``),
+   or torchvision's layout of step 2, extracted once into ``cache_root()/X``
+   (atomically, safe for several ranks);
+4. for ``imagefolder`` and ``imagenet``, ``R/<split>/`` itself;
+5. with ``download=True`` (and a network), torchvision's download: CIFAR into
+   ``R``, the transfer datasets into ``R/X``.  Beware that iNat21 is very large
+   (the full 2021 train split is about 224 GB, train_mini about 42 GB, valid 8 GB).
+
+Splits are ``train`` and ``val`` (``test`` is a synonym of ``val``).  For the
+transfer datasets they map onto torchvision's splits as in the usual transfer
+protocol: Flowers102 ``train`` is torchvision's ``train`` + ``val`` (1,020 +
+1,020 images) and ``val`` is its ``test`` (6,149 images); Food101 ``train`` /
+``val`` are its ``train`` / ``test``; iNat21 ``train`` / ``val`` are the
+versions ``2021_train`` (or ``2021_train_mini``) / ``2021_valid``.
+
+Every dataset has ``.targets``, ``.classes`` and ``.root``.  Every problem a
+user can fix (no root, dataset missing, empty folder, corrupt image or archive)
+raises :class:`DataError` naming the path concerned.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import random
 import shutil
@@ -25,13 +49,14 @@ import tarfile
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet-100", "imagenet", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet-100", "imagenet", "imagefolder",
+            "flowers102", "food101", "inat21", "inat21-mini")
 SPLITS = ("train", "val", "test")  # 'test' is a synonym for 'val'
 
 # Folder names accepted for each split, tried in this order.
@@ -39,6 +64,32 @@ _SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "test")}
 _CIFAR = {  # name -> (torchvision class, folder torchvision reads from)
     "cifar10": (datasets.CIFAR10, "cifar-10-batches-py"),
     "cifar100": (datasets.CIFAR100, "cifar-100-python"),
+}
+
+
+class _TV(NamedTuple):
+    """A torchvision dataset class and how our splits map onto it."""
+    cls: type
+    # our split -> (folder torchvision reads under its root, kwargs of each part;
+    #               several parts are concatenated in that order)
+    splits: dict[str, tuple[str, tuple[dict[str, Any], ...]]]
+
+
+def _inat(train_version: str) -> _TV:
+    return _TV(datasets.INaturalist, {
+        split: (version, ({"version": version, "target_type": "full"},))
+        for split, version in (("train", train_version), ("val", "2021_valid"))})
+
+
+_TORCHVISION = {
+    "flowers102": _TV(datasets.Flowers102, {
+        "train": ("flowers-102", ({"split": "train"}, {"split": "val"})),
+        "val": ("flowers-102", ({"split": "test"},))}),
+    "food101": _TV(datasets.Food101, {
+        "train": ("food-101", ({"split": "train"},)),
+        "val": ("food-101", ({"split": "test"},))}),
+    "inat21": _inat("2021_train"),
+    "inat21-mini": _inat("2021_train_mini"),
 }
 _HOW = ("Point --data-dir / HVS_DATA_DIR at a folder holding {x}/train/<class>/<image> "
         "(and {x}/val or {x}/test), the archive {x}.tar.gz")
@@ -89,6 +140,87 @@ def _image_folder(folder: Path, split: str, transform: Callable | None) -> Datas
     except FileNotFoundError as e:  # no class folders, or a class without images
         raise DataError(f"{folder} is empty: expected {split}/<class>/<image> files "
                         f"({e})") from e
+
+
+class TorchvisionSplit(Dataset):
+    """One split of a torchvision dataset class, with our uniform interface.
+
+    ``parts`` are instances of the class (built without a transform), read one
+    after the other: Flowers102's ``train`` is its ``train`` and ``val`` parts.
+    Exposes ``targets`` (ints), ``classes``, ``root`` (the folder given to
+    torchvision: the one holding ``flowers-102``/``food-101``, or iNat's
+    version folder) and applies ``transform`` to the image.
+    """
+
+    def __init__(self, parts: Sequence[Dataset], transform: Callable | None = None) -> None:
+        self.parts = list(parts)
+        self.transform = transform
+        self.root = str(self.parts[0].root)
+        self.targets = [int(t) for part in self.parts for t in _part_labels(part)]
+        self.classes = list(getattr(self.parts[0], "classes", None)
+                            or getattr(self.parts[0], "all_categories", None)
+                            or map(str, range(max(self.targets, default=-1) + 1)))
+        self._ends = list(itertools.accumulate(len(part) for part in self.parts))
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        k = bisect.bisect_right(self._ends, index)
+        image, label = self.parts[k][index - (self._ends[k - 1] if k else 0)]
+        return (self.transform(image) if self.transform else image), int(label)
+
+    def __repr__(self) -> str:
+        name = type(self.parts[0]).__name__
+        return f"{type(self).__name__}({name}, root={self.root}, n={len(self)})"
+
+
+def _part_labels(part: Any) -> list[int]:
+    """Labels of a torchvision dataset that keeps them privately (no ``targets``)."""
+    if hasattr(part, "_labels"):  # Flowers102, Food101
+        return part._labels
+    part.index.sort()  # INaturalist: (category id, file name) in listdir order; make it stable
+    return [category for category, _ in part.index]
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset from :func:`build_dataset` (or a Subset of one)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else int(max(dataset.targets)) + 1
+
+
+def _torchvision(name: str, split: str, base: Path, transform: Callable | None,
+                 download: bool = False) -> Dataset:
+    """Build ``split`` of ``name`` from torchvision's layout under ``base``."""
+    spec = _TORCHVISION[name]
+    folder, kwargs = spec.splits[split]
+    try:
+        parts = [spec.cls(str(base), download=download, loader=load_rgb, **kw) for kw in kwargs]
+    except (RuntimeError, OSError, ValueError, KeyError) as e:  # "not found or corrupted", bad meta
+        if download:
+            raise DataError(f"downloading {name} into {base} failed: {e}") from e
+        raise DataError(f"{base / folder} is incomplete or corrupt ({type(e).__name__}: {e}). "
+                        f"Replace it, or delete it and pass download=True.") from e
+    return TorchvisionSplit(parts, transform)
+
+
+def _find_torchvision(name: str, split: str, bases: Sequence[Path], tried: list[Path],
+                      transform: Callable | None) -> Dataset | None:
+    """The torchvision layout of ``name`` under the first base holding it, if any."""
+    if name not in _TORCHVISION:
+        return None
+    folder = _TORCHVISION[name].splits[split][0]
+    for base in bases:
+        tried.append(base / folder)
+        if tried[-1].is_dir():
+            return _torchvision(name, split, base, transform)
+    return None
 
 
 def _split_folder(base: Path, split: str, tried: list[Path]) -> Path | None:
@@ -151,7 +283,7 @@ def build_dataset(name: str, split: str, data_dir: str | None = None,
     if folder := _split_folder(root / name, split, tried):
         return _image_folder(folder, split, transform)
 
-    # 2. torchvision's CIFAR folders.
+    # 2. torchvision's own layout: CIFAR folders in R; the others in R or R/X.
     if name in _CIFAR:
         cls, sub = _CIFAR[name]
         tried.append(root / sub)
@@ -161,6 +293,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None,
             except RuntimeError as e:  # "Dataset not found or corrupted"
                 raise DataError(f"{root / sub} is incomplete or corrupt ({e}). Replace it, "
                                 f"or delete it and pass download=True.") from e
+    if ds := _find_torchvision(name, split, (root, root / name), tried, transform):
+        return ds
 
     # 3. An archive R/X.tar.gz, extracted once into the cache.
     archive = root / f"{name}.tar.gz"
@@ -169,28 +303,42 @@ def build_dataset(name: str, split: str, data_dir: str | None = None,
         extracted = _extract_once(archive, name, cache_root(cache_dir))
         if folder := _split_folder(extracted, split, tried):
             return _image_folder(folder, split, transform)
+        if ds := _find_torchvision(name, split, (extracted,), tried, transform):
+            return ds
 
     # 4. R itself is the dataset folder (ImageNet layout R/train, R/val).
     if name in ("imagefolder", "imagenet"):
         if folder := _split_folder(root, split, tried):
             return _image_folder(folder, split, transform)
 
-    # 5. Download CIFAR into R.
+    # 5. Download with torchvision: CIFAR into R, the others into R/X.
     if name in _CIFAR and download:
         try:
             return _CIFAR[name][0](str(root), train=split == "train",
                                    transform=transform, download=True)
         except (OSError, RuntimeError) as e:
             raise DataError(f"downloading {name} into {root} failed: {e}") from e
+    if name in _TORCHVISION and download:
+        return _torchvision(name, split, root / name, transform, download=True)
 
-    how = _HOW.format(x=name) + {
-        "cifar10": ", or torchvision's CIFAR root (or pass download=True)",
-        "cifar100": ", or torchvision's CIFAR root (or pass download=True)",
-        "imagenet": ", or at the dataset folder itself (train/, val/)",
-        "imagefolder": ", or at the dataset folder itself (train/, val/)",
-    }.get(name, "")
     raise DataError(f"dataset {name!r} (split {split!r}) not found under {root}: looked for "
-                    f"{', '.join(map(str, tried))}. {how}.")
+                    f"{', '.join(map(str, tried))}. {_how(name, split)}.")
+
+
+def _how(name: str, split: str) -> str:
+    """How to provide dataset ``name``, for the not-found message."""
+    how = _HOW.format(x=name)
+    if name in _CIFAR:
+        return how + ", or torchvision's CIFAR root (or pass download=True)"
+    if name in ("imagenet", "imagefolder"):
+        return how + ", or at the dataset folder itself (train/, val/)"
+    if name in _TORCHVISION:
+        folder = _TORCHVISION[name].splits[split][0]
+        big = " (very large)" if name.startswith("inat") else ""
+        return (how + f", or torchvision's {_TORCHVISION[name].cls.__name__} folder {folder}/ "
+                f"directly there or under {name}/ (or pass download=True to download it{big} "
+                f"into {name}/)")
+    return how
 
 
 def subset_indices(targets: Sequence[int], n: int | float, seed: int) -> list[int]:

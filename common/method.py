@@ -23,6 +23,8 @@ class SSLMethod:
     clip_grad: float = 0.0
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
     size_multiple: int = 1
+    #: whether checkpoints hold an EMA teacher (evaluated by default, as DINO does)
+    has_teacher: bool = False
 
     def __init__(self, cfg: dict, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -85,7 +87,10 @@ class SSLMethod:
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str) -> nn.Module:
+    def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str,
+                            drop_path: float = 0.0) -> nn.Module:
+        """The pretrained backbone (``which``: auto, teacher or student); a ViT
+        is built with stochastic depth ``drop_path`` (for finetuning)."""
         raise NotImplementedError
 
 
@@ -119,7 +124,7 @@ class PairMethod(SSLMethod):
         return outputs.view(V, B, *outputs.shape[1:])
 
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which):
+    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
         if which == "teacher":
             raise ValueError(f"{cls.name} has no teacher: use --which student (or auto)")
         backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])

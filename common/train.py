@@ -36,13 +36,23 @@ from common.logs import JsonLog, Progress, SelectionLog, fmt_time
 # data order
 # ----------------------------------------------------------------------------
 class EpochSampler(Sampler):
-    """A seeded permutation per epoch, split over ranks, whole batches only.
+    """A seeded permutation per epoch, split over ranks.  ``drop_last`` (the
+    training default) keeps whole batches only; without it every sample is
+    seen and the last batch of a rank may be smaller (the permutation is padded
+    with its own start so that every rank gets as many samples).
     ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
     (resuming a run stopped inside an epoch)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = True):
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.batches = n // (batch_size * world)
+        self.drop_last = drop_last
+        if drop_last:
+            self.batches = n // (batch_size * world)
+            self.per_rank = self.batches * batch_size
+        else:
+            self.per_rank = math.ceil(n / world)
+            self.batches = math.ceil(self.per_rank / batch_size)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -50,12 +60,14 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.batches * self.bs * self.world]
+        perm = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world
+        perm = perm[:total] if self.drop_last else torch.cat([perm, perm[: total - self.n]])
         mine = perm[self.rank:: self.world]
         return iter(mine[self.skip * self.bs:].tolist())
 
     def __len__(self) -> int:
-        return (self.batches - self.skip) * self.bs
+        return max(0, self.per_rank - self.skip * self.bs)
 
 
 def build_train_data(cfg: dict, method, per_rank_batch: int):

@@ -49,6 +49,7 @@ class DINOMethod(SSLMethod):
     """DINO (Caron et al. 2021), optionally with Hard View Selection."""
 
     name = "dino"
+    has_teacher = True
     model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
     spec = {
         "model.arch": _spec("vit_small", "backbone: vit_tiny, vit_small, vit_base (timm) or resnet18/34/50/101 (torchvision)"),
@@ -209,8 +210,8 @@ class DINOMethod(SSLMethod):
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which):
+    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
         prefix = "student.backbone." if which == "student" else "teacher.backbone."  # auto: the teacher
-        backbone = cls.backbone(cfg)
+        backbone = cls.backbone(cfg, drop_path)
         backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
         return backbone

@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for k, r in results.items():
         print(f"k={k}  top1 {r['top1']:.2f}  top5 {r['top5']:.2f}")
 
-    report = {"checkpoint": args.checkpoint, "dataset": dataset, "method": info.get("method"),
+    report = {"eval": "knn", "checkpoint": args.checkpoint, "dataset": dataset, "method": info.get("method"),
               "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"), "which": args.which, "image_size": image_size,
               "n_train": len(train_y), "n_test": len(test_y), "temperature": args.temperature,
               "knn": {str(k): r for k, r in results.items()}}

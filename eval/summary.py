@@ -1,13 +1,20 @@
 """The results table of ``run_all.sh``: our numbers beside the paper's.
 
-Reads ``<results>/<token>_<baseline|hvs>_s<seed>_knn.json`` (written by
-``eval.knn --output``; ``<token>`` is run_all.sh's method token, e.g. ``dino`` or
-``dino_resnet``) and the paper's figures from ``configs/paper_numbers.csv`` (the
-project's copy of Tables 1, 2, 4 and 7), and writes ``<results>/summary.md``.
-Each of our results is shown beside the paper's row of the same method and
-backbone family, taken from the architecture in the k-NN file (our ResNets
-beside RN50, our ViTs beside ViT-S/16: ``dino`` and ``ibot`` runs of a
-``vit_tiny/4`` beside DINO's and iBOT's ViT-S/16 rows).
+Reads the evaluation files of one profile, ``<results>/<token>_<baseline|hvs>_s<seed>_<evaluation>.json``
+(``<token>`` is run_all.sh's method token, e.g. ``dino`` or ``dino_resnet``):
+
+* ``knn``: ``eval.knn --output`` on the pretraining dataset (Table 1, k-NN);
+* ``linear``: ``eval.linear`` on the pretraining dataset (Table 1, linear);
+* ``linear-<dataset>`` and ``finetune-<dataset>``: ``eval.linear`` and
+  ``eval.finetune`` on a transfer dataset (Table 2, "Lin." and "F.T.");
+
+and the paper's figures from ``configs/paper_numbers.csv`` (the project's copy
+of Tables 1, 2, 4 and 7), and writes ``<results>/summary.md``.  Each of our
+results stands beside the paper's row of the same method, protocol and
+backbone family, taken from the architecture in the file (our ResNets beside
+RN50, our ViTs beside ViT-S/16).  A transfer dataset of ours that the paper
+has no column for (e.g. Tiny-ImageNet-100 at the small scale) stands beside
+the mean of the paper's five transfer datasets for that method and protocol.
 
     python -m eval.summary --results results/small --scale "..." --paper-epochs 100
 """
@@ -24,25 +31,32 @@ from pathlib import Path
 PAPER_CSV = Path(__file__).resolve().parents[1] / "configs" / "paper_numbers.csv"
 #: run_all.sh method token -> the paper's method name
 NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet": "DINO", "ibot": "iBOT"}
-#: a token's backbone family when its k-NN file names no architecture (files of older runs)
+#: a token's backbone family when its file names no architecture (files of older runs)
 DEFAULT_FAMILY = {"simsiam": "resnet", "simclr": "resnet", "dino": "vit", "dino_resnet": "resnet", "ibot": "vit"}
 #: the token may hold underscores (dino_resnet); the shortest one that leaves a valid tail is taken
-FILE = re.compile(r"(?P<method>[a-z0-9]+(?:_[a-z0-9]+)*?)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_knn\.json$")
-
+FILE = re.compile(r"(?P<method>[a-z0-9]+(?:_[a-z0-9]+)*?)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_"
+                  r"(?P<eval>knn|linear|finetune)(?:-(?P<dataset>[a-z0-9-]+))?\.json$")
+#: our dataset names -> the paper's (Table 2's columns)
+PAPER_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flowers102", "inat21": "iNat21",
+                  "inat21-mini": "iNat21", "food101": "Food101", "imagenet": "ImageNet"}
+#: protocol names in the files -> in the table
+SHOWN = {"knn": "k-NN", "linear": "linear", "finetune": "F.T."}
 
 #: Table 1's long-schedule column is 300 epochs, except SimCLR's 200.
 LONG_EPOCHS = {"SimCLR": "200"}
 
 
 def paper_rows(table="1", epochs="100"):
-    """{(method, protocol): [(arch, baseline, hvs), ...]} from the paper's table;
-    ``epochs="300"`` means each method's long schedule (SimCLR: 200)."""
+    """{(method, protocol): [(arch, baseline, hvs), ...]} from the paper's table
+    (Table 2: ``[(arch, dataset, baseline, hvs), ...]``); ``epochs="300"`` means
+    each method's long schedule (SimCLR: 200)."""
     rows = defaultdict(list)
     with open(PAPER_CSV) as f:
         for r in csv.DictReader(f):
             wanted = LONG_EPOCHS.get(r["method"], epochs) if epochs == "300" else epochs
             if r["table"] == table and r["epochs"] == wanted:
-                rows[(r["method"], r["protocol"])].append((r["arch"], float(r["baseline"]), float(r["hvs"])))
+                extra = (r["dataset"],) if table == "2" else ()
+                rows[(r["method"], r["protocol"])].append((r["arch"], *extra, float(r["baseline"]), float(r["hvs"])))
     return rows
 
 
@@ -66,34 +80,44 @@ def family(arch: str | None, token: str = "") -> str | None:
 
 
 class Ours:
-    """k-NN results of one method token and one architecture: {variant: {seed: top-1}}."""
+    """Top-1 of one method token, architecture, evaluation and dataset
+    (None: the pretraining dataset): {variant: {seed: top-1}}, and the notes of
+    the files (protocol, mode)."""
 
-    def __init__(self, token: str, arch: str | None):
-        self.token, self.arch = token, arch
+    def __init__(self, token: str, arch: str | None, evaluation: str, dataset: str | None):
+        self.token, self.arch, self.eval, self.dataset = token, arch, evaluation, dataset
         self.name, self.family = paper_name(token), family(arch, token)
         self.top1 = {"baseline": {}, "hvs": {}}
+        self.notes: set = set()
+
+
+def read_top1(path: Path, evaluation: str, k: str) -> tuple[float, dict]:
+    report = json.loads(path.read_text())
+    if evaluation != "knn":
+        return report["top1"], report
+    try:
+        return report["knn"][k]["top1"], report
+    except KeyError:
+        raise SystemExit(f"eval.summary: {path} has no k={k} result (it has k = "
+                         f"{', '.join(report.get('knn', {})) or 'none'}); pass --k") from None
 
 
 def collect(results: Path, k: str) -> list:
-    """Our results, one :class:`Ours` per (method token, architecture), from the
-    k-NN JSON files (``eval.knn --output``; the architecture is the checkpoint's,
-    the file's ``arch``)."""
+    """Our results, one :class:`Ours` per (token, architecture, evaluation,
+    dataset), from the evaluation files (the architecture is the file's ``arch``)."""
     groups = {}
-    for path in sorted(results.glob("*_knn.json")):
+    for path in sorted(results.glob("*.json")):
         m = FILE.match(path.name)
         if not m:
             continue
-        report = json.loads(path.read_text())
-        try:
-            top1 = report["knn"][k]["top1"]
-        except KeyError:
-            raise SystemExit(f"eval.summary: {path} has no k={k} result (it has k = "
-                             f"{', '.join(report.get('knn', {})) or 'none'}); pass --k") from None
-        key = (m["method"], report.get("arch"))
+        top1, report = read_top1(path, m["eval"], k)
+        key = (m["method"], report.get("arch"), m["eval"], m["dataset"])
         if key not in groups:
             groups[key] = Ours(*key)
         groups[key].top1[m["variant"]][int(m["seed"])] = top1
-    return sorted(groups.values(), key=lambda g: (g.name, g.token, g.arch or ""))
+        if m["eval"] != "knn":
+            groups[key].notes.add((report.get("protocol"), report.get("mode", "full")))
+    return sorted(groups.values(), key=lambda g: (g.name, g.token, g.arch or "", g.eval, g.dataset or ""))
 
 
 def mean_sd(values, signed=False):
@@ -105,58 +129,115 @@ def mean_sd(values, signed=False):
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.2f}"
 
 
-def our_cells(g: Ours | None) -> str:
-    """Ours arch | baseline | + HVS | diff | seeds (paired seeds: both variants)."""
+def our_cells(g: Ours | None, dataset_cell: bool = False) -> str:
+    """Ours arch | [dataset |] baseline | + HVS | diff | seeds (paired seeds: both variants)."""
+    lead = f"{g.arch or '—'} | " if g else "— | "
+    if dataset_cell:
+        lead += f"{g.dataset if g else '—'} | "
     if g is None:
-        return "— | not run | not run | — | 0"
+        return lead + "not run | not run | — | 0"
     base, hvs = g.top1["baseline"], g.top1["hvs"]
     seeds = sorted(set(base) & set(hvs))
     diffs = [hvs[s] - base[s] for s in seeds]
-    return (f"{g.arch or '—'} | {mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
+    return (lead + f"{mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
             f"{mean_sd(diffs, signed=True)} | {len(seeds)}")
 
 
+def paper_cells(baseline: float, hvs: float) -> str:
+    return f"{baseline:.2f} | {hvs:.2f} | {hvs - baseline:+.2f}"
+
+
+def table1(found: list, paper: dict) -> list:
+    """k-NN and linear rows: every paper row of a method we ran, beside our runs
+    of the same backbone family (or "not run"), and our runs of a family the
+    paper has no row for."""
+    lines = ["| Method | Protocol | Ours arch | Ours baseline | Ours + HVS | Ours diff | Seeds | Paper arch | "
+             "Paper baseline | Paper + HVS | Paper diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted({g.name for g in found}):
+        for protocol in ("knn", "linear"):
+            ours = [g for g in found if g.name == name and g.eval == protocol and g.dataset is None]
+            shown = set()
+            for arch, pb, ph in paper.get((name, protocol), []):
+                for g in [g for g in ours if g.family == family(arch)] or [None]:
+                    lines.append(f"| {name} | {SHOWN[protocol]} | {our_cells(g)} | {arch} | {paper_cells(pb, ph)} |")
+                    shown.add(id(g))
+            lines += [f"| {name} | {SHOWN[protocol]} | {our_cells(g)} | — | — | — | — |"
+                      for g in ours if id(g) not in shown]
+    return lines
+
+
+def table2(found: list, paper: dict) -> list:
+    """Transfer rows (linear and finetuning on another dataset): beside the
+    paper's row of the same method, protocol, backbone family and dataset, or
+    the mean of its datasets where the paper has no column for ours."""
+    lines = ["| Method | Protocol | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Seeds | "
+             "Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in [g for g in found if g.dataset is not None]:
+        rows = [r for r in paper.get((g.name, g.eval), []) if family(r[0]) == g.family]
+        same = [r for r in rows if r[1] == PAPER_DATASETS.get(g.dataset)]
+        head = f"| {g.name} | {'Lin.' if g.eval == 'linear' else SHOWN[g.eval]} | {our_cells(g, dataset_cell=True)}"
+        if same:
+            arch, dataset, pb, ph = same[0]
+            lines.append(f"{head} | {arch} | {dataset} | {paper_cells(pb, ph)} |")
+        elif rows:
+            pb, ph = statistics.mean(r[2] for r in rows), statistics.mean(r[3] for r in rows)
+            lines.append(f"{head} | {rows[0][0]} | mean of {len(rows)} ({', '.join(r[1] for r in rows)}) | "
+                         f"{paper_cells(pb, ph)} |")
+        else:
+            lines.append(f"{head} | — | (no Table 2 row) | — | — | — |")
+    return lines
+
+
+def protocol_notes(found: list) -> str:
+    notes = sorted({(g.name, p, mode) for g in found if g.eval == "linear" for p, mode in g.notes if p})
+    if not notes:
+        return ""
+    return ("Our linear probes (protocol, mode): " + "; ".join(f"{n}: {p}, {mode}" for n, p, mode in notes)
+            + ". fast = features of un-augmented images computed once, the learning rate chosen on held-out "
+              "training images (`eval/linear.py`); full = the protocol.")
+
+
 def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") -> str:
-    """The table: for every method we have results of, each paper row (k-NN:
-    beside our runs of the same backbone family, or "not run"; linear: "not run
-    yet"), and our runs of a family the paper has no row for."""
-    found, paper = collect(results, k), paper_rows("1", paper_epochs)
+    """The summary: Table 1 (k-NN and linear on the pretraining dataset), and
+    Table 2 (transfer) when there are transfer results."""
+    found = collect(results, k)
+    long = " (SimCLR: 200)" if paper_epochs == "300" else ""
     lines = [
         "# HVS: our numbers beside the paper's", "",
         f"**Our scale:** {scale}", "",
-        f"**Paper:** Table 1, ImageNet, {paper_epochs} epochs{' (SimCLR: 200)' if paper_epochs == '300' else ''} (ResNet-50 / ViT-S/16, many GPUs). "
-        "Each of our runs is beside the paper's row of the same backbone family (ours: ResNet-18/50 beside RN50, "
-        "ViTs beside ViT-S/16). "
-        "Numbers at our scale are not comparable in absolute terms; compare the sign and size of the difference.",
-        "", f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split, mean ± sd over seeds.", "",
-        "| Method | Protocol | Ours arch | Ours baseline | Ours + HVS | Ours diff | Seeds | Paper arch | Paper baseline | Paper + HVS | Paper diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Each of our runs is beside the paper's row of the same method, protocol and backbone family (ours: "
+        "ResNet-18/50 beside RN50, ViTs beside ViT-S/16).  Numbers at our scale are not comparable in absolute "
+        "terms; compare the sign and size of the difference.", "",
+        f"## Table 1: pretraining dataset (paper: ImageNet, {paper_epochs} epochs{long})", "",
+        f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split; our linear: top-1 of the last epoch; "
+        "mean ± sd over seeds.", "",
     ]
-    for name in sorted({g.name for g in found}):
-        ours = [g for g in found if g.name == name]
-        shown = set()
-        for arch, pb, ph in paper.get((name, "knn"), []):
-            beside = [g for g in ours if g.family == family(arch)] or [None]
-            for g in beside:
-                lines.append(f"| {name} | k-NN | {our_cells(g)} | {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
-                shown.add(id(g))
-        for g in ours:
-            if id(g) not in shown:  # no paper row of this family
-                lines.append(f"| {name} | k-NN | {our_cells(g)} | — | — | — | — |")
-        for arch, pb, ph in paper.get((name, "linear"), []):
-            lines.append(f"| {name} | linear | — | not run yet | not run yet | — | 0 | {arch} | {pb:.2f} | {ph:.2f} | {ph - pb:+.2f} |")
-    if not found:
-        lines.append("| (no k-NN results found) | | | | | | | | | | |")
+    lines += table1(found, paper_rows("1", paper_epochs)) if found else \
+        ["| (no results found) | | | | | | | | | | |"]
+    note = protocol_notes(found)
+    lines += ["", note] if note else []
+    transfer = [g for g in found if g.dataset is not None]
+    if transfer:
+        lines += ["", "## Table 2: transfer (paper: ImageNet-pretrained, 100 epochs, to five datasets)", "",
+                  "Lin.: linear probe on the frozen backbone; F.T.: end-to-end finetuning; top-1 of the last "
+                  "epoch on the transfer dataset's test split.", ""]
+        lines += table2(transfer, paper_rows("2", "100"))
+    attention = sorted(p.name for p in results.glob("*_attention.png"))
+    if attention:
+        lines += ["", "## Attention maps (Appendix J)", "",
+                  "Last-block [CLS] attention per head, HVS above the baseline: "
+                  + ", ".join(f"[{name}]({name})" for name in attention) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, help="folder holding the *_knn.json files")
+    p.add_argument("--results", required=True, help="folder holding the evaluation JSON files")
     p.add_argument("--scale", required=True, help="one line describing the scale our numbers ran at")
     p.add_argument("--k", default="20", help="which k of the k-NN to report (default 20, as DINO)")
     p.add_argument("--paper-epochs", default="100", choices=["100", "300"],
-                   help="paper rows to show: 100, or 300 (each method's long schedule: 200 for SimCLR)")
+                   help="Table 1 rows to show: 100, or 300 (each method's long schedule: 200 for SimCLR)")
     args = p.parse_args(argv)
     results = Path(args.results)
     text = render(results, args.scale, args.k, args.paper_epochs)

@@ -1,4 +1,6 @@
-"""Every YAML in configs/ resolves under its method's keys and builds its method."""
+"""Every YAML in configs/ resolves under its entry point's keys: a training
+config builds its method; an evaluation config (``linear_*``, ``finetune_*``)
+resolves on top of every protocol of its evaluation."""
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,21 @@ import torch
 from common.config import COMMON_SPEC, resolve
 from common.registry import get_method
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EVALUATIONS = ("linear", "finetune")
+CONFIGS = [p for p in ALL if p.stem.split("_")[0] not in EVALUATIONS]
+EVAL_CONFIGS = [p for p in ALL if p.stem.split("_")[0] in EVALUATIONS]
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=[p.stem for p in EVAL_CONFIGS])
+def test_evaluation_config_resolves_on_every_protocol(path):
+    import importlib
+
+    module = importlib.import_module(f"eval.{path.stem.split('_')[0]}")
+    spec = module.LINEAR_SPEC if path.stem.startswith("linear") else module.FINETUNE_SPEC
+    for protocol in module.PROTOCOLS.values():
+        cfg = resolve(spec, [protocol, path] if path != protocol else [path], [])
+        assert cfg["train"]["batch_size"] >= 1 and cfg["optim"]["weight_decay"] >= 0
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -7,8 +7,11 @@ import pytest
 from eval.summary import FILE, family, main, paper_name, paper_rows
 
 
-def write(folder, name, top1, arch=None):
-    report = {"knn": {"20": {"top1": top1, "top5": 90.0}}}
+def write(folder, name, top1, arch=None, **fields):
+    """A result file as the evaluations write them: k-NN (``*_knn.json``) or
+    linear / finetuning (``top1`` at the top level)."""
+    report = {"knn": {"20": {"top1": top1, "top5": 90.0}}} if name.endswith("_knn.json") else \
+        {"top1": top1, "top5": 90.0, **fields}
     if arch is not None:
         report["arch"] = arch
     (folder / name).write_text(json.dumps(report))
@@ -34,7 +37,7 @@ def test_summary_table(tmp_path):
     assert cells[3:7] == ["41.00 ± 1.41", "42.00 ± 0.71", "+1.00 ± 0.71", "2"]
     assert cells[7:] == ["RN50", "57.47", "58.97", "+1.50"]  # Table 1, SimSiam k-NN, 100 epochs
     [linear] = rows(tmp_path, "| SimSiam | linear")
-    assert linear[3:5] == ["not run yet", "not run yet"] and linear[7:] == ["RN50", "68.20", "68.98", "+0.78"]
+    assert linear[3:5] == ["not run", "not run"] and linear[7:] == ["RN50", "68.20", "68.98", "+0.78"]
 
 
 def test_paper_rows_cover_table_1():
@@ -84,7 +87,7 @@ def test_dino_runs_sit_beside_the_paper_row_of_their_backbone(tmp_path, epochs, 
     assert by_paper_arch["RN50"][8:] == rn50
     linear = rows(tmp_path, "| DINO | linear")
     assert [c[7] for c in linear] == ["ViT-S/16", "RN50"]
-    assert all(c[3:5] == ["not run yet", "not run yet"] for c in linear)
+    assert all(c[3:5] == ["not run", "not run"] for c in linear)
 
 
 def test_paper_row_without_our_family_says_not_run(tmp_path):
@@ -138,7 +141,7 @@ def test_ibot_runs_sit_beside_the_paper_ibot_row(tmp_path, epochs, knn, linear):
     assert cells[2:7] == ["vit_tiny/4", "25.00", "25.75", "+0.75", "1"]
     assert cells[7:] == ["ViT-S/16", *knn]
     [lin] = rows(tmp_path, "| iBOT | linear")
-    assert lin[3:5] == ["not run yet", "not run yet"] and lin[7:] == ["ViT-S/16", *linear]
+    assert lin[3:5] == ["not run", "not run"] and lin[7:] == ["ViT-S/16", *linear]
     # DINO's results stay beside DINO's rows, not iBOT's
     dino = {c[7]: c for c in rows(tmp_path, "| DINO | k-NN")}
     assert dino["ViT-S/16"][3] == "30.00" and dino["RN50"][3] == "not run"
@@ -164,3 +167,48 @@ def test_ibot_checkpoint_arch_is_a_vit():
                        ("ibot_paper", "vit_small/16")):
         cfg = resolve({**COMMON_SPEC, **IBOTMethod.spec}, str(configs / f"{name}.yaml"), [])
         assert IBOTMethod.arch(cfg) == arch and family(arch) == family("ViT-S/16") == "vit"
+
+
+def test_file_names_of_every_evaluation():
+    m = FILE.match("dino_resnet_hvs_s1_linear.json")
+    assert (m["method"], m["variant"], m["seed"], m["eval"], m["dataset"]) == ("dino_resnet", "hvs", "1", "linear", None)
+    m = FILE.match("simsiam_baseline_s0_finetune-tiny-imagenet-100.json")
+    assert (m["method"], m["eval"], m["dataset"]) == ("simsiam", "finetune", "tiny-imagenet-100")
+    assert FILE.match("simsiam_baseline_s0_results.json") is None
+
+
+def test_linear_rows_are_filled_from_linear_files(tmp_path):
+    for variant, knn, lin in (("baseline", 40.0, 45.0), ("hvs", 41.0, 47.5)):
+        write(tmp_path, f"simsiam_{variant}_s0_knn.json", knn, arch="resnet18")
+        write(tmp_path, f"simsiam_{variant}_s0_linear.json", lin, arch="resnet18", protocol="simsiam", mode="fast")
+    main(["--results", str(tmp_path), "--scale", "s"])
+    [linear] = rows(tmp_path, "| SimSiam | linear")
+    assert linear[2:] == ["resnet18", "45.00", "47.50", "+2.50", "1", "RN50", "68.20", "68.98", "+0.78"]
+    [knn] = rows(tmp_path, "| SimSiam | k-NN")
+    assert knn[3:5] == ["40.00", "41.00"]
+    assert "SimSiam: simsiam, fast" in (tmp_path / "summary.md").read_text()
+    assert "Table 2" not in (tmp_path / "summary.md").read_text()  # no transfer results, no transfer table
+
+
+def test_transfer_rows_sit_beside_table_2(tmp_path):
+    for variant, a, b, c in (("baseline", 30.0, 50.0, 60.0), ("hvs", 31.0, 49.0, 62.0)):
+        write(tmp_path, f"simsiam_{variant}_s0_linear-tiny-imagenet-100.json", a, arch="resnet18")
+        write(tmp_path, f"simsiam_{variant}_s0_finetune-tiny-imagenet-100.json", b, arch="resnet18")
+        write(tmp_path, f"dino_{variant}_s0_linear-cifar10.json", c, arch="vit_tiny/4")
+        write(tmp_path, f"simclr_{variant}_s0_linear-cifar10.json", c, arch="resnet18")
+    (tmp_path / "dino_s0_attention.png").write_bytes(b"png")
+    main(["--results", str(tmp_path), "--scale", "s"])
+    [lin] = rows(tmp_path, "| SimSiam | Lin.")
+    # a dataset the paper has no column for: beside the mean of its five SimSiam RN50 linear transfers
+    assert lin[2:8] == ["resnet18", "tiny-imagenet-100", "30.00", "31.00", "+1.00", "1"]
+    base = (82.60 + 54.20 + 34.27 + 32.50 + 65.70) / 5
+    hvs = (84.40 + 57.10 + 38.37 + 33.90 + 67.10) / 5
+    assert lin[8] == "RN50" and lin[9].startswith("mean of 5 (CIFAR10")
+    assert lin[10:] == [f"{base:.2f}", f"{hvs:.2f}", f"{hvs - base:+.2f}"]
+    [ft] = rows(tmp_path, "| SimSiam | F.T.")
+    assert ft[4:7] == ["50.00", "49.00", "-1.00"] and ft[9].startswith("mean of 5")
+    [dino] = rows(tmp_path, "| DINO | Lin.")  # the same dataset: beside the paper's CIFAR10 column
+    assert dino[3] == "cifar10" and dino[8:] == ["ViT-S/16", "CIFAR10", "94.53", "95.13", "+0.60"]
+    [simclr] = rows(tmp_path, "| SimCLR | Lin.")
+    assert simclr[9] == "(no Table 2 row)"
+    assert "[dino_s0_attention.png](dino_s0_attention.png)" in (tmp_path / "summary.md").read_text()
