@@ -256,7 +256,7 @@ def test_torchrun_two_processes_match_one(tiny_checkpoints, tmp_path):
     gives the one-process result: 32 training images, batches of 8."""
     args = ["--checkpoint", str(tiny_checkpoints["simsiam"]), "train.epochs=2", *FAST]
     one = main([*args, "--output-dir", str(tmp_path / "one")])
-    r = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "eval.linear",
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "eval.linear",
             *args, "--output-dir", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
