@@ -7,7 +7,7 @@
 # results/summary.md with our numbers beside the paper's.  Re-running resumes
 # unfinished runs and skips finished evaluations.
 #
-#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~50 min
+#   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~40 min
 #   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
