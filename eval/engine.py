@@ -108,9 +108,7 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
         path = resolve(spec, args.config, overrides)["eval"]["checkpoint"]
         if not path:
             raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint.pth of this repository)")
-        ckpt = ckpt_io.load(path)
-        protocol = args.protocol if args.protocol != "auto" else auto_protocol(ckpt)
-        del ckpt
+        protocol = args.protocol if args.protocol != "auto" else auto_protocol(ckpt_io.load(path))
         cfg = resolve(spec, [protocols[protocol], *args.config], overrides)
         cfg["eval"]["protocol"] = protocol
         drop_path = cfg["model"]["drop_path"] if "model" in cfg else 0.0
