@@ -27,8 +27,8 @@ usage: bash run_all.sh [options]
       small    1,500 CIFAR-10 images, 1 epoch, CPU: RN18 (CIFAR stem) for SimSiam, SimCLR and
                dino_resnet, ViT-tiny/4 with 32 px global and 16 px local crops for DINO (8 local
                crops) and iBOT (10 local crops) (configs/<method>_small.yaml; baseline + HVS at
-               23 steps on 2 cores: SimSiam + SimCLR ~15 min, DINO ~8 min, iBOT ~8-9 min,
-               dino_resnet ~12 min)
+               23 steps on 2 cores: pretraining SimSiam + SimCLR ~6 min, DINO ~6 min, iBOT ~7 min,
+               dino_resnet ~16 min; evaluation ~18 min, most of it the transfer of SimSiam and DINO)
       gpu      CIFAR-10, 100 epochs, same backbones (<method>_cifar10_gpu.yaml; SimSiam and SimCLR about
                a GPU-hour each; DINO and iBOT not yet timed on a GPU)
       gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's and iBOT's ViT-tiny with 8 px patches

@@ -98,6 +98,8 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
 
     ckpt = load(path)
     method_cls = get_method(ckpt["method"])
+    if which == "auto":
+        which = "teacher" if method_cls.has_teacher else "student"
     try:
         backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], ckpt.get("method_state", {}),
                                                   which, drop_path=drop_path)
@@ -105,8 +107,6 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
         raise CheckpointError(f"{path}: {err}") from err
     backbone.eval()
     cfg = ckpt["config"]
-    if which == "auto":
-        which = "teacher" if method_cls.has_teacher else "student"
     info = {"method": ckpt["method"], "arch": ckpt["arch"], "dataset": cfg["data"]["dataset"],
             "image_size": method_cls.image_size(cfg), "data_dir": cfg["data"].get("data_dir"),
             "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"], "which": which,

@@ -89,7 +89,7 @@ class SSLMethod:
     @classmethod
     def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str,
                             drop_path: float = 0.0) -> nn.Module:
-        """The pretrained backbone (``which``: auto, teacher or student); a ViT
+        """The pretrained backbone (``which``: teacher or student); a ViT
         is built with stochastic depth ``drop_path`` (for finetuning)."""
         raise NotImplementedError
 

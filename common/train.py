@@ -128,6 +128,33 @@ def selection_stats(sel, params, baseline_row) -> dict:
     return out
 
 
+def setup_run(cfg: dict) -> tuple[torch.device, Path]:
+    """Process group and device, the output folder with the resolved
+    ``config.yaml`` (written by rank 0), and the global seeds."""
+    device = dist.init(cfg["run"]["device"])
+    out = Path(cfg["run"]["output_dir"])
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        dump(cfg, out / "config.yaml")
+    dist.barrier()
+    seed_everything(int(cfg["run"]["seed"]))
+    return device, out
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of a step's randomness on this rank: a function of the step, so that
+    a resumed run draws what an uninterrupted one draws."""
+    return seed * 1_000_003 + step * 101 + dist.rank()
+
+
+def warn_config_changes(old: dict, new: dict) -> None:
+    """Tell a resumed run which config keys changed since its checkpoint."""
+    changed = config_changes(old, new)
+    if changed:
+        print(f"warning: the config differs from the checkpoint's in {', '.join(changed)}: "
+              "the resumed run follows the new values", file=sys.stderr, flush=True)
+
+
 def config_changes(old: dict, new: dict, ignore=("run.stop_after_steps",)) -> list:
     """Keys whose values differ between two resolved configs, e.g. ``["train.epochs: 2 -> 4"]``."""
     a, b = flatten(old), flatten(new)
@@ -200,15 +227,9 @@ def train_step(ctx: StepContext, candidates, epoch, it, iters, generator=None, t
 def run(cfg: dict, method_cls) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the checkpoint path."""
     # 1. set-up ----------------------------------------------------------------
-    device = dist.init(cfg["run"]["device"])
-    out = Path(cfg["run"]["output_dir"])
+    device, out = setup_run(cfg)
     seed = int(cfg["run"]["seed"])
     main = dist.is_main()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
-    dist.barrier()
-    seed_everything(seed)
 
     global_batch = int(cfg["train"]["batch_size"])
     if global_batch % dist.world():
@@ -257,10 +278,7 @@ def run(cfg: dict, method_cls) -> Path:
         start_epoch, step, loop_state = state["epoch"], state["step"], state.get("loop", {})
         if main:
             print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
-            changed = config_changes(state["config"], cfg)
-            if changed:
-                print(f"warning: the config differs from the checkpoint's in {', '.join(changed)}: "
-                      "the resumed run follows the new values", file=sys.stderr, flush=True)
+            warn_config_changes(state["config"], cfg)
 
     log = JsonLog(out / "log.jsonl", resume_step=step, enabled=main)
     sel_log = SelectionLog(out / "selection", dist.rank(), PARAM_NAMES)
@@ -297,9 +315,8 @@ def run(cfg: dict, method_cls) -> Path:
             candidates = [c.to(device, non_blocking=True) for c in candidates]
             sched = method.schedule(optimizer, epoch, it, iters)
             timed = step % log_every == 0
-            step_seed = seed * 1_000_003 + step * 101 + dist.rank()
-            gen = torch.Generator().manual_seed(step_seed)  # cap subset, random mode
-            torch.manual_seed(step_seed + 1)  # stochastic depth etc.: a function of the step, so resume is exact
+            gen = torch.Generator().manual_seed(step_seed(seed, step))  # cap subset, random mode
+            torch.manual_seed(step_seed(seed, step) + 1)  # stochastic depth etc.: resume is exact
             loss, stats, sel, sel_time = train_step(ctx, candidates, epoch, it, iters, gen, time_selection=timed)
             epoch_loss += loss.detach()
             epoch_n += 1

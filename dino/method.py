@@ -211,7 +211,7 @@ class DINOMethod(SSLMethod):
     # --- evaluation ---------------------------------------------------------------
     @classmethod
     def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
-        prefix = "student.backbone." if which == "student" else "teacher.backbone."  # auto: the teacher
+        prefix = f"{which}.backbone."
         backbone = cls.backbone(cfg, drop_path)
         backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
         return backbone

@@ -36,10 +36,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.config import ConfigError, _spec, build_parser, dump, overrides_of, resolve
+from common.config import ConfigError, _spec, build_parser, overrides_of, resolve
 from common.data import DataError, build_dataset, subset_indices
 from common.logs import JsonLog, Progress, fmt_time
-from common.train import EpochSampler, amp_settings, config_changes
+from common.augment import SeededDataset, eval_transform
+from common.data import num_classes
+from common.train import EpochSampler, amp_settings, setup_run, step_seed, warn_config_changes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SUBSET_SEED = 0  # the class-stratified subsets are the same for every run (as eval.knn's)
@@ -129,12 +131,6 @@ def resolve_run(cfg: dict, info: dict, name: str) -> dict:
         cfg["run"]["output_dir"] = str(Path(cfg["eval"]["checkpoint"]).parent / "eval" / f"{name}_{d['dataset']}")
     if not cfg["eval"]["output"]:
         cfg["eval"]["output"] = str(Path(cfg["run"]["output_dir"]) / "results.json")
-    for key in ("train.epochs", "train.batch_size", "run.eval_every"):
-        section, sub = key.split(".")
-        if int(cfg[section][sub]) < 1:
-            raise EvalError(f"config {key}={cfg[section][sub]} must be at least 1")
-    if cfg["train"]["batch_size"] % dist.world():
-        raise EvalError(f"train.batch_size={cfg['train']['batch_size']} is not divisible by the {dist.world()} ranks")
     return cfg
 
 
@@ -150,13 +146,13 @@ def targets_of(dataset) -> list:
 
 
 def eval_datasets(cfg: dict, train_transform: Callable | None, test_transform: Callable):
-    """``(train, test, classes)``: the training split (PIL images, or transformed
-    by ``train_transform``), the test split (``test_transform``) and the class
-    names, with the configured class-stratified subsets."""
+    """``(train, test, number of classes)``: the training split (PIL images, or
+    transformed by ``train_transform``) and the test split (``test_transform``),
+    with the configured class-stratified subsets."""
     d = cfg["data"]
     train = build_dataset(d["dataset"], "train", d["data_dir"], transform=train_transform, download=d["download"])
     test = build_dataset(d["dataset"], "val", d["data_dir"], transform=test_transform, download=d["download"])
-    classes = list(train.classes)
+    classes = num_classes(train)
     if d["train_subset"]:
         train = Subset(train, subset_indices(targets_of(train), d["train_subset"], SUBSET_SEED))
     if d["test_subset"]:
@@ -189,6 +185,20 @@ class ImageBatches:
             self.sampler.set_epoch(epoch, skip_batches=skip)
         return DataLoader(self.dataset, batch_size=self.bs, sampler=self.sampler, shuffle=False,
                           num_workers=self.workers, pin_memory=self.pin, drop_last=False)
+
+
+def image_data(cfg: dict, train_transform: Callable, device: torch.device):
+    """``(train batches, test batches, sizes)`` of the evaluation dataset: the
+    training images augmented by ``train_transform`` seeded per (seed, epoch,
+    image), the test images resized and centre-cropped; ``sizes`` holds
+    n_train, n_test and num_classes."""
+    seed, workers, pin = int(cfg["run"]["seed"]), cfg["data"]["num_workers"], device.type == "cuda"
+    per_rank = cfg["train"]["batch_size"] // dist.world()
+    train, test, classes = eval_datasets(cfg, None, eval_transform(cfg["data"]["image_size"]))
+    train = SeededDataset(train, train_transform, seed)
+    return (ImageBatches(train, per_rank, seed, True, workers, pin),
+            ImageBatches(test, per_rank, shuffle=False, num_workers=workers, pin=pin),
+            {"n_train": len(train), "n_test": len(test), "num_classes": classes})
 
 
 class TensorBatches:
@@ -227,12 +237,6 @@ def topk_correct(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     k = min(5, logits.shape[-1])
     hits = logits.topk(k, dim=-1).indices == targets[None, :, None]  # [H, B, k]
     return hits[..., 0].sum(1), hits.any(-1).sum(1)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Seed of the global torch RNG at a step (stochastic depth): a function of
-    the step, so that a resumed run is exact (as the training loop)."""
-    return seed * 1_000_003 + step * 101 + dist.rank() + 1
 
 
 class Trainer:
@@ -316,10 +320,7 @@ class Trainer:
         ckpt_io.set_rng_state(state["rng"])
         if self.verbose:
             print(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}", file=sys.stderr, flush=True)
-            changed = config_changes(state["config"], self.cfg)
-            if changed:
-                print(f"warning: the config differs from the checkpoint's in {', '.join(changed)}: "
-                      "the resumed run follows the new values", file=sys.stderr, flush=True)
+            warn_config_changes(state["config"], self.cfg)
         return state["epoch"], state["step"], list(state["history"]), dict(state.get("loop") or {})
 
     # --- training -------------------------------------------------------------------
@@ -343,7 +344,7 @@ class Trainer:
             n, t_epoch = (int(loop.get("n", 0)) if done else 0), time.time()
             for it, (images, targets) in enumerate(train.epoch(epoch, done), start=done):
                 sched = self.schedule(self.optimizer, epoch, it, iters)
-                torch.manual_seed(step_seed(seed, step))
+                torch.manual_seed(step_seed(seed, step) + 1)  # stochastic depth, as the training loop
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 with self.autocast():
@@ -357,11 +358,11 @@ class Trainer:
                 else:
                     loss.backward()
                     self.optimizer.step()
-                finite = torch.isfinite(per_head)
-                loss_sum += per_head[finite].mean() if len(per_head) > 1 else per_head[0]
+                finite = torch.isfinite(per_head)  # in a sweep, a diverging rate leaves the other heads alone
+                loss_sum += torch.where(finite, per_head, 0.0).sum() / finite.sum().clamp(min=1)  # no host sync
                 n, step = n + 1, step + 1
                 if step % log_every == 0 or it + 1 == iters:
-                    if not finite.any():  # in a sweep, a diverging rate leaves the other heads alone
+                    if not finite.any():
                         raise FloatingPointError(f"loss is {per_head.tolist()} at epoch {epoch} step {step}: stopping")
                     value = per_head[finite].mean().item()
                     extra = {"diverged_heads": int((~finite).sum())} if not finite.all() else {}
@@ -461,16 +462,15 @@ def write_results(cfg: dict, results: dict) -> None:
 
 
 def start_run(cfg: dict) -> tuple[torch.device, Path]:
-    """Process group, device, seeds and the output folder with ``config.yaml``."""
-    from common.train import seed_everything
-
-    device = dist.init(cfg["run"]["device"])
-    out = Path(cfg["run"]["output_dir"])
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
-    dist.barrier()
-    seed_everything(int(cfg["run"]["seed"]))
+    """Check the settings, then :func:`common.train.setup_run`: process group,
+    device, the output folder with ``config.yaml``, seeds."""
+    for key in ("train.epochs", "train.batch_size", "run.eval_every"):
+        section, sub = key.split(".")
+        if int(cfg[section][sub]) < 1:
+            raise EvalError(f"config {key}={cfg[section][sub]} must be at least 1")
+    device, out = setup_run(cfg)
+    if cfg["train"]["batch_size"] % dist.world():
+        raise EvalError(f"train.batch_size={cfg['train']['batch_size']} is not divisible by the {dist.world()} ranks")
     return device, out
 
 

@@ -51,11 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from common import dist
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, SeededDataset, eval_transform
+from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import _spec
 from common.schedules import cosine_schedule
-from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, ImageBatches, Trainer, eval_datasets, finish, parse_eval_args,
-                         resolve_run, run_main, start_run)
+from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, Trainer, finish, image_data, parse_eval_args, resolve_run,
+                         run_main, start_run)
 
 PROTOCOLS = {"vit": CONFIGS / "finetune_vit.yaml", "resnet": CONFIGS / "finetune_resnet.yaml"}
 
@@ -170,11 +170,8 @@ def make_schedule(cfg: dict, peak: float):
 def finetune(cfg, backbone, info, device, out) -> tuple[list, dict]:
     from timm.optim import create_optimizer_v2
 
-    seed, workers, pin = int(cfg["run"]["seed"]), cfg["data"]["num_workers"], device.type == "cuda"
-    per_rank = cfg["train"]["batch_size"] // dist.world()
-    train_base, test, classes = eval_datasets(cfg, None, eval_transform(cfg["data"]["image_size"]))
-    train = SeededDataset(train_base, train_transform(cfg), seed)
-    model = Classifier(backbone, len(classes), seed).to(device)
+    train, test, sizes = image_data(cfg, train_transform(cfg), device)
+    model = Classifier(backbone, sizes["num_classes"], int(cfg["run"]["seed"])).to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     peak = cfg["optim"]["lr"] * cfg["train"]["batch_size"] / 512
@@ -183,12 +180,8 @@ def finetune(cfg, backbone, info, device, out) -> tuple[list, dict]:
     identity = {"kind": "finetune", "source": info["fingerprint"]}
     trainer = Trainer(cfg, model, lambda net, x: net(x), optimizer, make_schedule(cfg, peak), device, out=out,
                       identity=identity, label_smoothing=cfg["train"]["label_smoothing"])
-    history, finished = trainer.fit(ImageBatches(train, per_rank, seed, True, workers, pin),
-                                    ImageBatches(test, per_rank, shuffle=False, num_workers=workers, pin=pin),
-                                    int(cfg["train"]["epochs"]))
-    sizes = {"n_train": len(train), "n_test": len(test), "num_classes": len(classes), "lr": peak,
-             "lr_at_512": o["lr"], "finished": finished}
-    return history, sizes
+    history, finished = trainer.fit(train, test, int(cfg["train"]["epochs"]))
+    return history, {**sizes, "lr": peak, "lr_at_512": o["lr"], "finished": finished}
 
 
 def main(argv=None) -> dict:
@@ -196,8 +189,7 @@ def main(argv=None) -> dict:
         cfg, backbone, info = parse_eval_args(FINETUNE_SPEC, __doc__.split("\n\n")[0], PROTOCOLS, auto_protocol, argv)
         if cfg["eval"]["protocol"] == "vit" and not hasattr(backbone, "blocks"):
             raise EvalError(f"--protocol vit is for ViT checkpoints; {cfg['eval']['checkpoint']} holds a {info['arch']}")
-        cfg["data"]["dataset"] = cfg["data"]["dataset"] or info["dataset"]
-        cfg = resolve_run(from_table(cfg), info, "finetune")
+        cfg = from_table(resolve_run(cfg, info, "finetune"))
         if cfg["optim"]["warmup_epochs"] >= cfg["train"]["epochs"]:
             raise EvalError(f"optim.warmup_epochs={cfg['optim']['warmup_epochs']} must be below "
                             f"train.epochs={cfg['train']['epochs']}")

@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dataset = args.dataset or info["dataset"]
     image_size = args.image_size or info["image_size"]
     data_dir = args.data_dir or os.environ.get("HVS_DATA_DIR") or info.get("data_dir")
-    print(f"{info.get('method')} / {info.get('arch')} ({args.which}) from {args.checkpoint}; "
+    print(f"{info.get('method')} / {info.get('arch')} ({info.get('which', args.which)}) from {args.checkpoint}; "
           f"k-NN on {dataset} at {image_size}px", file=sys.stderr)
 
     # ---- data ----
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"k={k}  top1 {r['top1']:.2f}  top5 {r['top5']:.2f}")
 
     report = {"eval": "knn", "checkpoint": args.checkpoint, "dataset": dataset, "method": info.get("method"),
-              "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"), "which": args.which, "image_size": image_size,
+              "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"), "which": info.get("which", args.which), "image_size": image_size,
               "n_train": len(train_y), "n_test": len(test_y), "temperature": args.temperature,
               "knn": {str(k): r for k, r in results.items()}}
     if args.output:

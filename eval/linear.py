@@ -58,14 +58,15 @@ from torchvision import transforms as T
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, SeededDataset, eval_transform
+from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from common.config import _spec
 from common.data import subset_indices
 from common.schedules import cosine_schedule
-from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, ImageBatches, TensorBatches, Trainer,
-                         eval_datasets, finish, parse_eval_args, resolve_run, run_main, start_run)
+from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
+                         parse_eval_args, resolve_run, run_main, start_run)
 
 PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in ("dino", "simsiam", "simclr")}
+SWEEP_SEED = 1  # the held-out part of the fast sweep (independent of the subsets' SUBSET_SEED)
 
 LINEAR_SPEC = {
     **EVAL_SPEC,
@@ -216,21 +217,15 @@ def check_unchanged(features: FrozenFeatures, info: dict) -> None:
 
 def run_full(cfg, features, info, device, out) -> tuple[dict, dict]:
     """The protocol: augmented images through the frozen backbone every epoch."""
-    per_rank, seed, workers = cfg["train"]["batch_size"] // dist.world(), int(cfg["run"]["seed"]), cfg["data"]["num_workers"]
-    train_base, test, classes = eval_datasets(cfg, None, eval_transform(cfg["data"]["image_size"]))
-    train = SeededDataset(train_base, train_transform(cfg), seed)
+    train, test, sizes = image_data(cfg, train_transform(cfg), device)
     lr = cfg["optim"]["lr"] * cfg["train"]["batch_size"] / 256
-    heads = LinearHeads(features.dim, len(classes), 1, seed).to(device)
+    heads = LinearHeads(features.dim, sizes["num_classes"], 1, int(cfg["run"]["seed"])).to(device)
     identity = {"kind": "linear-full", "source": info["fingerprint"]}
     trainer = Trainer(cfg, heads, lambda net, x: net(features(x)), build_optimizer(heads, cfg, [lr]),
                       make_schedule(cfg), device, out=out, identity=identity)
-    pin = device.type == "cuda"
-    history, finished = trainer.fit(ImageBatches(train, per_rank, seed, True, workers, pin),
-                                    ImageBatches(test, per_rank, shuffle=False, num_workers=workers, pin=pin),
-                                    int(cfg["train"]["epochs"]))
+    history, finished = trainer.fit(train, test, int(cfg["train"]["epochs"]))
     check_unchanged(features, info)
-    sizes = {"n_train": len(train), "n_test": len(test), "num_classes": len(classes), "lr": lr, "finished": finished}
-    return history, sizes
+    return history, {**sizes, "lr": lr, "finished": finished}
 
 
 def cached_features(cfg, features, info, device, out) -> dict:
@@ -249,7 +244,7 @@ def cached_features(cfg, features, info, device, out) -> dict:
             return cached
     transform = eval_transform(cfg["data"]["image_size"])
     train, test, classes = eval_datasets(cfg, transform, transform)
-    cached = {"key": key, "num_classes": len(classes)}
+    cached = {"key": key, "num_classes": classes}
     for split, ds in (("train", train), ("test", test)):
         loader = torch.utils.data.DataLoader(ds, batch_size=min(256, cfg["train"]["batch_size"]), shuffle=False,
                                              num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda")
@@ -273,10 +268,10 @@ def run_fast(cfg, features, info, device, out) -> tuple[dict, dict]:
         raise EvalError("fast.lr_factors is empty: give at least one factor (e.g. [1.0])")
     schedule, n_classes = make_schedule(cfg), data["num_classes"]
 
-    def fit(rates, train_x, train_y, test_x, test_y, quiet):
+    def fit(rates, train_x, train_y, test_x, test_y):
         heads = LinearHeads(x.shape[1], n_classes, len(rates), seed).to(device)
         trainer = Trainer(cfg, heads, lambda net, f: net(f), build_optimizer(heads, cfg, rates), schedule, device,
-                          head_names=[f"lr {r:.3g}" for r in rates], verbose=not quiet)
+                          head_names=[f"lr {r:.3g}" for r in rates])
         history, _ = trainer.fit(TensorBatches(train_x, train_y, bs, seed), TensorBatches(test_x, test_y, bs, shuffle=False),
                                  epochs)
         return trainer, history
@@ -291,7 +286,7 @@ def run_fast(cfg, features, info, device, out) -> tuple[dict, dict]:
         held = held.to(device)
         print(f"sweep: {len(lrs)} learning rates, {int(held.sum())} of {len(y)} training images held out",
               file=sys.stderr, flush=True)
-        trainer, history = fit(lrs, x[~held], y[~held], x[held], y[held], quiet=False)
+        trainer, history = fit(lrs, x[~held], y[~held], x[held], y[held])
         on_holdout = history[-1]["heads"]
         on_test = trainer.evaluate(TensorBatches(tx, ty, bs, shuffle=False))
         stable = [h for h in range(len(lrs)) if math.isfinite(on_holdout[h]["loss"])]  # diverged rates drop out
@@ -306,13 +301,10 @@ def run_fast(cfg, features, info, device, out) -> tuple[dict, dict]:
         lrs = [lrs[best]]
         print(f"chosen learning rate {lrs[0]:.4g} (held-out top-1 {on_holdout[best]['top1']:.2f})",
               file=sys.stderr, flush=True)
-    _, history = fit(lrs, x, y, tx, ty, quiet=False)
+    _, history = fit(lrs, x, y, tx, ty)
     check_unchanged(features, info)
     sizes = {"n_train": len(y), "n_test": len(ty), "num_classes": n_classes, "lr": lrs[0], "finished": True, **extra}
     return history, sizes
-
-
-SWEEP_SEED = 1  # the held-out part of the fast sweep (independent of the subsets' SUBSET_SEED)
 
 
 # ---------------------------------------------------------------------------
