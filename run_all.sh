@@ -90,7 +90,7 @@ export HVS_DATA_DIR="$DATA_DIR"
 # LIN / FT: extra configs of eval.linear / eval.finetune (layered on the method's protocol),
 # T1 / TR: data subsets of Table 1's and Table 2's evaluations, TRANSFER_DEFAULT: Table 2's datasets
 case "$PROFILE" in
-  small)   CFG=small;              KNN=(--train-subset 1500 --test-subset 1000)
+  small)   CFG=small;              KNN=(data.train_subset=1500 data.test_subset=1000)
            LIN=(--config configs/linear_small.yaml); FT=(--config configs/finetune_small.yaml)
            T1=(data.train_subset=1500 data.test_subset=1000); TR=(data.train_subset=5000 data.test_subset=2000)
            TRANSFER_DEFAULT="tiny-imagenet-100"

@@ -10,12 +10,17 @@ Reported per configuration: the median step time, the overhead factor
 median(HVS step) / median(baseline step) and the median selection time alone.
 
     python -m bench.overhead --arch resnet18 --image-size 64 --batch-size 32
-    python -m bench.overhead --method dino --image-size 32 --batch-size 16
-    python -m bench.overhead --method ibot --image-size 32 --batch-size 16
+    python -m bench.overhead --method dino --image-size 32 --batch-size 16 bench.repeats=5
+    python -m bench.overhead --method ibot --image-size 32 --batch-size 16 bench.resolutions=[1.0,0.5]
+
+The command line is that of every entry point (``common/config.py``:
+``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
+the flags above are shortcuts for ``bench.method``, ``model.arch``,
+``bench.image_size`` and ``train.batch_size``.
 
 SimSiam and SimCLR: N views of one size per image, all C(N, 2) pairs compared.
 DINO and iBOT: multi-crop candidates (``hvs.global_candidates`` global crops of
-``--image-size``, ``hvs.local_candidates`` local crops of ``--local-size``),
+``bench.image_size``, ``hvs.local_candidates`` local crops of ``augment.local_size``),
 ``hvs.max_combinations`` (128) combinations compared per step; iBOT also
 block-masks the global candidates and scores the masked-patch loss.  The
 paper's Table 14 has factors for SimSiam and DINO only (no SimCLR, no iBOT).
@@ -25,7 +30,6 @@ Inputs are seeded random tensors: data loading and augmentation are not timed
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -36,13 +40,16 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.config import COMMON_SPEC, resolve
+from common.config import COMMON_SPEC, ConfigError, resolve, setting
 from common.hvs import HardViewSelector
+from common.method import StepInfo
 from common.multicrop import multicrop_pools
-from common.train import StepContext, amp_settings, seed_everything, train_step
+from common.runtime import amp_settings, seed_everything
+from common.train import StepContext, train_step
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
 from simclr.method import SimCLRMethod
+from eval.knn import parse_cli, resolve_device
 from simsiam.method import SimSiamMethod
 
 
@@ -63,20 +70,24 @@ def multicrop_candidates(cfg: dict, generator: torch.Generator) -> list:
             for (n, _), size in zip(multicrop_pools(cfg), sizes) for _ in range(n)]
 
 
-def pair_overrides(args) -> list:
-    """Config overrides of a pair method (SimSiam, SimCLR) from the command line."""
-    return [f"model.arch={args.arch}", f"model.cifar_stem={str(args.cifar_stem).lower()}",
-            f"augment.size={args.image_size}", f"hvs.n_views={args.n_views}"]
+def pair_overrides(cfg: dict) -> list:
+    """The method's config overrides of a pair method (SimSiam, SimCLR) from the
+    benchmark's configuration."""
+    m = cfg["model"]
+    return [f"model.arch={m['arch']}", f"model.cifar_stem={str(m['cifar_stem']).lower()}",
+            f"augment.size={cfg['bench']['image_size']}", f"hvs.n_views={cfg['hvs']['n_views']}"]
 
 
-def dino_overrides(args) -> list:
-    """Config overrides of DINO (and iBOT) from the command line.  The last layer
-    is not frozen: the step timed is a step after the first epoch, where it trains."""
-    return [f"model.arch={args.arch}", f"model.cifar_stem={str(args.cifar_stem).lower()}",
-            f"model.patch_size={args.patch_size}", f"model.out_dim={args.out_dim}",
-            f"augment.global_size={args.image_size}", f"augment.local_size={args.local_size}",
-            f"augment.n_local={args.n_local}", f"hvs.global_candidates={args.global_candidates}",
-            f"hvs.local_candidates={args.local_candidates}", "optim.freeze_last_layer=0"]
+def dino_overrides(cfg: dict) -> list:
+    """The method's config overrides of DINO (and iBOT) from the benchmark's
+    configuration.  The last layer is not frozen: the step timed is a step after
+    the first epoch, where it trains."""
+    m, a, h = cfg["model"], cfg["augment"], cfg["hvs"]
+    return [f"model.arch={m['arch']}", f"model.cifar_stem={str(m['cifar_stem']).lower()}",
+            f"model.patch_size={m['patch_size']}", f"model.out_dim={m['out_dim']}",
+            f"augment.global_size={cfg['bench']['image_size']}", f"augment.local_size={a['local_size']}",
+            f"augment.n_local={a['n_local']}", f"hvs.global_candidates={h['global_candidates']}",
+            f"hvs.local_candidates={h['local_candidates']}", "optim.freeze_last_layer=0"]
 
 
 def pair_setting(cfg: dict) -> str:
@@ -99,9 +110,9 @@ class BenchMethod(NamedTuple):
     cls: type                  # the SSLMethod subclass
     paper: dict | None         # resolution -> overhead factor of the paper's Table 14 (None: not in it)
     candidates: Callable       # (cfg, generator) -> list of candidate tensors, pool after pool
-    overrides: Callable        # (args) -> the method's config overrides ("key=value") from the command line
+    overrides: Callable        # (cfg) -> the method's config overrides ("key=value") from the benchmark's config
     setting: Callable          # (cfg) -> one line describing the views and candidates, for the header
-    arch: str                  # default --arch
+    arch: str                  # default model.arch
     paper_setting: str = ""    # what the paper's factors were measured on
 
 
@@ -159,8 +170,8 @@ class Step:
             candidates = first_candidates(self.method.pools(), candidates)
         self.ctx.sync()
         t0 = time.perf_counter()
-        self.method.schedule(self.ctx.optimizer, 0, 0, 1)
-        _, _, _, t_sel = train_step(self.ctx, candidates, 0, 0, 1, generator, time_selection=True)
+        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, 0, 0, 1))
+        _, _, _, t_sel = train_step(self.ctx, candidates, step, generator, time_selection=True)
         self.ctx.sync()
         return time.perf_counter() - t0, t_sel
 
@@ -177,31 +188,41 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def benchmark(args) -> dict:
+def method_config(cfg: dict) -> tuple[dict, list]:
+    """The method's configuration (its own spec, resolved as training resolves
+    it) of the benchmark's configuration, and the overrides that made it."""
+    entry = METHODS[cfg["bench"]["method"]]
+    overrides = [f"method={cfg['bench']['method']}", *entry.overrides(cfg), "hvs.enabled=true",
+                 f"train.batch_size={cfg['train']['batch_size']}", f"train.amp='{cfg['train']['amp']}'",
+                 f"run.device={cfg['run']['device']}"]
+    return resolve({**COMMON_SPEC, **entry.cls.spec}, None, overrides), overrides
+
+
+def benchmark(cfg: dict) -> dict:
     """Time the baseline and every resolution, interleaved; return the result dict."""
-    entry = METHODS[args.method]
-    device = torch.device(args.device)
-    overrides = [f"method={args.method}", *entry.overrides(args), "hvs.enabled=true",
-                 f"train.batch_size={args.batch_size}", f"train.amp='{args.amp}'", f"run.device={args.device}"]
-    cfg = resolve({**COMMON_SPEC, **entry.cls.spec}, None, overrides)
+    b = cfg["bench"]
+    entry = METHODS[b["method"]]
+    device = torch.device(cfg["run"]["device"])
+    mcfg, overrides = method_config(cfg)
+    batch_size = mcfg["train"]["batch_size"]
     seed_everything(0)
-    method = entry.cls(cfg, device)
+    method = entry.cls(mcfg, device)
     method.model.to(device).train()
-    optimizer = method.build_optimizer(args.batch_size)
-    autocast, scaler = amp_settings(cfg, device)
+    optimizer = method.build_optimizer(batch_size)
+    autocast, scaler = amp_settings(mcfg, device)
     step = Step(method, optimizer, autocast, scaler, device)
-    candidates = [c.to(device) for c in entry.candidates(cfg, torch.Generator().manual_seed(0))]
+    candidates = [c.to(device) for c in entry.candidates(mcfg, torch.Generator().manual_seed(0))]
     generator = torch.Generator().manual_seed(1)
 
-    configs = [None] + [float(r) for r in args.resolutions]     # None: the baseline
-    selectors = {r: build_selector(method, cfg, r) for r in configs if r is not None}
+    configs = [None] + list(b["resolutions"])     # None: the baseline
+    selectors = {r: build_selector(method, mcfg, r) for r in configs if r is not None}
     times = {r: [] for r in configs}
     sel_times = {r: [] for r in configs}
-    for rep in range(args.warmup + args.repeats):
+    for rep in range(b["warmup"] + b["repeats"]):
         shift = rep % len(configs)
         for r in configs[shift:] + configs[:shift]:
             t_step, t_sel = step(candidates, selectors.get(r), generator)
-            if rep >= args.warmup:
+            if rep >= b["warmup"]:
                 times[r].append(t_step)
                 sel_times[r].append(t_sel)
 
@@ -212,15 +233,15 @@ def benchmark(args) -> dict:
              "hvs_step_times": times[r], "selection_times": sel_times[r]}
             for r in configs if r is not None]
     any_selector = next(iter(selectors.values()), None)
-    return {"device": device_name(device), "torch": torch.__version__, "method": args.method,
-            "arch": method.arch(cfg), "cifar_stem": args.cifar_stem, "image_size": args.image_size,
-            "batch_size": args.batch_size, "setting": entry.setting(cfg), "pools": method.pools(),
-            "max_combinations": cfg["hvs"]["max_combinations"],
+    return {"device": device_name(device), "torch": torch.__version__, "method": b["method"],
+            "arch": method.arch(mcfg), "cifar_stem": cfg["model"]["cifar_stem"], "image_size": b["image_size"],
+            "batch_size": batch_size, "setting": entry.setting(mcfg), "pools": method.pools(),
+            "max_combinations": mcfg["hvs"]["max_combinations"],
             "combinations": len(any_selector.all_combos) if any_selector else None,
-            "amp": args.amp if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
-            "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
+            "amp": cfg["train"]["amp"] if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
+            "threads": torch.get_num_threads(), "warmup": b["warmup"], "repeats": b["repeats"],
             "baseline_step_s": base, "baseline_step_times": times[None], "rows": rows,
-            "overrides": overrides, "command": "python -m bench.overhead " + " ".join(args.argv)}
+            "overrides": overrides, "config": cfg, "command": "python -m bench.overhead " + " ".join(b["argv"])}
 
 
 def format_table(res: dict) -> str:
@@ -237,67 +258,89 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="simsiam", choices=sorted(METHODS))
-    p.add_argument("--arch", default=None,
-                   help="backbone (default: resnet18 for simsiam/simclr, vit_tiny for dino and ibot; "
-                        "dino also takes resnet18/34/50/101, ibot only ViTs)")
-    p.add_argument("--cifar-stem", default=True, action=argparse.BooleanOptionalAction,
-                   help="ResNets: 3x3 stride-1 stem, no max-pool (for 32-64 px images)")
-    p.add_argument("--image-size", type=int, default=64, help="view size; DINO, iBOT: the global crop size")
-    p.add_argument("--batch-size", type=int, default=32)
-    g = p.add_argument_group("simsiam, simclr")
-    g.add_argument("--n-views", type=int, default=4, help="candidate views per image (paper: 4)")
-    g = p.add_argument_group("dino, ibot")
-    g.add_argument("--local-size", type=int, default=None, help="local crop size (default: --image-size // 2)")
-    g.add_argument("--patch-size", type=int, default=4, help="ViT patch size (default 4; the paper's ViT-S/16: 16)")
-    g.add_argument("--out-dim", type=int, default=None,
-                   help="prototypes (default: 4096 on CPU; on GPU the method's own, DINO 65536, iBOT 8192)")
-    g.add_argument("--n-local", type=int, default=None, help="local crops per image (default: DINO 8, iBOT 10)")
-    g.add_argument("--global-candidates", type=int, default=4,
-                   help="global candidates per image, split over the 2 global slots (paper: 4)")
-    g.add_argument("--local-candidates", type=int, default=None,
-                   help="local candidates per image (default: 2 per local crop: DINO 16 (the paper's), iBOT 20)")
-    p.add_argument("--resolutions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
-                   help="fractions of the view size used by the selection forward")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds over all configurations")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (GPU only)")
-    p.add_argument("--output", default="results/overhead.json")
-    args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no GPU visible")
-    if args.arch is None:
-        args.arch = METHODS[args.method].arch
-    if args.local_size is None:
-        args.local_size = args.image_size // 2
+# ---------------------------------------------------------------------------
+# Command line: the config layer of every entry point (common/config.py)
+# ---------------------------------------------------------------------------
+#: Keys of the benchmark: what it times (``bench.*``) and the method settings it
+#: varies, under the method's own key names (a value 0 takes the default said).
+BENCH_SPEC = {
+    "bench.method": setting("simsiam", "method timed (the paper's Table 14 has SimSiam and DINO only)",
+                            sorted(METHODS)),
+    "model.arch": setting("", "backbone (default: resnet18 for simsiam and simclr, vit_tiny for dino and ibot; "
+                              "dino also takes resnet18/34/50/101, ibot only ViTs)"),
+    "model.cifar_stem": setting(True, "ResNets: 3x3 stride-1 stem, no max-pool (for 32-64 px images)"),
+    "bench.image_size": setting(64, "view size; dino, ibot: the global crop size", range="[1, inf)"),
+    "train.batch_size": setting(32, "images per step", range="[1, inf)"),
+    "hvs.n_views": setting(4, "simsiam, simclr: candidate views per image (paper: 4)", range="[2, inf)"),
+    "augment.local_size": setting(0, "dino, ibot: local crop size (0: bench.image_size // 2)", range="[0, inf)"),
+    "model.patch_size": setting(4, "dino, ibot: ViT patch size (the paper's ViT-S/16: 16); crop sizes must be "
+                                   "multiples of it", range="[1, inf)"),
+    "model.out_dim": setting(0, "dino, ibot: prototypes (0: 4096 on CPU; on GPU the method's own, DINO 65536, "
+                                "iBOT 8192)", range="[0, inf)"),
+    "augment.n_local": setting(0, "dino, ibot: local crops per image (0: the method's, DINO 8, iBOT 10)",
+                               range="[0, inf)"),
+    "hvs.global_candidates": setting(4, "dino, ibot: global candidates per image, split over the 2 global slots "
+                                        "(paper: 4)", range="[2, inf)"),
+    "hvs.local_candidates": setting(0, "dino, ibot: local candidates per image (0: 2 per local crop, DINO 16 "
+                                       "(the paper's), iBOT 20)", range="[0, inf)"),
+    "bench.resolutions": setting([1.0, 0.75, 0.5, 0.25], "fractions of the view size used by the selection forward "
+                                 "(a list)", range="(0, 1]"),
+    "bench.warmup": setting(2, "untimed rounds over all configurations", range="[0, inf)"),
+    "bench.repeats": setting(7, "timed rounds; medians are reported", range="[1, inf)"),
+    "run.device": COMMON_SPEC["run.device"],
+    "train.amp": setting("off", "mixed precision (GPU only)", ["off", "bf16", "fp16"]),
+    "bench.output": setting("results/overhead.json", "the JSON file written"),
+}
+
+#: flags kept for the keys set most often
+SHORTCUTS = {"--method": "bench.method", "--arch": "model.arch", "--image-size": "bench.image_size",
+             "--batch-size": "train.batch_size", "--device": "run.device", "--output": "bench.output"}
+
+
+def _finish(cfg: dict) -> None:
+    """Fill the defaults that depend on the method and the device, and check
+    what depends on several keys; then resolve the method's own config, so
+    that every bad value is refused before a model is built."""
+    method, m, a, h = cfg["bench"]["method"], cfg["model"], cfg["augment"], cfg["hvs"]
+    resolve_device(cfg)
+    m["arch"] = m["arch"] or METHODS[method].arch
+    a["local_size"] = a["local_size"] or cfg["bench"]["image_size"] // 2
     # multi-crop defaults from the method's own recipe (SimSiam, SimCLR do not use them: DINO's)
-    spec = {**DINOMethod.spec, **METHODS[args.method].cls.spec}
-    if args.out_dim is None:
-        args.out_dim = 4096 if args.device == "cpu" else spec["model.out_dim"]["default"]
-    if args.n_local is None:
-        args.n_local = spec["augment.n_local"]["default"]
-    if args.local_candidates is None:
-        args.local_candidates = 2 * args.n_local
-    if args.method == "ibot" and not args.arch.startswith("vit"):
-        p.error(f"--method ibot needs a ViT (patch tokens to mask), not --arch {args.arch}")
-    if args.method in ("dino", "ibot") and args.arch.startswith("vit"):
-        for name, size in (("--image-size", args.image_size), ("--local-size", args.local_size)):
-            if size % args.patch_size:
-                p.error(f"{name} {size} is not a multiple of --patch-size {args.patch_size}")
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    spec = {**DINOMethod.spec, **METHODS[method].cls.spec}
+    m["out_dim"] = m["out_dim"] or (4096 if cfg["run"]["device"] == "cpu" else spec["model.out_dim"]["default"])
+    a["n_local"] = a["n_local"] or spec["augment.n_local"]["default"]
+    h["local_candidates"] = h["local_candidates"] or 2 * a["n_local"]
+    if method == "ibot" and not m["arch"].startswith("vit"):
+        raise ConfigError(f"config model.arch={m['arch']}: ibot needs a ViT (patch tokens to mask)")
+    if method in ("dino", "ibot"):
+        if m["arch"].startswith("vit"):
+            for key, size in (("bench.image_size", cfg["bench"]["image_size"]), ("augment.local_size", a["local_size"])):
+                if size % m["patch_size"]:
+                    raise ConfigError(f"config {key}={size}: not a multiple of model.patch_size={m['patch_size']}")
+        if not a["local_size"]:
+            raise ConfigError(f"config augment.local_size: 0 (bench.image_size={cfg['bench']['image_size']} // 2)")
+    mcfg, _ = method_config(cfg)  # the method's own checks (e.g. its ranges), before anything is built
+    if METHODS[method].candidates is multicrop_candidates:
+        try:
+            multicrop_pools(mcfg)  # candidate counts that fit the crop slots
+        except ValueError as err:
+            raise ConfigError(f"config {err}") from None
+
+
+def parse_args(argv=None) -> dict:
+    """The resolved configuration of ``python -m bench.overhead``; every
+    default filled (``model.arch``, ``model.out_dim``, ...) and ``bench.argv``
+    the command line."""
+    cfg = parse_cli(BENCH_SPEC, "bench.overhead", __doc__, SHORTCUTS, argv, finish=_finish)
+    cfg["bench"]["argv"] = list(sys.argv[1:] if argv is None else argv)
+    return cfg
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    res = benchmark(args)
+    cfg = parse_args(argv)
+    res = benchmark(cfg)
     print(format_table(res), flush=True)
-    out = Path(args.output)
+    out = Path(cfg["bench"]["output"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(f"written {out}")

@@ -98,17 +98,18 @@ def sample_crop(rng: random.Random, width: int, height: int, scale, ratio):
 
 def augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, size=224) -> dict:
     """Config keys ``augment.*`` of a one-slot recipe, with a method's defaults."""
-    from common.config import _spec
+    from common.config import setting
 
     return {
-        "augment.size": _spec(size, "crop size in pixels"),
-        "augment.scale": _spec(list(scale), "random-resized-crop area range"),
-        "augment.jitter": _spec(list(jitter), "colour jitter brightness, contrast, saturation, hue"),
-        "augment.jitter_p": _spec(0.8, "probability of colour jitter"),
-        "augment.gray_p": _spec(0.2, "probability of grayscale"),
-        "augment.blur_p": _spec(blur_p, "probability of applying Gaussian blur"),
-        "augment.blur_sigma": _spec([0.1, 2.0], "blur sigma range"),
-        "augment.flip_p": _spec(0.5, "probability of a horizontal flip"),
+        "augment.size": setting(size, "crop size in pixels", range="[1, inf)"),
+        "augment.scale": setting(list(scale), "random-resized-crop area range", range="(0, 1]", length=2),
+        "augment.jitter": setting(list(jitter), "colour jitter brightness, contrast, saturation, hue",
+                                  range="[0, inf)", length=4),
+        "augment.jitter_p": setting(0.8, "probability of colour jitter", range="[0, 1]"),
+        "augment.gray_p": setting(0.2, "probability of grayscale", range="[0, 1]"),
+        "augment.blur_p": setting(blur_p, "probability of applying Gaussian blur", range="[0, 1]"),
+        "augment.blur_sigma": setting([0.1, 2.0], "blur sigma range", range="(0, inf)", length=2),
+        "augment.flip_p": setting(0.5, "probability of a horizontal flip", range="[0, 1]"),
     }
 
 
@@ -125,7 +126,8 @@ def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random):
     row[P["img_w"]], row[P["img_h"]] = W, H
     x, y, w, h = sample_crop(rng, W, H, recipe.scale, recipe.ratio)
     row[P["crop_x"]], row[P["crop_y"]], row[P["crop_w"]], row[P["crop_h"]] = x, y, w, h
-    out = img.resize((recipe.size, recipe.size), RESAMPLE[recipe.interpolation], box=(x, y, x + w, y + h))
+    # crop, then resize (torchvision's resized_crop): a box given to resize() would filter with pixels outside it
+    out = img.crop((x, y, x + w, y + h)).resize((recipe.size, recipe.size), RESAMPLE[recipe.interpolation])
     if rng.random() < recipe.flip_p:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         row[P["flip"]] = 1
@@ -166,10 +168,6 @@ class MultiViewTransform:
     candidates (N = 2 without HVS), DINO a global and a local slot."""
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])
-
-    @property
-    def num_views(self) -> int:
-        return sum(n for _, n in self.slots)
 
     def __call__(self, img: Image.Image, rng: random.Random):
         if img.mode != "RGB":

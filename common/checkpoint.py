@@ -11,7 +11,9 @@ steps taken, so a resumed run starts at step ``step`` of epoch ``epoch``.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,9 +26,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    # torch.save reports a failed write from its C++ zip writer (inline_container.cc)
+    return isinstance(err, RuntimeError) and "write" in str(err) and "inline_container" in str(err)
+
+
 def save_atomic(obj, path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over
-    ``path``: a crash leaves either the old or the new checkpoint, never half."""
+    ``path``: a crash leaves either the old or the new checkpoint, never half.
+    A full disk is reported as such (:class:`CheckpointError`), the old file
+    left in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -36,23 +47,42 @@ def save_atomic(obj, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _disk_full(err):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"the disk is full: could not write {path} ({free / 2**20:.0f} MiB free on "
+                                  f"its file system); the previous {path.name} is left as it was. "
+                                  "Free some space and re-run to resume") from None
         raise
 
 
-def load(path, expect_method: str | None = None, expect_arch: str | None = None) -> dict:
-    """Load a checkpoint safely; refuse one of another method or architecture."""
+def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:
+    """Load a checkpoint safely (``weights_only=True``); refuse a file of another
+    format (``fmt``: pretraining or evaluation checkpoints), method or
+    architecture."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the checkpoint.pth inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
+                                  "this file is something else)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
-        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this repository (format {FORMAT!r} expected)")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "zip archive" in reason:  # torch's own text goes on about miniz internals
+            reason = "its zip archive is truncated or damaged"
+        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        kind = "an evaluation" if fmt != FORMAT else "a pretraining"
+        raise CheckpointError(f"{path} is not {kind} checkpoint of this repository (format {fmt!r} expected)")
     if expect_method is not None and ckpt["method"] != expect_method:
         raise CheckpointError(f"{path} is a {ckpt['method']!r} checkpoint, but this run trains "
                               f"{expect_method!r}: use another run.output_dir")

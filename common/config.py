@@ -1,15 +1,21 @@
-"""Run configuration: a method's defaults, overlaid by a YAML file from
+"""Run configuration: a method's defaults, overlaid by YAML files from
 ``configs/``, overlaid by ``key.sub=value`` overrides from the command line.
 
-Every key has a default and a help text; unknown keys and values of the wrong
-type are refused with an error that names them.  The resolved configuration is
-saved beside every run (``config.yaml``) and inside every checkpoint.
+Every key is declared once, with :func:`setting`: its default, a help text,
+and what values it takes (the type of its default, or ``type``; ``choices``;
+``range``).  Every entry point (pretraining, evaluations, benchmarks) resolves
+its configuration here, so every one of them refuses an unknown key, a value
+of the wrong type or a value out of range before it builds data or a model,
+with one line that names the key.  The resolved configuration is saved beside
+every run (``config.yaml``) and inside every checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 
 import yaml
@@ -19,36 +25,65 @@ class ConfigError(ValueError):
     pass
 
 
-def _spec(default, help_text, choices=None):
-    return {"default": default, "help": help_text, "choices": choices}
+_RANGE = re.compile(r"^\s*([\[(])\s*([^,]*?)\s*,\s*([^,]*?)\s*([\])])\s*$")
+TYPES = ("int", "float", "number", "bool", "str", "list", "any")
+
+
+def setting(default, help_text, choices=None, *, range=None, type=None, items=None, length=None):  # noqa: A002
+    """Declare one config key.
+
+    ``type``: int, float, number (an int or a float: counts that may also be
+    fractions), bool, str, list or any; by default the type of ``default``
+    (``None``: any).  ``range``: an interval in the usual notation, bounds
+    included with ``[ ]`` and excluded with ``( )``, e.g. ``"[1, inf)"`` or
+    ``"(0, 1]"``; for a list, every element must lie in it.  ``choices``:
+    the allowed values.  Lists: ``items`` is the type of every element (by
+    default the type of the default's elements), ``length`` a fixed number of
+    elements (by default any number, at least one if the default has one); a
+    single value stands for a list of one."""
+    if type is None:
+        type = {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}.get(
+            default.__class__, "any")
+    if type not in TYPES:
+        raise ValueError(f"setting type {type!r} is not one of {TYPES}")
+    bounds = None
+    if range is not None:
+        m = _RANGE.match(range)
+        if not m:
+            raise ValueError(f"setting range {range!r} must look like '[0, 1)' or '(0, inf)'")
+        bounds = (m.group(1) == "[", float(m.group(2)), float(m.group(3)), m.group(4) == "]")
+    if type == "list" and items is None and default:
+        kinds = {d.__class__ for d in default}
+        items = "int" if kinds == {int} else "float" if kinds <= {int, float} else "str" if kinds == {str} else None
+    return {"default": default, "help": help_text, "choices": choices, "type": type, "range": range,
+            "bounds": bounds, "items": items, "length": length}
 
 
 #: Keys shared by every method: (default, help[, choices]).
 COMMON_SPEC = {
-    "method": _spec("", "SSL method (set by the entry point)"),
-    "run.output_dir": _spec("runs/default", "folder for config.yaml, log.jsonl, checkpoints and selection logs"),
-    "run.seed": _spec(0, "seed of model init, data order, augmentations and selection"),
-    "run.device": _spec("auto", "auto (cuda if available), cpu or cuda", ["auto", "cpu", "cuda"]),
-    "run.log_every": _spec(10, "write a JSON line and a console progress line every K steps"),
-    "run.ckpt_every_steps": _spec(0, "also checkpoint every K steps inside an epoch (0: only at epoch ends)"),
-    "run.selection_log_every": _spec(100, "every K steps log per-view augmentation params, all combination scores and the choice (0: never)"),
-    "run.stop_after_steps": _spec(0, "checkpoint and exit after K steps in total, as if preempted (0: run to the end); re-run the command to resume"),
-    "run.max_steps_per_epoch": _spec(0, "cut each epoch after K steps, for smoke tests (0: full epochs)"),
-    "data.dataset": _spec("cifar10", "cifar10 | cifar100 | tiny-imagenet-100 | imagenet | imagefolder | flowers102 | food101 | inat21 | inat21-mini"),
-    "data.data_dir": _spec(None, "data root (default: env HVS_DATA_DIR); may hold the offline archives"),
-    "data.subset": _spec(0, "train on a class-stratified subset: N images (int) or a fraction (float); 0: all"),
-    "data.num_workers": _spec(2, "DataLoader worker processes per rank"),
-    "data.download": _spec(False, "let torchvision download the dataset (CIFAR, Flowers102, Food101, iNat21) where a network exists"),
-    "train.epochs": _spec(100, "number of epochs"),
-    "train.batch_size": _spec(512, "global batch size (split evenly over ranks)"),
-    "train.amp": _spec("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
-    "train.sync_bn": _spec(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
-    "hvs.enabled": _spec(False, "hard view selection on (N candidates per crop slot) or off (the baseline)"),
-    "hvs.n_views": _spec(4, "candidate views per image (paper: 4)"),
-    "hvs.mode": _spec("hard", "hard (argmax, the paper), easy (argmin, App. F.2), random (N views drawn, no selection)", ["hard", "easy", "random"]),
-    "hvs.max_combinations": _spec(0, "compare at most K combinations, a random subset each step (0: all)"),
-    "hvs.resolution": _spec(1.0, "fraction of the view size used for the selection forward (1.0, 0.75, 0.5, 0.25)"),
-    "hvs.bn_mode": _spec("batch", "BatchNorm in the selection forward: batch (batch stats, running stats restored), batch_update (authors' code), running (eval-mode BN)", ["batch", "batch_update", "running"]),
+    "method": setting("", "SSL method (set by the entry point)"),
+    "run.output_dir": setting("runs/default", "folder for config.yaml, log.jsonl, checkpoints and selection logs"),
+    "run.seed": setting(0, "seed of model init, data order, augmentations and selection", range="[0, inf)"),
+    "run.device": setting("auto", "auto (cuda if available), cpu or cuda", ["auto", "cpu", "cuda"]),
+    "run.log_every": setting(10, "write a JSON line and a console progress line every K steps", range="[1, inf)"),
+    "run.ckpt_every_steps": setting(0, "also checkpoint every K steps inside an epoch (0: only at epoch ends)", range="[0, inf)"),
+    "run.selection_log_every": setting(100, "every K steps log per-view augmentation params, all combination scores and the choice (0: never)", range="[0, inf)"),
+    "run.stop_after_steps": setting(0, "checkpoint and exit after K steps in total, as if preempted (0: run to the end); re-run the command to resume", range="[0, inf)"),
+    "run.max_steps_per_epoch": setting(0, "cut each epoch after K steps, for smoke tests (0: full epochs)", range="[0, inf)"),
+    "data.dataset": setting("cifar10", "cifar10 | cifar100 | tiny-imagenet-100 | imagenet | imagefolder | flowers102 | food101 | inat21 | inat21-mini"),
+    "data.data_dir": setting(None, "data root (default: env HVS_DATA_DIR); may hold the offline archives", type="str"),
+    "data.subset": setting(0, "train on a class-stratified subset: N images (int) or a fraction (float); 0: all", type="number", range="[0, inf)"),
+    "data.num_workers": setting(2, "DataLoader worker processes per rank", range="[0, inf)"),
+    "data.download": setting(False, "let torchvision download the dataset (CIFAR, Flowers102, Food101, iNat21) where a network exists"),
+    "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
+    "train.batch_size": setting(512, "global batch size (split evenly over ranks)", range="[1, inf)"),
+    "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
+    "train.sync_bn": setting(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
+    "hvs.enabled": setting(False, "hard view selection on (N candidates per crop slot) or off (the baseline)"),
+    "hvs.mode": setting("hard", "hard (argmax, the paper), easy (argmin, App. F.2), random (N views drawn, no selection)", ["hard", "easy", "random"]),
+    "hvs.max_combinations": setting(0, "compare at most K combinations, a random subset each step (0: all)", range="[0, inf)"),
+    "hvs.resolution": setting(1.0, "fraction of the view size used for the selection forward (1.0, 0.75, 0.5, 0.25)", range="(0, 1]"),
+    "hvs.bn_mode": setting("batch", "BatchNorm in the selection forward: batch (batch stats, running stats restored), batch_update (authors' code), running (eval-mode BN)", ["batch", "batch_update", "running"]),
 }
 
 
@@ -74,34 +109,90 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _number(key, value):
+    if isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            value = float(value) if any(c in value for c in ".eEin") else int(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config {key}={value!r}: expected a number")
+    return value
+
+
+def _in_range(key, value, spec):
+    if spec["bounds"] is None or value is None:
+        return
+    lo_in, lo, hi, hi_in = spec["bounds"]
+    for v in (value if isinstance(value, list) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        ok = not math.isnan(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            raise ConfigError(f"config {key}={value!r}: must lie in {spec['range']}")
+
+
 def _check(key, value, spec):
-    default = spec["default"]
+    """``value`` converted to the key's type; a :class:`ConfigError` naming the
+    key if it is of another type, not among the choices or out of range."""
+    kind = spec["type"]
+    if value is None:
+        if spec["default"] is None or kind == "any":
+            return value
+        raise ConfigError(f"config {key}: a value is needed (default {spec['default']!r})")
     if spec["choices"] and value not in spec["choices"]:
         raise ConfigError(f"config {key}={value!r}: must be one of {spec['choices']}")
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config {key}={value!r}: expected true or false")
-        return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                value = float(value) if any(c in value for c in ".eE") else int(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config {key}={value!r}: expected a number")
-        if isinstance(default, float):
-            return float(value)
-        return value  # ints may become floats where a fraction makes sense (data.subset)
-    if isinstance(default, (list, tuple)):
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"config {key}={value!r}: expected true or false")
+    if kind in ("int", "float", "number"):
+        value = _number(key, value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"config {key}={value!r}: expected a whole number")
+            value = int(value)
+        elif kind == "float":
+            value = float(value)
+    if kind == "list":
+        example = f" like {key}={list(spec['default'])}" if spec["default"] else ""
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config {key}={value!r}: expected a list like {list(default)}")
-        return list(value)
-    if isinstance(default, str) and not isinstance(value, str):
+            if isinstance(value, dict) or spec["length"] not in (None, 1):
+                raise ConfigError(f"config {key}={value!r}: expected a list{example}")
+            value = [value]
+        value = list(value)
+        if spec["length"] is not None and len(value) != spec["length"]:
+            raise ConfigError(f"config {key}={value!r}: expected {spec['length']} values{example}")
+        if spec["default"] and not value:
+            raise ConfigError(f"config {key}=[]: expected at least one value{example}")
+        if spec["items"]:
+            item_spec = {**spec, "type": spec["items"], "choices": None, "bounds": None, "default": 0}
+            value = [_check(f"{key}[{i}]", v, item_spec) for i, v in enumerate(value)]
+    if kind == "str" and not isinstance(value, str):
         raise ConfigError(f"config {key}={value!r}: expected a string")
+    _in_range(key, value, spec)
     return value
+
+
+def load_yaml(path) -> dict:
+    """A YAML config file as a flat ``{key: value}`` dict; a syntax error names
+    the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists()
+                          else f"config file {path} is not a file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {where}: YAML syntax error: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (YAML) file") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return flatten(loaded)
 
 
 def resolve(spec: dict, yaml_path=None, overrides=()) -> dict:
@@ -111,18 +202,16 @@ def resolve(spec: dict, yaml_path=None, overrides=()) -> dict:
     layers = []
     paths = yaml_path if isinstance(yaml_path, (list, tuple)) else [yaml_path]
     for path in (Path(p) for p in paths if p):
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        layers.append((f"in {path}", flatten(loaded)))
+        layers.append((f"in {path}", load_yaml(path)))
     parsed = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. hvs.enabled=true)")
         key, raw = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: {raw!r} is not a valid value") from None
     layers.append(("on the command line", parsed))
     for where, values in layers:
         for key, value in values.items():
@@ -138,6 +227,7 @@ def keys_help(spec: dict) -> str:
     lines = ["config keys (override with key=value; defaults shown):"]
     for key, s in spec.items():
         choices = f" {{{', '.join(map(str, s['choices']))}}}" if s["choices"] else ""
+        choices += f" in {s['range']}" if s["range"] else ""
         lines.append(f"  {key} = {s['default']!r}{choices}\n      {s['help']}")
     return "\n".join(lines)
 
@@ -183,7 +273,7 @@ def parse_args(spec: dict, description: str, argv=None) -> dict:
     try:
         return resolve(spec, args.config, overrides_of(args))
     except ConfigError as err:
-        parser.error(str(err))
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def dump(cfg: dict, path) -> None:

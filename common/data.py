@@ -46,6 +46,7 @@ import random
 import shutil
 import sys
 import tarfile
+import zlib
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -95,8 +96,19 @@ _HOW = ("Point --data-dir / HVS_DATA_DIR at a folder holding {x}/train/<class>/<
         "(and {x}/val or {x}/test), the archive {x}.tar.gz")
 
 
+#: Seed of the class-stratified subsets that the evaluations draw (k-NN, linear,
+#: finetuning, attention maps): the same images for every run and checkpoint.
+SUBSET_SEED = 0
+
+
 class DataError(RuntimeError):
     """A data problem the user can fix; the message names the path involved."""
+
+
+def data_dir_or_default(data_dir: str | None, fallback: str | None = None) -> str | None:
+    """The data root of an evaluation: ``data_dir`` if given, else
+    ``$HVS_DATA_DIR``, else ``fallback`` (the checkpoint's pretraining root)."""
+    return data_dir or os.environ.get("HVS_DATA_DIR") or fallback
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -255,6 +267,9 @@ def _extract_once(archive: Path, name: str, cache: Path) -> Path:
         except OSError:
             if not final.is_dir():  # not a lost race: a real failure
                 raise
+    except (EOFError, zlib.error) as e:  # gzip stream cut short or damaged
+        raise DataError(f"cannot extract {archive}: the archive is truncated or corrupt ({e or type(e).__name__}). "
+                        f"Download or copy it again.") from e
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"cannot extract {archive} into {cache}: {e}. Check the archive, "
                         f"or set HVS_CACHE_DIR to a writable folder.") from e

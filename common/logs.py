@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,19 +17,45 @@ def fmt_time(seconds: float) -> str:
 
 class JsonLog:
     """Appends one JSON object per line.  On resume, rows past the resumed step
-    are dropped so that the file reads as one uninterrupted run."""
+    are dropped so that the file reads as one uninterrupted run; a last line
+    cut short (the process killed while writing it) is dropped with a
+    warning.  The file is rewritten atomically."""
 
     def __init__(self, path, resume_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
         if enabled and resume_step is not None and self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in keep))
+            keep = [json.dumps(r) for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(r + "\n" for r in keep))
+            os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+class LogError(ValueError):
+    """A damaged log file; the message names the file and line."""
+
+
+def read_rows(path) -> list:
+    """The rows of a JSON-lines log.  A last line cut short is dropped with a
+    warning; a damaged line before it is an error naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"warning: {path}: dropped its last line, cut short ({len(line)} characters): the run "
+                      "was stopped while writing it", file=sys.stderr, flush=True)
+                continue
+            raise LogError(f"{path}, line {number}: not a JSON object; the log is damaged") from None
+    return rows
 
 
 class Progress:

@@ -4,6 +4,7 @@ A method subclasses :class:`SSLMethod` and fills in a few functions; the loop
 (`common/train.py`) and the selector (`common/hvs.py`) know nothing else."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +12,27 @@ from torch import nn
 
 from common.augment import MultiViewTransform, recipe_from_cfg
 from common.backbones import build_resnet
-from common.config import _spec
+from common.config import setting
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a step stands (``epoch``, ``it`` of ``iters`` steps per epoch) and
+    the values the method's :meth:`SSLMethod.schedule` returned for it
+    (``step["teacher_temp"]``).  The loop hands it to every per-step hook, so a
+    method keeps no per-step attributes that one hook sets and another reads."""
+
+    epoch: int
+    it: int
+    iters: int
+    values: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.iters + self.it
 
 
 class SSLMethod:
@@ -19,8 +40,6 @@ class SSLMethod:
     name: str = ""
     #: extra config keys of the method, merged into :data:`common.config.COMMON_SPEC`
     spec: dict = {}
-    #: gradient-norm clipping applied by the loop (0: none)
-    clip_grad: float = 0.0
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
     size_multiple: int = 1
     #: whether checkpoints hold an EMA teacher (evaluated by default, as DINO does)
@@ -53,26 +72,29 @@ class SSLMethod:
         raise NotImplementedError
 
     def schedule(self, optimizer, epoch: int, it: int, iters_per_epoch: int) -> dict:
-        """Set lr (and the like) for this step; return the values to log."""
+        """Set the optimizer's lr (and the like) for this step and return every
+        scheduled value of the step (logged, and handed to the hooks below in
+        :class:`StepInfo`).  Sets nothing else."""
         raise NotImplementedError
 
-    def before_optimizer_step(self, model: nn.Module, epoch: int) -> None:
-        """Hook after backward and unscaling, before the step (e.g. freeze a layer)."""
+    def before_optimizer_step(self, model: nn.Module, step: StepInfo) -> None:
+        """Hook after backward and unscaling, before the step (clipping, freezing a layer)."""
 
-    def after_step(self, epoch: int, it: int, iters_per_epoch: int) -> None:
+    def after_step(self, step: StepInfo) -> None:
         """Hook after the optimizer step (EMA teacher, ...)."""
 
     # --- hard view selection (called without gradient) -------------------------
-    def candidate_outputs(self, module: nn.Module, candidates: Sequence[torch.Tensor]) -> Any:
+    def candidate_outputs(self, module: nn.Module, candidates: Sequence[torch.Tensor], step: StepInfo) -> Any:
+        """Outputs of every candidate view, one batched forward without gradient."""
         raise NotImplementedError
 
-    def combination_scores(self, outputs: Any, combos: torch.Tensor) -> torch.Tensor:
+    def combination_scores(self, outputs: Any, combos: torch.Tensor, step: StepInfo) -> torch.Tensor:
         """Per-sample score [B, C] of every combination [C, S]: the method's own
         per-sample training loss of those views.  Must not change any state."""
         raise NotImplementedError
 
     # --- training ---------------------------------------------------------------
-    def training_loss(self, model: nn.Module, views: Sequence[torch.Tensor], selection=None):
+    def training_loss(self, model: nn.Module, views: Sequence[torch.Tensor], selection, step: StepInfo):
         """Loss (scalar tensor) on the chosen views and a dict of tensors to log.
         ``selection`` is the selector's :class:`common.hvs.Selection` (None
         without HVS); a method may reuse its ``outputs`` where that is exact."""
@@ -100,8 +122,10 @@ class PairMethod(SSLMethod):
     into one pool, and the selector compares all C(N, 2) pairs."""
 
     spec = {
-        "model.arch": _spec("resnet50", "torchvision ResNet backbone (resnet18/34/50/101)"),
-        "model.cifar_stem": _spec(False, "3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+        "model.arch": setting("resnet50", "torchvision ResNet backbone (resnet18/34/50/101)"),
+        "model.cifar_stem": setting(False, "3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+        "hvs.n_views": setting(4, "candidate views per image with HVS; every pair of them is compared (paper: 4)",
+                               range="[2, inf)"),
     }
 
     def build_backbone(self) -> nn.Module:
@@ -122,6 +146,11 @@ class PairMethod(SSLMethod):
         if isinstance(outputs, tuple):
             return tuple(o.view(V, B, *o.shape[1:]) for o in outputs)
         return outputs.view(V, B, *outputs.shape[1:])
+
+    def candidate_outputs(self, module, candidates, step):
+        """The model's ``embed`` of all candidates in one forward, as [V, B, ...]
+        (SimSiam: a tuple (p, z); SimCLR: z)."""
+        return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
 
     @classmethod
     def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):

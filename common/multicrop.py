@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from common.augment import MultiViewTransform, ViewRecipe
-from common.config import _spec
+from common.config import setting
 
 N_GLOBAL = 2  # global crops per image (the teacher's views)
 
@@ -37,23 +37,22 @@ def multicrop_spec(global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), n_local=8, 
                    local_size=96) -> dict:
     """Config keys ``augment.*`` and the candidate counts ``hvs.*`` of multi-crop."""
     return {
-        "augment.global_size": _spec(global_size, "global crop size in pixels"),
-        "augment.local_size": _spec(local_size, "local crop size in pixels"),
-        "augment.global_scale": _spec(list(global_scale), "random-resized-crop area range of the global crops"),
-        "augment.local_scale": _spec(list(local_scale), "random-resized-crop area range of the local crops"),
-        "augment.n_local": _spec(n_local, "local crops per image (0: global crops only)"),
-        "augment.jitter": _spec([0.4, 0.4, 0.2, 0.1], "colour jitter brightness, contrast, saturation, hue"),
-        "augment.jitter_p": _spec(0.8, "probability of colour jitter"),
-        "augment.gray_p": _spec(0.2, "probability of grayscale"),
-        "augment.flip_p": _spec(0.5, "probability of a horizontal flip"),
-        "augment.blur_sigma": _spec([0.1, 2.0], "blur sigma range"),
-        "augment.blur_p": _spec([1.0, 0.1, 0.5], "blur probability of global crop 1, global crop 2, local crops"),
-        "augment.solarize_p": _spec([0.0, 0.2, 0.0], "solarisation probability of global crop 1, global crop 2, local crops"),
-        "augment.interpolation": _spec("bicubic", "crop resize interpolation", ["bicubic", "bilinear"]),
-        "hvs.n_views": _spec(4, "not used with multi-crop: see hvs.global_candidates and hvs.local_candidates"),
-        "hvs.global_candidates": _spec(4, "global candidates per image with HVS, split evenly over the 2 global slots (paper: 4)"),
-        "hvs.local_candidates": _spec(16, "local candidates per image with HVS, from which augment.n_local are chosen (paper: 16)"),
-        "hvs.max_combinations": _spec(128, "compare at most K combinations, a random subset each step (paper: 128; 0: all)"),
+        "augment.global_size": setting(global_size, "global crop size in pixels", range="[1, inf)"),
+        "augment.local_size": setting(local_size, "local crop size in pixels", range="[1, inf)"),
+        "augment.global_scale": setting(list(global_scale), "random-resized-crop area range of the global crops", range="(0, 1]", length=2),
+        "augment.local_scale": setting(list(local_scale), "random-resized-crop area range of the local crops", range="(0, 1]", length=2),
+        "augment.n_local": setting(n_local, "local crops per image (0: global crops only)", range="[0, inf)"),
+        "augment.jitter": setting([0.4, 0.4, 0.2, 0.1], "colour jitter brightness, contrast, saturation, hue", range="[0, inf)", length=4),
+        "augment.jitter_p": setting(0.8, "probability of colour jitter", range="[0, 1]"),
+        "augment.gray_p": setting(0.2, "probability of grayscale", range="[0, 1]"),
+        "augment.flip_p": setting(0.5, "probability of a horizontal flip", range="[0, 1]"),
+        "augment.blur_sigma": setting([0.1, 2.0], "blur sigma range", range="(0, inf)", length=2),
+        "augment.blur_p": setting([1.0, 0.1, 0.5], "blur probability of global crop 1, global crop 2, local crops", range="[0, 1]", length=3),
+        "augment.solarize_p": setting([0.0, 0.2, 0.0], "solarisation probability of global crop 1, global crop 2, local crops", range="[0, 1]", length=3),
+        "augment.interpolation": setting("bicubic", "crop resize interpolation", ["bicubic", "bilinear"]),
+        "hvs.global_candidates": setting(4, "global candidates per image with HVS, split evenly over the 2 global slots (paper: 4)", range="[2, inf)"),
+        "hvs.local_candidates": setting(16, "local candidates per image with HVS, from which augment.n_local are chosen (paper: 16)", range="[0, inf)"),
+        "hvs.max_combinations": setting(128, "compare at most K combinations, a random subset each step (paper: 128; 0: all)", range="[0, inf)"),
     }
 
 

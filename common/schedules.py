@@ -1,16 +1,32 @@
-"""Per-step schedules of DINO-style training (lr, weight decay, teacher momentum)."""
+"""Per-step schedules (lr, weight decay, teacher momentum) of the pretraining
+methods and the evaluation protocols."""
 from __future__ import annotations
 
 import math
 
 
+WARMUP_SHAPES = ("linspace", "ratio")
+
+
 def cosine_schedule(step: int, total: int, base: float, final: float, warmup: int = 0,
-                    start: float = 0.0) -> float:
+                    start: float = 0.0, warmup_shape: str = "linspace") -> float:
     """Value at ``step`` (0-based) of ``total`` steps: a linear warm-up from
-    ``start`` to ``base`` over the first ``warmup`` steps (both ends included, as
-    ``np.linspace``), then a cosine from ``base`` down to ``final`` over the
-    remaining steps.  DINO's ``cosine_scheduler``, one value at a time."""
+    ``start`` towards ``base`` over the first ``warmup`` steps, then a cosine
+    from ``base`` down to ``final`` over the remaining steps.
+
+    ``warmup_shape`` says where the warm-up ends:
+
+    - ``"linspace"`` (default): both ends included, as ``np.linspace(start,
+      base, warmup)``; step ``warmup - 1`` is at ``base`` already.  DINO's
+      ``cosine_scheduler``, one value at a time.
+    - ``"ratio"``: ``start + (base - start) * step / warmup``; ``base`` is first
+      reached at step ``warmup`` (the cosine's first step).  SimCLR's warm-up
+      (and Goyal et al.'s gradual warm-up)."""
+    if warmup_shape not in WARMUP_SHAPES:
+        raise ValueError(f"warmup_shape={warmup_shape!r}: expected one of {WARMUP_SHAPES}")
     if step < warmup:
+        if warmup_shape == "ratio":
+            return start + (base - start) * step / warmup
         return start + (base - start) * (step / (warmup - 1) if warmup > 1 else 1.0)
     rest = max(1, total - warmup)
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * (step - warmup) / rest))

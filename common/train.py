@@ -3,71 +3,34 @@
 Runs as one process (CPU or GPU) or under torchrun (DDP: gloo on CPU, NCCL on
 GPU, one or several nodes).  Reads top to bottom:
 
-  1. set-up: distributed, seeds, output folder, resolved config
-  2. data: multi-view dataset (N candidates per crop slot), per-epoch sampler
-  3. model, optimizer, mixed precision, resume from ``checkpoint.pth``
-  4. the loop: candidates -> selector -> method loss -> optimizer -> method hooks
-  5. checkpoints (atomic) and logs (JSON lines, console ETA, selection log)
+  1. set-up (``common.runtime``): process group, the locked run folder, seeds
+  2. :func:`build`: multi-view dataset (N candidates per crop slot), sampler,
+     model, optimizer, mixed precision, selector
+  3. :func:`resume` from ``checkpoint.pth`` (checked against the run first)
+  4. :func:`train_one_epoch`: candidates -> selector -> method loss ->
+     optimizer -> method hooks (:func:`train_step`), every loss watched for
+     divergence; logs (JSON lines, console ETA, selection log)
+  5. :func:`checkpoint`: atomic, never of non-finite weights
 """
 from __future__ import annotations
 
-import math
-import random
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from common import checkpoint as ckpt_io
 from common import dist
 from common.augment import PARAM_NAMES, MultiViewDataset, box_iou
-from common.config import COMMON_SPEC, ConfigError, dump, flatten, parse_args
+from common.config import COMMON_SPEC, ConfigError, parse_args
 from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
-
-
-# ----------------------------------------------------------------------------
-# data order
-# ----------------------------------------------------------------------------
-class EpochSampler(Sampler):
-    """A seeded permutation per epoch, split over ranks.  ``drop_last`` (the
-    training default) keeps whole batches only; without it every sample is
-    seen and the last batch of a rank may be smaller (the permutation is padded
-    with its own start so that every rank gets as many samples).
-    ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
-    (resuming a run stopped inside an epoch)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 drop_last: bool = True):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.drop_last = drop_last
-        if drop_last:
-            self.batches = n // (batch_size * world)
-            self.per_rank = self.batches * batch_size
-        else:
-            self.per_rank = math.ceil(n / world)
-            self.batches = math.ceil(self.per_rank / batch_size)
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        total = self.per_rank * self.world
-        perm = perm[:total] if self.drop_last else torch.cat([perm, perm[: total - self.n]])
-        mine = perm[self.rank:: self.world]
-        return iter(mine[self.skip * self.bs:].tolist())
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.skip * self.bs)
+from common.method import StepInfo
+from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, exit_on_error,
+                            run_session, step_seed, warn_config_changes)
 
 
 def build_train_data(cfg: dict, method, per_rank_batch: int):
@@ -77,10 +40,17 @@ def build_train_data(cfg: dict, method, per_rank_batch: int):
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
     dataset = MultiViewDataset(base, method.view_transform(cfg["hvs"]["enabled"]), seed=cfg["run"]["seed"])
     if len(dataset) < per_rank_batch * dist.world():
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one global batch "
-                         f"({per_rank_batch * dist.world()}): lower train.batch_size or data.subset")
+        raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(dataset)} images, "
+                        f"fewer than one global batch of train.batch_size={per_rank_batch * dist.world()}: "
+                        "lower train.batch_size or raise data.subset")
     sampler = EpochSampler(len(dataset), per_rank_batch, cfg["run"]["seed"], dist.rank(), dist.world())
     return dataset, sampler
+
+
+def base_root(dataset) -> str:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return str(getattr(dataset, "root", "?"))
 
 
 def make_loader(dataset, sampler, batch_size, num_workers, pin):
@@ -91,24 +61,6 @@ def make_loader(dataset, sampler, batch_size, num_workers, pin):
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None)."""
-    mode = cfg["train"]["amp"]
-    if device.type != "cuda" or mode == "off":
-        return nullcontext, None
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def selection_stats(sel, params, baseline_row) -> dict:
     """Statistics of the chosen combinations for the step log (on CPU; logged
     steps only).  ``baseline_row`` [S] is the combination the baseline trains on
@@ -128,42 +80,9 @@ def selection_stats(sel, params, baseline_row) -> dict:
     return out
 
 
-def setup_run(cfg: dict) -> tuple[torch.device, Path]:
-    """Process group and device, the output folder with the resolved
-    ``config.yaml`` (written by rank 0), and the global seeds."""
-    device = dist.init(cfg["run"]["device"])
-    out = Path(cfg["run"]["output_dir"])
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
-    dist.barrier()
-    seed_everything(int(cfg["run"]["seed"]))
-    return device, out
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Seed of a step's randomness on this rank: a function of the step, so that
-    a resumed run draws what an uninterrupted one draws."""
-    return seed * 1_000_003 + step * 101 + dist.rank()
-
-
-def warn_config_changes(old: dict, new: dict) -> None:
-    """Tell a resumed run which config keys changed since its checkpoint."""
-    changed = config_changes(old, new)
-    if changed:
-        print(f"warning: the config differs from the checkpoint's in {', '.join(changed)}: "
-              "the resumed run follows the new values", file=sys.stderr, flush=True)
-
-
-def config_changes(old: dict, new: dict, ignore=("run.stop_after_steps",)) -> list:
-    """Keys whose values differ between two resolved configs, e.g. ``["train.epochs: 2 -> 4"]``."""
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in ignore and a.get(k) != b.get(k)]
-
-
 def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, step, loop=None):
-    """``loop``: the loop's running sums inside an epoch (for its mean loss)."""
+    """``loop``: the loop's running sums inside an epoch (for its mean loss).
+    The caller has checked that the weights are finite (:class:`DivergenceGuard`)."""
     ckpt_io.save_atomic({
         "format": ckpt_io.FORMAT, "method": method.name, "arch": method.arch(cfg), "config": cfg,
         "epoch": epoch, "step": step, "model": model_state, "optimizer": optimizer.state_dict(),
@@ -184,7 +103,7 @@ class StepContext:
             torch.cuda.synchronize()
 
 
-def train_step(ctx: StepContext, candidates, epoch, it, iters, generator=None, time_selection=False):
+def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, time_selection=False):
     """One optimisation step: [selection ->] the method's loss on the chosen views
     -> backward -> clip -> step -> method hooks.  Returns (loss, stats, selection,
     selection seconds); with ``time_selection`` the selection is timed between
@@ -197,55 +116,50 @@ def train_step(ctx: StepContext, candidates, epoch, it, iters, generator=None, t
             if time_selection:
                 ctx.sync()
             t0 = time.perf_counter()
-            sel = ctx.selector(candidates, model, lambda c: method.candidate_outputs(model, c),
-                               method.combination_scores, generator)
+            sel = ctx.selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
+                               lambda outputs, combos: method.combination_scores(outputs, combos, step), generator)
             if time_selection:
                 ctx.sync()
             sel_time, views = time.perf_counter() - t0, sel.views
-        loss, stats = method.training_loss(ctx.ddp_model, views, sel)
+        loss, stats = method.training_loss(ctx.ddp_model, views, sel, step)
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.scaler is not None:
         ctx.scaler.scale(loss).backward()
         ctx.scaler.unscale_(ctx.optimizer)
     else:
         loss.backward()
-    if method.clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), method.clip_grad)
-    method.before_optimizer_step(model, epoch)
+    method.before_optimizer_step(model, step)
     if ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
     else:
         ctx.optimizer.step()
-    method.after_step(epoch, it, iters)
+    method.after_step(step)
     return loss, stats, sel, sel_time
 
 
 # ----------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------
-def run(cfg: dict, method_cls) -> Path:
-    """Train (or resume) the run described by ``cfg``; returns the checkpoint path."""
-    # 1. set-up ----------------------------------------------------------------
-    device, out = setup_run(cfg)
-    seed = int(cfg["run"]["seed"])
-    main = dist.is_main()
+class Run:
+    """What :func:`build` makes: everything the loop of one run holds."""
 
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def build(cfg: dict, method_cls, device: torch.device) -> Run:
+    """Method, data, model, optimizer, precision and selector of a run."""
     global_batch = int(cfg["train"]["batch_size"])
     if global_batch % dist.world():
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {dist.world()} ranks")
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {dist.world()} ranks")
     per_rank = global_batch // dist.world()
-
     method = method_cls(cfg, device)
-
-    # 2. data ------------------------------------------------------------------
     dataset, sampler = build_train_data(cfg, method, per_rank)
     iters = sampler.batches
     if cfg["run"]["max_steps_per_epoch"]:
         iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
-    epochs = int(cfg["train"]["epochs"])
 
-    # 3. model, optimizer, precision, resume -------------------------------------
     model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -256,116 +170,155 @@ def run(cfg: dict, method_cls) -> Path:
     if dist.is_dist():
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
     selector = None
     if cfg["hvs"]["enabled"]:
         h = cfg["hvs"]
         selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
                                     resolution=h["resolution"], bn_mode=h["bn_mode"],
                                     size_multiple=method.size_multiple)
+    out = Path(cfg["run"]["output_dir"])
+    return Run(cfg=cfg, device=device, method=method, model=model, optimizer=optimizer, scaler=scaler,
+               dataset=dataset, sampler=sampler, per_rank=per_rank, iters=iters, epochs=int(cfg["train"]["epochs"]),
+               ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
+               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={})
 
-    ctx = StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device)
-    ckpt_path = out / "checkpoint.pth"
-    start_epoch, step, loop_state = 0, 0, {}
-    if ckpt_path.exists():
-        state = ckpt_io.load(ckpt_path, expect_method=method.name, expect_arch=method.arch(cfg))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        method.load_state_dict(state["method_state"])
-        ckpt_io.set_rng_state(state["rng"])
-        start_epoch, step, loop_state = state["epoch"], state["step"], state.get("loop", {})
-        if main:
-            print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
-            warn_config_changes(state["config"], cfg)
 
-    log = JsonLog(out / "log.jsonl", resume_step=step, enabled=main)
-    sel_log = SelectionLog(out / "selection", dist.rank(), PARAM_NAMES)
-    total = epochs * iters
-    progress = Progress(total, start=step, enabled=main)
-    log_every = max(1, int(cfg["run"]["log_every"]))
-    sel_every = int(cfg["run"]["selection_log_every"])
-    ckpt_every = int(cfg["run"]["ckpt_every_steps"])
-    stop_after = int(cfg["run"]["stop_after_steps"])
+def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
+    """The run folder's checkpoint, if there is one, refused if it is of
+    another method or architecture: read before anything is built or written."""
+    path = Path(cfg["run"]["output_dir"]) / "checkpoint.pth"
+    if not path.exists():
+        return None
+    return ckpt_io.load(path, expect_method=method_cls.name, expect_arch=method_cls.arch(cfg))
 
-    def checkpoint(epoch_done, loop=None):
-        sel_log.flush()
-        if main:
-            save_checkpoint(ckpt_path, method, model.state_dict(), optimizer, scaler, cfg, epoch_done, step, loop)
-        dist.barrier()
 
-    # 4. the loop ----------------------------------------------------------------
-    model.train()
-    t_interval, last_logged = time.time(), step
-    for epoch in range(start_epoch, epochs):
-        done_in_epoch = step - epoch * iters
-        if done_in_epoch >= iters:
-            continue
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip_batches=done_in_epoch)
-        loader = make_loader(dataset, sampler, per_rank, int(cfg["data"]["num_workers"]), device.type == "cuda")
-        epoch_loss, epoch_n, t_epoch = torch.zeros((), device=device), 0, time.time()
-        if done_in_epoch and loop_state:  # resumed inside this epoch: the sums of its first steps
-            epoch_loss += loop_state["epoch_loss"]
-            epoch_n = int(loop_state["epoch_n"])
-        for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
-            if it >= iters:
-                break
-            candidates = [c.to(device, non_blocking=True) for c in candidates]
-            sched = method.schedule(optimizer, epoch, it, iters)
-            timed = step % log_every == 0
-            gen = torch.Generator().manual_seed(step_seed(seed, step))  # cap subset, random mode
-            torch.manual_seed(step_seed(seed, step) + 1)  # stochastic depth etc.: resume is exact
-            loss, stats, sel, sel_time = train_step(ctx, candidates, epoch, it, iters, gen, time_selection=timed)
-            epoch_loss += loss.detach()
-            epoch_n += 1
-            step += 1
+def resume(r: Run, state: dict | None) -> None:
+    """Continue from ``state`` (the run folder's checkpoint, its layer shapes
+    checked against the built model): weights, optimizer, method state
+    (centres, ...), random generators, position."""
+    if state is None:
+        return
+    check_same_shapes(r.ckpt_path, state["model"], r.model.state_dict(), state["config"], r.cfg)
+    r.model.load_state_dict(state["model"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    if r.scaler is not None and state["scaler"] is not None:
+        r.scaler.load_state_dict(state["scaler"])
+    r.method.load_state_dict(state["method_state"])
+    ckpt_io.set_rng_state(state["rng"])
+    r.epoch, r.step, r.loop_state = state["epoch"], state["step"], state.get("loop", {})
+    if dist.is_main():
+        print(f"resumed from {r.ckpt_path}: epoch {r.epoch}, step {r.step}", flush=True)
+        warn_config_changes(state["config"], r.cfg)
 
-            # 5. logs and checkpoints ----------------------------------------------
-            if sel is not None and sel_every and (step - 1) % sel_every == 0:
-                sel_log.add(step - 1, index, params, sel)
-            if timed:
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {step}: stopping")
-                now = time.time()
-                row = {"type": "step", "epoch": epoch, "step": step, "loss": loss_value,
-                       "step_time": (now - t_interval) / (step - last_logged), **sched,
-                       **{k: float(v) for k, v in stats.items()}}
-                t_interval, last_logged = now, step
-                if sel is not None:
-                    row.update(sel_time=sel_time, **selection_stats(sel, params, selector.all_combos[0]))
-                log.write(**row)
-                progress.print(step, f"epoch {epoch + 1}/{epochs} it {it + 1}/{iters} loss {loss_value:.4f} "
-                               f"lr {sched.get('lr', 0):.4g}" + (f" sel {sel_time:.3f}s" if sel else ""))
-            if it + 1 < iters and ((ckpt_every and step % ckpt_every == 0) or step == stop_after):
-                checkpoint(epoch, {"epoch_loss": dist.all_reduce_mean(epoch_loss).item(), "epoch_n": epoch_n})
-            if step == stop_after:
-                break
-        if step - epoch * iters >= iters:  # the epoch is complete
-            mean_loss = (dist.all_reduce_mean(epoch_loss) / max(1, epoch_n)).item()
-            log.write(type="epoch", epoch=epoch, step=step, loss=mean_loss, time=time.time() - t_epoch)
-            if main:
-                print(f"epoch {epoch + 1}/{epochs} done: mean loss {mean_loss:.4f}, "
-                      f"{fmt_time(time.time() - t_epoch)}", flush=True)
-            checkpoint(epoch + 1)
-        if step == stop_after:
-            if main:
-                print(f"stopped after step {step} (run.stop_after_steps): re-run to resume", flush=True)
-            break
+
+def checkpoint(r: Run, epoch_done: int, loop: dict | None = None) -> None:
+    """Write ``checkpoint.pth`` (rank 0), unless a loss since the start or a
+    weight is not finite: then :class:`common.runtime.Diverged`, and the last
+    good checkpoint stays as it was."""
+    r.sel_log.flush()
+    state = r.model.state_dict()
+    r.guard.check(weights=state.values())
+    if dist.is_main():
+        save_checkpoint(r.ckpt_path, r.method, state, r.optimizer, r.scaler, r.cfg, epoch_done, r.step, loop)
+    r.guard.saved(r.step)
     dist.barrier()
-    return ckpt_path
+
+
+def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, sel_time: float, params) -> None:
+    """One JSON line and one console line (logged steps only: they synchronise with the device)."""
+    r.guard.check()
+    loss_value = loss.item()
+    now = time.time()
+    row = {"type": "step", "epoch": epoch, "step": r.step, "loss": loss_value,
+           "step_time": (now - r.t_interval) / (r.step - r.last_logged), **sched,
+           **{k: float(v) for k, v in stats.items()}}
+    r.t_interval, r.last_logged = now, r.step
+    if sel is not None:
+        row.update(sel_time=sel_time, **selection_stats(sel, params, r.selector.all_combos[0]))
+    r.log.write(**row)
+    r.progress.print(r.step, f"epoch {epoch + 1}/{r.epochs} it {it + 1}/{r.iters} loss {loss_value:.4f} "
+                             f"lr {sched.get('lr', 0):.4g}" + (f" sel {sel_time:.3f}s" if sel else ""))
+
+
+def train_one_epoch(r: Run, epoch: int) -> None:
+    """The steps of ``epoch`` left to do (all of them, unless resumed inside
+    it), up to ``run.stop_after_steps``; the epoch's log line and checkpoint
+    once it is complete."""
+    seed = int(r.cfg["run"]["seed"])
+    done_in_epoch = r.step - epoch * r.iters
+    r.dataset.set_epoch(epoch)
+    r.sampler.set_epoch(epoch, skip_batches=done_in_epoch)
+    loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
+                         r.device.type == "cuda")
+    epoch_loss, epoch_n, t_epoch = torch.zeros((), device=r.device), 0, time.time()
+    if done_in_epoch and r.loop_state:  # resumed inside this epoch: the sums of its first steps
+        epoch_loss += r.loop_state["epoch_loss"]
+        epoch_n = int(r.loop_state["epoch_n"])
+    for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
+        if it >= r.iters:
+            break
+        candidates = [c.to(r.device, non_blocking=True) for c in candidates]
+        sched = r.method.schedule(r.optimizer, epoch, it, r.iters)
+        timed = r.step % r.log_every == 0
+        gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode
+        torch.manual_seed(step_seed(seed, r.step) + 1)  # stochastic depth etc.: resume is exact
+        loss, stats, sel, sel_time = train_step(r.ctx, candidates, StepInfo(epoch, it, r.iters, sched), gen,
+                                                time_selection=timed)
+        r.step += 1
+        r.guard.update(loss, r.step)  # no host synchronisation
+        epoch_loss += loss.detach()
+        epoch_n += 1
+
+        if sel is not None and r.sel_every and (r.step - 1) % r.sel_every == 0:
+            r.sel_log.add(r.step - 1, index, params, sel)
+        if timed:
+            log_step(r, epoch, it, loss, stats, sched, sel, sel_time, params)
+        if it + 1 < r.iters and ((r.ckpt_every and r.step % r.ckpt_every == 0) or r.step == r.stop_after):
+            checkpoint(r, epoch, {"epoch_loss": dist.all_reduce_mean(epoch_loss).item(), "epoch_n": epoch_n})
+        if r.step == r.stop_after:
+            break
+    if r.step - epoch * r.iters >= r.iters:  # the epoch is complete
+        r.guard.check()
+        mean_loss = (dist.all_reduce_mean(epoch_loss) / max(1, epoch_n)).item()
+        r.log.write(type="epoch", epoch=epoch, step=r.step, loss=mean_loss, time=time.time() - t_epoch)
+        if dist.is_main():
+            print(f"epoch {epoch + 1}/{r.epochs} done: mean loss {mean_loss:.4f}, "
+                  f"{fmt_time(time.time() - t_epoch)}", flush=True)
+        checkpoint(r, epoch + 1)
+
+
+def run(cfg: dict, method_cls) -> Path:
+    """Train (or resume) the run described by ``cfg``; returns the checkpoint path."""
+    with run_session(cfg) as (device, run_dir):
+        state = existing_checkpoint(cfg, method_cls)
+        r = build(cfg, method_cls, device)
+        resume(r, state)
+        run_dir.write_config(cfg)  # the run starts: nothing was written before this
+
+        main, rc = dist.is_main(), cfg["run"]
+        r.log = JsonLog(r.out / "log.jsonl", resume_step=r.step, enabled=main)
+        r.sel_log = SelectionLog(r.out / "selection", dist.rank(), PARAM_NAMES)
+        r.progress = Progress(r.epochs * r.iters, start=r.step, enabled=main)
+        r.guard = DivergenceGuard(device, r.ckpt_path, r.step if state is not None else None)
+        r.log_every, r.sel_every = int(rc["log_every"]), int(rc["selection_log_every"])
+        r.ckpt_every, r.stop_after = int(rc["ckpt_every_steps"]), int(rc["stop_after_steps"])
+        r.t_interval, r.last_logged = time.time(), r.step
+
+        r.model.train()
+        for epoch in range(r.epoch, r.epochs):
+            if r.step - epoch * r.iters >= r.iters:
+                continue
+            train_one_epoch(r, epoch)
+            if r.step == r.stop_after:
+                if main:
+                    print(f"stopped after step {r.step} (run.stop_after_steps): re-run to resume", flush=True)
+                break
+        dist.barrier()
+    return r.ckpt_path
 
 
 def main(method_cls, argv=None) -> None:
     spec = {**COMMON_SPEC, **method_cls.spec}
     cfg = parse_args(spec, method_cls.__doc__ or method_cls.name, argv)
     cfg["method"] = method_cls.name
-    try:
-        run(cfg, method_cls)
-    except (DataError, ckpt_io.CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        dist.cleanup()
+    exit_on_error(f"python -m {method_cls.name}.main", lambda: run(cfg, method_cls))

@@ -12,17 +12,21 @@ over the terms T = {(i, v) : v != i} (a view is never compared with itself),
 averaged over the images of the batch.  The centre c is updated after the loss
 from the batch mean of the teacher outputs (:func:`batch_center`).
 
+The functions are pure (tensors in, tensors out); :class:`DINOLoss` wraps them
+and owns the loss's state, as the official ``DINOLoss``: the centre (a buffer,
+checkpointed), its update, the student temperature and the teacher-temperature
+schedule.
+
 All computed in float32 (float64 for float64 inputs), outside autocast."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common import dist
-
-
-def precise(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+from common.numerics import precise
+from common.schedules import linear_warmup
 
 
 def _chunks(x, n: int) -> list:
@@ -99,3 +103,49 @@ def batch_center(teacher_out: torch.Tensor) -> torch.Tensor:
 def updated_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> torch.Tensor:
     """c <- m c + (1 - m) mean(teacher outputs of the global batch)."""
     return center * momentum + batch_center(teacher_out) * (1.0 - momentum)
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss with its state: the centre of the teacher outputs (buffer
+    ``center`` [1, K], in :meth:`state_dict`), updated by :meth:`update_center`
+    after each training loss; the student temperature; and the teacher
+    temperature, warmed up linearly per epoch (:meth:`temperatures`: the loop
+    gets it from the method's ``schedule`` and hands it back to every call)."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = float(student_temp)
+        self.teacher_temp_warmup = (int(warmup_teacher_temp_epochs), float(warmup_teacher_temp), float(teacher_temp))
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "DINOLoss":
+        lo = cfg["loss"]
+        return cls(cfg["model"]["out_dim"], lo["student_temp"], lo["teacher_temp"], lo["warmup_teacher_temp"],
+                   lo["warmup_teacher_temp_epochs"], lo["center_momentum"])
+
+    def temperatures(self, epoch: int) -> dict:
+        """The teacher temperature of an epoch, ``{"teacher_temp": ...}``."""
+        return {"teacher_temp": linear_warmup(epoch, *self.teacher_temp_warmup)}
+
+    def forward(self, student_out, teacher_out, teacher_temp: float, n_student: int, n_teacher: int,
+                reduce: bool = True) -> torch.Tensor:
+        """:func:`dino_loss` with the current centre."""
+        return dino_loss(student_out, teacher_out, self.center, self.student_temp, teacher_temp,
+                         n_student, n_teacher, reduce)
+
+    @torch.no_grad()
+    def scores(self, teacher_out: torch.Tensor, student_out: torch.Tensor, combos: torch.Tensor,
+               teacher_temp: float, n_teacher: int) -> torch.Tensor:
+        """Per-image loss [B, C] of every combination of candidates (teacher_out
+        [Vt, B, K], student_out [V, B, K]; see :func:`combination_scores`)."""
+        table = cross_entropy_table(teacher_out, student_out, self.center, self.student_temp, teacher_temp)
+        return combination_scores(table, combos, n_teacher)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """The centre after a training step (:func:`updated_center`), in place."""
+        self.center.copy_(updated_center(self.center, teacher_out, self.center_momentum))

@@ -17,10 +17,16 @@ HVS (Section 3.3): candidates for every crop slot; the score of a combination
 is its per-image DINO loss, read from a table of cross-entropies between the
 teacher's output for every global candidate and the student's output for
 every candidate (:func:`dino.loss.cross_entropy_table`), computed with one
-forward pass of each network.  The selection uses the current centre and
-teacher temperature and changes neither; the teacher's outputs of the chosen
-global views are reused in the training step when that is exact (full-size
-selection, a teacher without BatchNorm), see ``hvs.reuse_teacher``.
+forward pass of each network.  The selection uses the current centre and the
+step's teacher temperature and changes neither; the teacher's outputs of the
+chosen global views are reused in the training step when that is exact
+(full-size selection, a teacher without BatchNorm), see ``hvs.reuse_teacher``.
+
+State: the centre lives in the loss module (:class:`dino.loss.DINOLoss`, a
+buffer, checkpointed through :meth:`DINOMethod.state_dict`); every scheduled
+value of a step (lr, weight decay, teacher momentum, teacher temperature) is
+returned by :meth:`DINOMethod.schedule` and read by the hooks from their
+``step`` argument, so no attribute of the method changes during training.
 """
 from __future__ import annotations
 
@@ -28,11 +34,11 @@ import torch
 from torch import nn
 
 from common.backbones import build_backbone, is_vit
-from common.config import _spec
-from common.method import SSLMethod
+from common.config import setting
+from common.method import SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
-from common.schedules import cosine_schedule, linear_warmup
-from dino.loss import combination_scores, cross_entropy_table, dino_loss, updated_center
+from common.schedules import cosine_schedule
+from dino.loss import DINOLoss
 from dino.model import DINO, DINOHead
 
 
@@ -51,49 +57,47 @@ class DINOMethod(SSLMethod):
     name = "dino"
     has_teacher = True
     model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
+    loss_cls = DINOLoss  # the loss and its state (centre, temperatures)
     spec = {
-        "model.arch": _spec("vit_small", "backbone: vit_tiny, vit_small, vit_base (timm) or resnet18/34/50/101 (torchvision)"),
-        "model.patch_size": _spec(16, "ViT patch size (16 for ViT-S/16; 4 for 32 px images)"),
-        "model.depth": _spec(0, "ViT blocks (0: the architecture's 12; fewer for quick CPU tests)"),
-        "model.drop_path": _spec(0.1, "stochastic depth rate of the student ViT (the teacher has none)"),
-        "model.cifar_stem": _spec(False, "ResNet: 3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
-        "model.out_dim": _spec(65536, "number of prototypes (head output width)"),
-        "model.head_hidden": _spec(2048, "head MLP hidden width"),
-        "model.head_bottleneck": _spec(256, "head bottleneck width before the weight-normalised last layer"),
-        "model.head_layers": _spec(3, "linear layers in the head MLP"),
-        "model.use_bn_in_head": _spec(False, "BatchNorm in the head MLP"),
-        "model.norm_last_layer": _spec(True, "fix the norm of every prototype to 1"),
-        "loss.student_temp": _spec(0.1, "student temperature"),
-        "loss.teacher_temp": _spec(0.04, "teacher temperature after the warm-up"),
-        "loss.warmup_teacher_temp": _spec(0.04, "teacher temperature at epoch 0"),
-        "loss.warmup_teacher_temp_epochs": _spec(0, "epochs of linear teacher-temperature warm-up"),
-        "loss.center_momentum": _spec(0.9, "momentum of the centre of the teacher outputs"),
-        "optim.name": _spec("adamw", "optimizer", ["adamw", "sgd"]),
-        "optim.lr": _spec(5e-4, "peak learning rate for batch 256 (scaled linearly with the global batch)"),
-        "optim.min_lr": _spec(1e-6, "learning rate at the end of the cosine decay"),
-        "optim.warmup_epochs": _spec(10, "epochs of linear learning-rate warm-up from 0"),
-        "optim.weight_decay": _spec(0.04, "weight decay at the start (cosine schedule; not on biases and norms)"),
-        "optim.weight_decay_end": _spec(0.4, "weight decay at the end"),
-        "optim.momentum": _spec(0.9, "SGD momentum (optim.name=sgd)"),
-        "optim.momentum_teacher": _spec(0.996, "teacher EMA momentum at the start (cosine schedule to 1)"),
-        "optim.clip_grad": _spec(3.0, "clip each parameter's gradient to this norm (0: off)"),
-        "optim.freeze_last_layer": _spec(1, "epochs during which the head's last layer is not updated"),
-        "hvs.reuse_teacher": _spec(True, "reuse the selection's teacher outputs of the chosen global views in the training step where exact (hvs.resolution=1 and no BatchNorm in the teacher)"),
+        "model.arch": setting("vit_small", "backbone: vit_tiny, vit_small, vit_base (timm) or resnet18/34/50/101 (torchvision)"),
+        "model.patch_size": setting(16, "ViT patch size (16 for ViT-S/16; 4 for 32 px images)", range="[1, inf)"),
+        "model.depth": setting(0, "ViT blocks (0: the architecture's 12; fewer for quick CPU tests)", range="[0, inf)"),
+        "model.drop_path": setting(0.1, "stochastic depth rate of the student ViT (the teacher has none)", range="[0, 1)"),
+        "model.cifar_stem": setting(False, "ResNet: 3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+        "model.out_dim": setting(65536, "number of prototypes (head output width)", range="[1, inf)"),
+        "model.head_hidden": setting(2048, "head MLP hidden width", range="[1, inf)"),
+        "model.head_bottleneck": setting(256, "head bottleneck width before the weight-normalised last layer", range="[1, inf)"),
+        "model.head_layers": setting(3, "linear layers in the head MLP", range="[1, inf)"),
+        "model.use_bn_in_head": setting(False, "BatchNorm in the head MLP"),
+        "model.norm_last_layer": setting(True, "fix the norm of every prototype to 1"),
+        "loss.student_temp": setting(0.1, "student temperature", range="(0, inf)"),
+        "loss.teacher_temp": setting(0.04, "teacher temperature after the warm-up", range="(0, inf)"),
+        "loss.warmup_teacher_temp": setting(0.04, "teacher temperature at epoch 0", range="(0, inf)"),
+        "loss.warmup_teacher_temp_epochs": setting(0, "epochs of linear teacher-temperature warm-up", range="[0, inf)"),
+        "loss.center_momentum": setting(0.9, "momentum of the centre of the teacher outputs", range="[0, 1]"),
+        "optim.name": setting("adamw", "optimizer", ["adamw", "sgd"]),
+        "optim.lr": setting(5e-4, "peak learning rate for batch 256 (scaled linearly with the global batch)", range="[0, inf)"),
+        "optim.min_lr": setting(1e-6, "learning rate at the end of the cosine decay", range="[0, inf)"),
+        "optim.warmup_epochs": setting(10, "epochs of linear learning-rate warm-up from 0", type="number", range="[0, inf)"),
+        "optim.weight_decay": setting(0.04, "weight decay at the start (cosine schedule; not on biases and norms)", range="[0, inf)"),
+        "optim.weight_decay_end": setting(0.4, "weight decay at the end", range="[0, inf)"),
+        "optim.momentum": setting(0.9, "SGD momentum (optim.name=sgd)", range="[0, 1]"),
+        "optim.momentum_teacher": setting(0.996, "teacher EMA momentum at the start (cosine schedule to 1)", range="[0, 1]"),
+        "optim.clip_grad": setting(3.0, "clip each parameter's gradient to this norm (0: off)", range="[0, inf)"),
+        "optim.freeze_last_layer": setting(1, "epochs during which the head's last layer is not updated", range="[0, inf)"),
+        "hvs.reuse_teacher": setting(True, "reuse the selection's teacher outputs of the chosen global views in the training step where exact (hvs.resolution=1 and no BatchNorm in the teacher)"),
         **multicrop_spec(),
     }
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         m = cfg["model"]
-        self.student_temp = float(cfg["loss"]["student_temp"])
-        self.teacher_temp = float(cfg["loss"]["warmup_teacher_temp"])
-        self.center = torch.zeros(1, m["out_dim"], device=device)
+        self.loss = self.loss_cls.from_cfg(cfg).to(device)
         self.model = self.model_cls(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
         self.size_multiple = int(m["patch_size"]) if is_vit(m["arch"]) else 1
         has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in self.model.teacher.modules())
         h = cfg["hvs"]
         self.reuse_teacher = bool(h["reuse_teacher"]) and float(h["resolution"]) == 1.0 and not has_bn
-        self.momentum = float(cfg["optim"]["momentum_teacher"])
 
     @classmethod
     def backbone(cls, cfg: dict, drop_path: float = 0.0) -> nn.Module:
@@ -143,41 +147,38 @@ class DINOMethod(SSLMethod):
         return torch.optim.AdamW(groups, lr=0.0)
 
     def schedule(self, optimizer, epoch, it, iters_per_epoch):
+        """lr, weight decay, teacher EMA momentum (per step) and the loss's
+        teacher temperature(s) (per epoch, :meth:`DINOLoss.temperatures`)."""
         o, step = self.cfg["optim"], epoch * iters_per_epoch + it
         total = self.cfg["train"]["epochs"] * iters_per_epoch
         lr = cosine_schedule(step, total, self.init_lr, o["min_lr"], round(o["warmup_epochs"] * iters_per_epoch))
         wd = cosine_schedule(step, total, o["weight_decay"], o["weight_decay_end"])
-        self.momentum = cosine_schedule(step, total, o["momentum_teacher"], 1.0)
-        lo = self.cfg["loss"]
-        self.teacher_temp = linear_warmup(epoch, lo["warmup_teacher_temp_epochs"], lo["warmup_teacher_temp"],
-                                          lo["teacher_temp"])
+        momentum = cosine_schedule(step, total, o["momentum_teacher"], 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.param_groups[0]["weight_decay"] = wd
-        return {"lr": lr, "wd": wd, "momentum": self.momentum, "teacher_temp": self.teacher_temp}
+        return {"lr": lr, "wd": wd, "momentum": momentum, **self.loss.temperatures(epoch)}
 
-    def before_optimizer_step(self, model, epoch):
+    def before_optimizer_step(self, model, step: StepInfo):
         if self.cfg["optim"]["clip_grad"]:
             clip_each_gradient(self.model.student.parameters(), self.cfg["optim"]["clip_grad"])
-        if epoch < self.cfg["optim"]["freeze_last_layer"]:
+        if step.epoch < self.cfg["optim"]["freeze_last_layer"]:
             for p in self.model.student.head.last_layer.parameters():
                 p.grad = None
 
-    def after_step(self, epoch, it, iters_per_epoch):
-        ema_update(self.model.teacher, self.model.student, self.momentum)
+    def after_step(self, step: StepInfo):
+        ema_update(self.model.teacher, self.model.student, step["momentum"])
 
     # --- hard view selection ---------------------------------------------------
-    def candidate_outputs(self, module, candidates):
+    def candidate_outputs(self, module, candidates, step: StepInfo):
         V, B = len(candidates), len(candidates[0])
         n_teacher = N_GLOBAL * self.pools()[0][0]  # the global candidates come first
         student = module.student(candidates).view(V, B, -1)
         teacher = module.teacher(candidates[:n_teacher]).view(n_teacher, B, -1)
         return {"student": student, "teacher": teacher}
 
-    def combination_scores(self, outputs, combos):
-        table = cross_entropy_table(outputs["teacher"], outputs["student"], self.center,
-                                    self.student_temp, self.teacher_temp)
-        return combination_scores(table, combos, N_GLOBAL)
+    def combination_scores(self, outputs, combos, step: StepInfo):
+        return self.loss.scores(outputs["teacher"], outputs["student"], combos, step["teacher_temp"], N_GLOBAL)
 
     # --- training -----------------------------------------------------------------
     @staticmethod
@@ -194,19 +195,19 @@ class DINOMethod(SSLMethod):
         return (self.reuse_teacher and selection is not None and selection.outputs is not None
                 and selection.resolution == 1.0)
 
-    def training_loss(self, model, views, selection=None):
+    def training_loss(self, model, views, selection, step: StepInfo):
         reuse = self.chosen_globals(selection, "teacher") if self.can_reuse_teacher(selection) else None
         student_out, teacher_out = model(views, N_GLOBAL, reuse)
-        loss = dino_loss(student_out, teacher_out, self.center, self.student_temp, self.teacher_temp,
-                         n_student=len(views), n_teacher=N_GLOBAL)
-        self.center = updated_center(self.center, teacher_out, self.cfg["loss"]["center_momentum"])
+        loss = self.loss(student_out, teacher_out, step["teacher_temp"], n_student=len(views), n_teacher=N_GLOBAL)
+        self.loss.update_center(teacher_out)
         return loss, {}
 
     def state_dict(self):
-        return {"center": self.center.detach().cpu()}
+        """The loss module's buffers (the centre; iBOT: both centres), on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.loss.state_dict().items()}
 
     def load_state_dict(self, state):
-        self.center = state["center"].to(self.device)
+        self.loss.load_state_dict(state)  # copied into the buffers on the device, exactly
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod

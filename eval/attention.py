@@ -9,67 +9,56 @@ the [CLS] row of the softmax attention of the last block, per head, with the
 [CLS]->[CLS] weight dropped (so a head's map sums to at most 1), on the patch
 grid (``image_size / patch`` cells per side).
 
-How to read the PNG (one file, all images stacked top to bottom)::
+How to read the PNG (one matplotlib figure; one row per image and checkpoint)::
 
-    image 1: <name>                                 <- image band
-    <label A>   head 1    head 2    head 3          <- row band
-    [image]     [map]     [map]     [map]           <- checkpoint A
-    <label B>   head 1    head 2    head 3
-    [image]     [map]     [map]     [map]           <- checkpoint B
-    image 2: <name>
+                     image 1: <name>   head 1   head 2   head 3
+    <label A>        [image]           [map]    [map]    [map]     <- image 1, checkpoint A
+    <label B>        [image]           [map]    [map]    [map]     <- image 1, checkpoint B
+                     image 2: <name>   head 1   head 2   head 3
+    <label A>        [image]           [map]    [map]    [map]
     ...
 
 * The first column is the input image as the model saw it (resize, centre
   crop, de-normalised).  Every other column is one head.
-* Without ``--threshold`` a head panel is its attention map coloured with
-  matplotlib's viridis: strong attention yellow, weak green, weakest dark
-  blue/purple.  Each panel is scaled by its own minimum and maximum (as DINO's
-  ``plt.imsave``), so colours show *where* a head looks, not how strongly in
-  absolute terms; compare heads and checkpoints by the entropies in the JSON.
-* With ``--threshold F`` a head panel is an overlay instead: the input image
-  where the head's *kept mass* lies (the fewest patches, largest attention
-  first, holding a fraction ``F`` of the head's attention; DINO uses 0.6) and
-  the image darkened to :data:`DIM` of its brightness elsewhere.
-* Pixel ``(y, x)`` of a head panel shows patch ``(y * h // P, x * w // P)`` of
-  the ``h x w`` grid (nearest-neighbour upsampling to the panel size ``P``).
+* By default a head panel is its attention map coloured with matplotlib's
+  viridis, one block per patch: strong attention yellow, weak green, weakest
+  dark blue/purple.  Each panel is scaled by its own minimum and maximum (as
+  DINO's ``plt.imsave``), so colours show *where* a head looks, not how
+  strongly in absolute terms; compare heads and checkpoints by the entropies
+  in the JSON.
+* With ``attention.threshold=F`` a head panel is an overlay instead: the
+  input image where the head's *kept mass* lies (the fewest patches, largest
+  attention first, holding a fraction ``F`` of the head's attention; DINO uses
+  0.6) and the image darkened to :data:`DIM` of its brightness elsewhere.
+* The grid has ``n x R`` rows (``n`` images, ``R`` checkpoints; row
+  ``i * R + j`` is image ``i`` under checkpoint ``j``) and ``1 + H`` columns
+  (``H`` the largest number of heads); every panel is
+  ``attention.panel_size`` pixels square.  Checkpoints may differ in patch
+  size and number of heads: a row with fewer heads leaves its last panels
+  empty, and the image size must be a multiple of every patch size.
 
-Geometry (pixels; ``P`` = ``--panel-size``, ``G`` = :data:`GAP`, ``B`` =
-:data:`BAND`, ``C`` = 1 + the largest number of heads, ``R`` = the number of
-checkpoints, ``n`` = the number of images)::
+Beside the PNG a JSON sidecar (``<output>.json`` unless ``attention.json``)
+lists the checkpoints, labels, images, heads, the grid's shape, and per
+checkpoint, image and head: the entropy (nats) of the map normalised to sum 1,
+that entropy relative to the uniform map's ``log(h * w)``, the [CLS]->patch
+mass, and with a threshold the fraction of patches kept; and per checkpoint
+the means.
 
-    width  = G + C * (P + G)
-    height = G + n * (B + R * (B + P + G))
-    panel (image i, checkpoint j, column c) has its top-left corner at
-        x = G + c * (P + G)
-        y = G + i * (B + R * (B + P + G)) + B + j * (B + P + G) + B
-
-Column 0 is the image, column ``k`` head ``k``.  Checkpoints may differ in
-patch size and number of heads: a row with fewer heads leaves the remaining
-panels blank (background).  The image size must then be a multiple of every
-patch size.  The background is white and the captions, drawn with PIL's default
-font, are black.
-
-Beside the PNG a JSON sidecar (``<output>.json`` unless ``--json``) lists the
-checkpoints, labels, images, heads, the geometry, and per checkpoint, image and
-head: the entropy (nats) of the map normalised to sum 1, that entropy relative
-to the uniform map's ``log(h * w)``, the [CLS]->patch mass, and with
-``--threshold`` the fraction of patches kept; and per checkpoint the means.
-
-Example (ImageNet-100 validation images, teacher weights)::
+The command line is that of every entry point (``common/config.py``:
+``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
+``--checkpoints`` and ``--labels`` take several values.  Example
+(ImageNet-100 validation images, teacher weights)::
 
     python -m eval.attention \\
         --checkpoints runs/dino_hvs/checkpoint.pth runs/dino/checkpoint.pth \\
-        --labels HVS baseline --dataset imagenet --split val --n-images 4 \\
-        --output results/attention_dino.png
+        --labels HVS baseline --dataset imagenet --n-images 4 \\
+        --output results/attention_dino.png attention.threshold=0.6
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -77,15 +66,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from eval.knn import _positive_int
+from common.augment import eval_transform
+from common.checkpoint import load_backbone
+from common.config import ConfigError, setting
+from common.data import SUBSET_SEED, build_dataset, data_dir_or_default, load_rgb, subset_indices
+from eval.engine import EVAL_SPEC, EvalError, run_main
+from eval.knn import parse_cli, resolve_device
 
-GAP = 4  # px between panels and around the grid
-BAND = 14  # px of the caption band above every row and every image
-DIM = 0.25  # brightness of the dropped patches in the --threshold overlay
-BACKGROUND = (255, 255, 255)
-TEXT = (0, 0, 0)
+DIM = 0.25  # brightness of the dropped patches in the threshold overlay
 COLORMAP = "viridis"
-SUBSET_SEED = 0  # seed of the class-stratified draw of --n-images
+DPI = 100  # of the PNG: a panel of attention.panel_size P is P pixels square
+FONTSIZE = 7  # points, of the captions
 
 
 # ---------------------------------------------------------------------------
@@ -187,284 +178,242 @@ def map_entropy(attn: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 # Drawing
 # ---------------------------------------------------------------------------
-def _colormap():
-    """matplotlib's viridis, imported lazily (only the colormap registry is used;
-    the Agg backend is selected unless pyplot is already in use)."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    return matplotlib.colormaps[COLORMAP]
-
-
-def upsample_nearest(grid: np.ndarray, size: int) -> np.ndarray:
-    """``grid`` [h, w, ...] to [size, size, ...]: pixel (y, x) takes cell
-    (y * h // size, x * w // size)."""
-    h, w = grid.shape[:2]
-    rows, cols = np.arange(size) * h // size, np.arange(size) * w // size
-    return grid[rows][:, cols]
-
-
-def color_panel(attn_map: Tensor, size: int) -> np.ndarray:
-    """One head's map [h, w] as a uint8 RGB panel [size, size, 3]: scaled by its
-    own minimum and maximum (a constant map is all 0), coloured with viridis,
-    upsampled (nearest) to ``size``."""
-    a = attn_map.detach().double().cpu().numpy()
-    lo, hi = a.min(), a.max()
-    scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    rgb = _colormap()(scaled, bytes=True)[..., :3]
-    return upsample_nearest(rgb, size)
-
-
-def mask_panel(image_panel: np.ndarray, mask: Tensor) -> np.ndarray:
-    """The overlay of ``--threshold``: ``image_panel`` where ``mask`` [h, w] is
-    set, the image darkened to :data:`DIM` elsewhere."""
-    keep = upsample_nearest(mask.cpu().numpy(), image_panel.shape[0])[..., None]
-    return np.where(keep, image_panel, (image_panel * DIM).astype(np.uint8))
-
-
-def image_panel(image: Tensor, size: int) -> np.ndarray:
-    """A normalised image [3, H, W] back to uint8 RGB [size, size, 3] (ImageNet
-    mean and std undone, bicubic resize)."""
-    from PIL import Image
-
+def image_array(image: Tensor) -> np.ndarray:
+    """A normalised image [3, H, W] back to uint8 RGB [H, W, 3] (ImageNet mean
+    and std undone): the image as the model saw it."""
     from common.augment import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     rgb = ((image.detach().cpu().float() * std + mean).clamp(0, 1) * 255).round().byte()
-    pil = Image.fromarray(rgb.permute(1, 2, 0).numpy())
-    return np.asarray(pil.resize((size, size), Image.BICUBIC))
+    return rgb.permute(1, 2, 0).numpy()
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Pixel geometry of the grid (see the module docstring)."""
-
-    panel: int
-    columns: int  # 1 + the largest number of heads
-    rows: int  # checkpoints per image
-    images: int
-    gap: int = GAP
-    band: int = BAND
-
-    @property
-    def row_height(self) -> int:
-        return self.band + self.panel + self.gap
-
-    @property
-    def block_height(self) -> int:
-        return self.band + self.rows * self.row_height
-
-    @property
-    def width(self) -> int:
-        return self.gap + self.columns * (self.panel + self.gap)
-
-    @property
-    def height(self) -> int:
-        return self.gap + self.images * self.block_height
-
-    def block_y(self, image: int) -> int:
-        return self.gap + image * self.block_height
-
-    def row_y(self, image: int, row: int) -> int:
-        """Top of the caption band of a row."""
-        return self.block_y(image) + self.band + row * self.row_height
-
-    def panel_xy(self, image: int, row: int, column: int) -> tuple[int, int]:
-        """Top-left corner (x, y) of a panel."""
-        return self.gap + column * (self.panel + self.gap), self.row_y(image, row) + self.band
-
-    def as_dict(self) -> dict:
-        return {"width": self.width, "height": self.height, "panel": self.panel, "gap": self.gap,
-                "band": self.band, "columns": self.columns, "rows_per_image": self.rows,
-                "images": self.images, "row_height": self.row_height, "block_height": self.block_height,
-                "panel_x": [self.panel_xy(0, 0, c)[0] for c in range(self.columns)],
-                "panel_y": [[self.panel_xy(i, j, 0)[1] for j in range(self.rows)] for i in range(self.images)]}
+def mask_overlay(image: np.ndarray, mask: Tensor) -> np.ndarray:
+    """The panel of ``attention.threshold``: ``image`` [H, W, 3] (uint8) where
+    ``mask`` [h, w] is set, the image darkened to :data:`DIM` elsewhere; cell
+    ``(r, c)`` of the mask covers the pixels ``(y, x)`` with ``y * h // H = r``
+    and ``x * w // W = c`` (a patch, when ``H / h`` is the patch size)."""
+    H, W = image.shape[:2]
+    h, w = mask.shape[-2:]
+    keep = mask.cpu().numpy()[np.arange(H) * h // H][:, np.arange(W) * w // W][..., None]
+    return np.where(keep, image, (image * DIM).astype(np.uint8))
 
 
-def _fit(draw, text: str, width: int) -> str:
-    """``text`` shortened (ending in '..') to fit ``width`` pixels."""
-    if draw.textlength(text) <= width:
+def _fit(text: str, inches: float, fontsize: float, keep: int = 0) -> str:
+    """``text`` shortened to about ``inches`` at ``fontsize``: its end replaced
+    by '..', or, where that leaves less than 3 characters after the first
+    ``keep``, cut to those ``keep`` characters."""
+    chars = int(inches * 72 / (0.6 * fontsize))
+    if len(text) <= chars:
         return text
-    while text and draw.textlength(text + "..") > width:
-        text = text[:-1]
-    return text + ".."
+    return text[:chars - 2] + ".." if chars - 2 >= max(keep, 1) + 3 else text[:max(keep, chars)]
 
 
 def render_grid(images: Sequence[np.ndarray], panels: Sequence[Sequence[Sequence[np.ndarray]]],
-                labels: Sequence[str], image_names: Sequence[str], panel: int):
-    """Compose the grid: ``images[i]`` the image panel of image ``i`` and
-    ``panels[j][i]`` the head panels of checkpoint ``j`` on image ``i`` (uint8
-    [panel, panel, 3] each).  Returns ``(PIL image, Geometry)``."""
-    from PIL import Image, ImageDraw
+                labels: Sequence[str], image_names: Sequence[str], panel: int, dpi: int = DPI):
+    """The grid as a matplotlib figure: one row per image and checkpoint
+    (image-major: row ``i * len(labels) + j`` is image ``i`` under checkpoint
+    ``j``), column 0 the image, column ``k`` head ``k``; row labels on the left,
+    the image's name and the head numbers above the first row of every image.
 
-    columns = 1 + max(len(heads) for rows in panels for heads in rows)
-    geo = Geometry(panel=panel, columns=columns, rows=len(panels), images=len(images))
-    canvas = np.full((geo.height, geo.width, 3), BACKGROUND, dtype=np.uint8)
-    for i, img in enumerate(images):
-        for j, row in enumerate(panels):
-            for c, pix in enumerate([img, *row[i]]):
-                x, y = geo.panel_xy(i, j, c)
-                canvas[y:y + panel, x:x + panel] = pix
-    out = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(out)
-    for i, name in enumerate(image_names):
-        draw.text((geo.gap, geo.block_y(i) + 1), _fit(draw, f"image {i + 1}: {name}", geo.width - 2 * geo.gap),
-                  fill=TEXT)
-        for j, label in enumerate(labels):
-            y = geo.row_y(i, j) + 1
-            for c in range(1 + len(panels[j][i])):
-                text = label if c == 0 else f"head {c}"
-                draw.text((geo.panel_xy(i, j, c)[0], y), _fit(draw, text, panel), fill=TEXT)
-    return out, geo
+    ``images[i]``: image ``i``, uint8 RGB [H, W, 3]; ``panels[j][i]``: the
+    panels of checkpoint ``j`` on image ``i``, one per head: a 2-D attention map
+    (drawn with viridis, scaled by its own minimum and maximum, each patch one
+    block) or an RGB array (the threshold overlay).  A row with fewer heads
+    than the widest leaves its last panels empty.  Every panel is ``panel``
+    pixels square at ``dpi``.  Returns the :class:`matplotlib.figure.Figure`
+    (no pyplot: nothing global is touched); ``fig.savefig(path)`` writes it."""
+    from matplotlib.figure import Figure
+
+    n, R = len(images), len(panels)
+    rows, columns = n * R, 1 + max(len(heads) for per_image in panels for heads in per_image)
+    side = panel / dpi  # inches
+    gap, band, margin = 0.06, 0.2, 0.08  # inches: between panels, caption band above a row, border
+    left = margin + 0.075 * FONTSIZE / 8 * max(len(label) for label in labels)
+    width = left + columns * side + (columns - 1) * gap + margin
+    height = margin + rows * (band + side) + margin
+    width, height = round(width * dpi) / dpi, round(height * dpi) / dpi  # whole pixels
+    fig = Figure(figsize=(width, height), dpi=dpi, facecolor="white")
+    axes = fig.subplots(rows, columns, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - margin / width, bottom=margin / height, top=1 - (margin + band) / height,
+        wspace=gap / side, hspace=band / side))
+    for i in range(n):
+        for j in range(R):
+            row = axes[i * R + j]
+            for c, ax in enumerate(row):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c > len(panels[j][i]):
+                    ax.set_axis_off()
+                    continue
+                data = images[i] if c == 0 else panels[j][i][c - 1]
+                if data.ndim == 2:
+                    ax.imshow(data, cmap=COLORMAP, interpolation="nearest")
+                else:
+                    ax.imshow(data, interpolation="antialiased")
+                if j == 0:
+                    title = _fit(f"image {i + 1}: {image_names[i]}", side + gap, FONTSIZE, len(f"image {i + 1}")) \
+                        if c == 0 else _fit(f"head {c}", side + gap, FONTSIZE, len(f"head {c}"))
+                    ax.set_title(title, fontsize=FONTSIZE, pad=2, loc="left" if c == 0 else "center")
+            row[0].set_ylabel(labels[j], fontsize=FONTSIZE, rotation=0, ha="right", va="center")
+    return fig
+
+
+def geometry(fig, panel: int, rows_per_image: int, images: int) -> dict:
+    """What the JSON sidecar says of the grid's shape."""
+    rows, columns = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    width, height = (round(v) for v in fig.get_size_inches() * fig.dpi)
+    return {"rows": rows, "columns": columns, "rows_per_image": rows_per_image, "images": images,
+            "row_order": "image-major: row i * rows_per_image + j is image i under checkpoint j",
+            "panel": panel, "dpi": fig.dpi, "width": width, "height": height}
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: the config layer of every entry point (common/config.py)
 # ---------------------------------------------------------------------------
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
+#: Keys of the attention maps.
+ATTENTION_SPEC = {
+    "attention.checkpoints": setting([], "DINO or iBOT checkpoints with a ViT, one row each in this order (the paper: "
+                                         "HVS first, then the baseline); patch sizes and numbers of heads may differ",
+                                     type="list"),
+    "attention.labels": setting([], "one row label per checkpoint (default: '<method> HVS' or '<method> baseline')",
+                                type="list"),
+    "eval.which": EVAL_SPEC["eval.which"],
+    "attention.images": setting([], "image files to draw (instead of dataset images)", type="list"),
+    "data.dataset": setting("", "take the images from this dataset (cifar10 | cifar100 | tiny-imagenet-100 | imagenet | "
+                                "imagefolder | ...; default without attention.images: the first checkpoint's)"),
+    "data.data_dir": EVAL_SPEC["data.data_dir"],
+    "data.split": setting("val", "dataset split", ["train", "val", "test"]),
+    "attention.n_images": setting(4, "number of dataset images, drawn class-stratified and deterministically",
+                                  range="[1, inf)"),
+    "attention.indices": setting([], "dataset indices to draw, in this order (overrides attention.n_images)",
+                                 type="list", items="int", range="[0, inf)"),
+    "data.image_size": setting(0, "input size (resize + centre crop; 0: the first checkpoint's training crop size); "
+                                  "rounded down to a multiple of every checkpoint's patch size", range="[0, inf)"),
+    "attention.panel_size": setting(96, "side of every panel in pixels", range="[8, inf)"),
+    "attention.threshold": setting(0.0, "0: the coloured maps; F in (0, 1]: show the image where a head keeps a "
+                                        "fraction F of its attention (fewest patches, largest first) and darken the "
+                                        f"rest to {DIM:g} (DINO: 0.6)", range="[0, 1]"),
+    "run.device": EVAL_SPEC["run.device"],
+    "eval.output": setting("", "the grid PNG to write (required)"),
+    "attention.json": setting("", "the JSON sidecar (default: <output>.json)"),
+}
+
+#: one-value flags (as the other evaluations') and several-value flags
+SHORTCUTS = {"--which": "eval.which", "--dataset": "data.dataset", "--data-dir": "data.data_dir",
+             "--n-images": "attention.n_images", "--output": "eval.output"}
+LIST_SHORTCUTS = {"--checkpoints": "attention.checkpoints", "--labels": "attention.labels"}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "eval.attention",
-        description="DINO-style attention maps of the last block's [CLS] token, per head, for ViT "
-                    "checkpoints side by side on the same images (HVS paper, Appendix J). Writes one "
-                    "PNG (all images stacked; one row per checkpoint, columns: image, head 1, ...) and a "
-                    "JSON sidecar with the entropies of the maps.")
-    p.add_argument("--checkpoints", required=True, nargs="+", metavar="PATH",
-                   help="DINO or iBOT checkpoints with a ViT, one row each in this order (the paper: HVS first, "
-                        "then the baseline); patch sizes and numbers of heads may differ")
-    p.add_argument("--labels", nargs="+", default=None, metavar="TEXT",
-                   help="one row label per checkpoint (default: '<method> HVS' or '<method> baseline')")
-    p.add_argument("--which", default="auto", choices=["auto", "teacher", "student"],
-                   help="which weights to draw (auto: the teacher for DINO/iBOT; default: auto)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--images", nargs="+", default=None, metavar="FILE",
-                     help="image files to draw (instead of --dataset)")
-    src.add_argument("--dataset", default=None, metavar="NAME",
-                     help="take the images from this dataset (cifar10 | cifar100 | tiny-imagenet-100 | imagenet | "
-                          "imagefolder | ...; default without --images: the first checkpoint's dataset)")
-    p.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="data root (default: $HVS_DATA_DIR, else the first checkpoint's data directory)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="dataset split (default: val)")
-    p.add_argument("--n-images", type=_positive_int, default=4, metavar="N",
-                   help="number of dataset images, drawn class-stratified and deterministically (default: 4)")
-    p.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
-                   help="dataset indices to draw, in this order (overrides --n-images)")
-    p.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
-                   help="input size (resize + centre crop; default: the first checkpoint's training crop size); "
-                        "rounded down to a multiple of every checkpoint's patch size")
-    p.add_argument("--panel-size", type=_positive_int, default=96, metavar="PX",
-                   help="side of every panel; images and maps are resized to it (default: 96)")
-    p.add_argument("--threshold", type=_fraction, default=None, metavar="F",
-                   help="instead of the coloured map, show the image where a head keeps a fraction F of its "
-                        f"attention (fewest patches, largest first) and darken the rest to {DIM:g} (DINO: 0.6)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device of the forward passes (default: cuda if available, else cpu)")
-    p.add_argument("--output", required=True, metavar="PNG", help="the grid PNG to write (required)")
-    p.add_argument("--json", default=None, metavar="PATH", help="the JSON sidecar (default: <output>.json)")
-    return p
+def _finish(cfg: dict) -> None:
+    a = cfg["attention"]
+    if not a["checkpoints"]:
+        raise ConfigError("no checkpoints given: pass --checkpoints PATH [PATH ...] (DINO or iBOT, ViT)")
+    if a["labels"] and len(a["labels"]) != len(a["checkpoints"]):
+        raise ConfigError(f"config attention.labels: {len(a['labels'])} labels for "
+                          f"{len(a['checkpoints'])} checkpoints")
+    if a["images"] and cfg["data"]["dataset"]:
+        raise ConfigError("config attention.images and data.dataset: give one of them (image files or a dataset)")
+    a["checkpoints"], a["labels"], a["images"] = ([str(v) for v in a[k]] for k in ("checkpoints", "labels", "images"))
+    if not cfg["eval"]["output"]:
+        raise ConfigError("no output given: pass --output PNG")
+    resolve_device(cfg)
 
 
-def _load_vits(args) -> list[tuple[nn.Module, dict]]:
-    """(backbone, info) per checkpoint; only ViTs (exits otherwise)."""
-    from common.checkpoint import CheckpointError, load_backbone
+def parse_attention_args(argv=None) -> dict:
+    """The resolved configuration of ``python -m eval.attention``."""
+    return parse_cli(
+        ATTENTION_SPEC, "eval.attention",
+        "DINO-style attention maps of the last block's [CLS] token, per head, for ViT checkpoints side by side "
+        "on the same images (HVS paper, Appendix J). Writes one PNG (one row per image and checkpoint, columns: "
+        "image, head 1, ...) and a JSON sidecar with the entropies of the maps.",
+        SHORTCUTS, argv, lists=LIST_SHORTCUTS, finish=_finish)
 
+
+def _load_vits(cfg: dict) -> list[tuple[nn.Module, dict]]:
+    """(backbone, info) per checkpoint; only ViTs."""
     models = []
-    for path in args.checkpoints:
-        try:
-            backbone, info = load_backbone(path, which=args.which)
-        except CheckpointError as e:
-            sys.exit(f"eval.attention: {e}")
+    for path in cfg["attention"]["checkpoints"]:
+        backbone, info = load_backbone(path, which=cfg["eval"]["which"])
         try:
             info["patch_size"], info["heads"] = vit_patch_size(backbone), vit_num_heads(backbone)
         except TypeError:
-            sys.exit(f"eval.attention: checkpoint {path} holds a {info['arch']} backbone (method "
-                     f"{info['method']}), not a ViT: attention maps need a DINO or iBOT checkpoint "
-                     f"with model.arch=vit_*")
-        models.append((backbone.to(args.device), info))
+            raise EvalError(f"checkpoint {path} holds a {info['arch']} backbone (method {info['method']}), "
+                            f"not a ViT: attention maps need a DINO or iBOT checkpoint with model.arch=vit_*") from None
+        models.append((backbone.to(cfg["run"]["device"]), info))
     return models
 
 
-def _labels(args, infos: list[dict]) -> list[str]:
-    if args.labels is not None:
-        if len(args.labels) != len(infos):
-            sys.exit(f"eval.attention: {len(args.labels)} --labels for {len(infos)} --checkpoints")
-        return list(args.labels)
+def _labels(cfg: dict, infos: list[dict]) -> list[str]:
+    if cfg["attention"]["labels"]:
+        return list(cfg["attention"]["labels"])
     labels = [f"{info['method']} {'HVS' if info['hvs'] else 'baseline'}" for info in infos]
     return [f"{label} #{j + 1}" if labels.count(label) > 1 else label for j, label in enumerate(labels)]
 
 
-def _image_size(args, infos: list[dict]) -> int:
-    size = args.image_size or int(infos[0]["image_size"])
+def _image_size(cfg: dict, infos: list[dict]) -> int:
+    size = cfg["data"]["image_size"] or int(infos[0]["image_size"])
     multiple = math.lcm(*(info["patch_size"] for info in infos))
     if size % multiple:
         rounded = size // multiple * multiple
         if rounded == 0:
-            sys.exit(f"eval.attention: image size {size} is smaller than the patch size {multiple}")
+            raise EvalError(f"image size {size} is smaller than the patch size {multiple}")
         print(f"eval.attention: image size {size} is not a multiple of the patch size {multiple}; "
               f"using {rounded}", file=sys.stderr)
         size = rounded
     return size
 
 
-def _load_images(args, info: dict, size: int) -> tuple[Tensor, list[dict]]:
+def _load_images(cfg: dict, info: dict, size: int) -> tuple[Tensor, list[dict]]:
     """The normalised images [n, 3, size, size] and a description of each."""
-    from common.augment import eval_transform
-    from common.data import DataError, build_dataset, load_rgb, subset_indices
-
     transform = eval_transform(size)
-    try:
-        if args.images:
-            return (torch.stack([transform(load_rgb(f)) for f in args.images]),
-                    [{"path": str(f), "name": Path(f).name} for f in args.images])
-        dataset = args.dataset or info["dataset"]
-        data_dir = args.data_dir or os.environ.get("HVS_DATA_DIR") or info.get("data_dir")
-        ds = build_dataset(dataset, args.split, data_dir=data_dir, transform=transform)
-    except DataError as e:
-        sys.exit(f"eval.attention: {e}")
-    indices = args.indices if args.indices is not None else subset_indices(ds.targets, args.n_images, SUBSET_SEED)
+    files = cfg["attention"]["images"]
+    if files:
+        return (torch.stack([transform(load_rgb(f)) for f in files]),
+                [{"path": str(f), "name": Path(f).name} for f in files])
+    dataset, split = cfg["data"]["dataset"] or info["dataset"], cfg["data"]["split"]
+    ds = build_dataset(dataset, split, data_dir=data_dir_or_default(cfg["data"]["data_dir"], info.get("data_dir")),
+                       transform=transform)
+    indices = cfg["attention"]["indices"] or subset_indices(ds.targets, cfg["attention"]["n_images"], SUBSET_SEED)
     bad = [i for i in indices if not 0 <= i < len(ds)]
     if bad:
-        sys.exit(f"eval.attention: --indices {bad} out of range for {dataset}/{args.split} ({len(ds)} images)")
+        raise EvalError(f"config attention.indices: {bad} out of range for {dataset}/{split} ({len(ds)} images)")
     samples = getattr(ds, "samples", None)
     described, tensors = [], []
     for i in indices:
         image, target = ds[i]
         tensors.append(image)
         path = samples[i][0] if samples is not None else None
-        name = "/".join(Path(path).parts[-2:]) if path else f"{dataset}/{args.split}[{i}]"
-        described.append({"dataset": dataset, "split": args.split, "index": i, "path": path, "name": name,
+        name = "/".join(Path(path).parts[-2:]) if path else f"{dataset}/{split}[{i}]"
+        described.append({"dataset": dataset, "split": split, "index": i, "path": path, "name": name,
                           "class": ds.classes[int(target)] if hasattr(ds, "classes") else int(target)})
     return torch.stack(tensors), described
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+def draw(cfg: dict) -> dict:
+    """Draw the grid of a resolved configuration; returns the report (the JSON
+    sidecar's content, plus ``json``: its path, and ``figure``: the figure)."""
+    a, device = cfg["attention"], cfg["run"]["device"]
+    threshold = a["threshold"] or None
 
     # ---- models and images ----
-    models = _load_vits(args)
+    models = _load_vits(cfg)
     infos = [info for _, info in models]
-    labels = _labels(args, infos)
-    size = _image_size(args, infos)
-    images, described = _load_images(args, infos[0], size)
+    labels = _labels(cfg, infos)
+    size = _image_size(cfg, infos)
+    images, described = _load_images(cfg, infos[0], size)
 
     # ---- maps, statistics and panels ----
-    img_panels = [image_panel(im, args.panel_size) for im in images]
+    pictures = [image_array(im) for im in images]
     panels, stats, checkpoints = [], [], []
     for j, ((vit, info), label) in enumerate(zip(models, labels)):
-        attn = cls_attention(vit, images.to(args.device)).cpu()  # [n, heads, h, w]
+        attn = cls_attention(vit, images.to(device)).cpu()  # [n, heads, h, w]
         entropy = map_entropy(attn)
-        mask = keep_mass(attn, args.threshold) if args.threshold is not None else None
+        mask = keep_mass(attn, threshold) if threshold is not None else None
         rows = []
         for i in range(len(images)):
-            rows.append([color_panel(attn[i, k], args.panel_size) if mask is None
-                         else mask_panel(img_panels[i], mask[i, k]) for k in range(attn.shape[1])])
+            rows.append([attn[i, k].double().numpy() if mask is None else mask_overlay(pictures[i], mask[i, k])
+                         for k in range(attn.shape[1])])
             for k in range(attn.shape[1]):
                 row = {"checkpoint": j, "label": label, "image": i, "head": k + 1,
                        "entropy": float(entropy[i, k]),
@@ -475,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 stats.append(row)
         panels.append(rows)
         mine = [s for s in stats if s["checkpoint"] == j]
-        checkpoints.append({"path": str(args.checkpoints[j]), "label": label, "which": args.which,
+        checkpoints.append({"path": a["checkpoints"][j], "label": label, "which": cfg["eval"]["which"],
                             "grid": list(attn.shape[-2:]), "mean_entropy": float(entropy.mean()),
                             **{k: info.get(k) for k in ("method", "arch", "hvs", "epoch", "dataset",
                                                         "patch_size", "heads")},
@@ -483,22 +432,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                if mask is not None else {})})
 
     # ---- PNG and JSON ----
-    grid, geo = render_grid(img_panels, panels, labels, [d["name"] for d in described], args.panel_size)
-    out = Path(args.output)
+    fig = render_grid(pictures, panels, labels, [d["name"] for d in described], a["panel_size"])
+    out = Path(cfg["eval"]["output"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    report = {"output": str(out), "image_size": size, "threshold": args.threshold, "colormap": COLORMAP,
+    fig.savefig(out, format="png", dpi=fig.dpi)
+    geo = geometry(fig, a["panel_size"], len(models), len(images))
+    report = {"output": str(out), "image_size": size, "threshold": threshold, "colormap": COLORMAP,
               "checkpoints": checkpoints, "labels": labels, "images": described,
-              "heads": [info["heads"] for info in infos], "geometry": geo.as_dict(), "maps": stats}
-    json_path = Path(args.json) if args.json else out.with_name(out.name + ".json")
+              "heads": [info["heads"] for info in infos], "geometry": geo, "maps": stats, "config": cfg}
+    json_path = Path(a["json"]) if a["json"] else out.with_name(out.name + ".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    report["json"] = str(json_path)
+    report.update(json=str(json_path), figure=fig)
     for c in checkpoints:
         print(f"{c['label']}: {c['arch']}, {c['heads']} heads, mean entropy {c['mean_entropy']:.3f} nats")
-    print(f"wrote {out} ({geo.width}x{geo.height}) and {json_path}")
+    print(f"wrote {out} ({geo['width']}x{geo['height']}, {geo['rows']} x {geo['columns']} panels) and {json_path}")
     return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_attention_args(argv)
+    return run_main("eval.attention", lambda: draw(cfg))
 
 
 if __name__ == "__main__":

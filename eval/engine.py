@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,15 +37,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.config import ConfigError, _spec, build_parser, overrides_of, resolve
-from common.data import DataError, build_dataset, subset_indices
-from common.logs import JsonLog, Progress, fmt_time
+from common.config import ConfigError, setting, build_parser, overrides_of, resolve
 from common.augment import SeededDataset, eval_transform
-from common.data import num_classes
-from common.train import EpochSampler, amp_settings, setup_run, step_seed, warn_config_changes
+from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
+from common.logs import JsonLog, Progress, fmt_time
+from common.runtime import (Diverged, EpochSampler, amp_settings, exit_on_error, run_session, step_seed,
+                            warn_config_changes)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SUBSET_SEED = 0  # the class-stratified subsets are the same for every run (as eval.knn's)
 EVAL_FORMAT = "hvs-eval-1"
 
 # ---------------------------------------------------------------------------
@@ -52,31 +52,31 @@ EVAL_FORMAT = "hvs-eval-1"
 # ---------------------------------------------------------------------------
 #: Keys of every evaluation (linear probe, finetuning); each adds its own.
 EVAL_SPEC = {
-    "eval.checkpoint": _spec("", "pretraining checkpoint of any method of this repository (required)"),
-    "eval.which": _spec("auto", "weights to evaluate: auto (the teacher where the method has one, as DINO), teacher, student",
+    "eval.checkpoint": setting("", "pretraining checkpoint of any method of this repository (required)"),
+    "eval.which": setting("auto", "weights to evaluate: auto (the teacher where the method has one, as DINO), teacher, student",
                         ["auto", "teacher", "student"]),
-    "eval.protocol": _spec("", "set by --protocol (the protocol's YAML in configs/ is the first config layer)"),
-    "eval.output": _spec("", "results JSON (default: <run.output_dir>/results.json)"),
-    "run.output_dir": _spec("", "folder for config.yaml, log.jsonl, checkpoint.pth and results.json "
+    "eval.protocol": setting("", "set by --protocol (the protocol's YAML in configs/ is the first config layer)"),
+    "eval.output": setting("", "results JSON (default: <run.output_dir>/results.json)"),
+    "run.output_dir": setting("", "folder for config.yaml, log.jsonl, checkpoint.pth and results.json "
                                 "(default: <checkpoint folder>/eval/<evaluation>_<dataset>)"),
-    "run.seed": _spec(0, "seed of the head initialisation, data order and augmentations"),
-    "run.device": _spec("auto", "auto (cuda if available), cpu or cuda", ["auto", "cpu", "cuda"]),
-    "run.log_every": _spec(50, "write a JSON line and a console progress line every K steps"),
-    "run.eval_every": _spec(1, "test every K epochs (the last epoch always)"),
-    "run.ckpt_every_steps": _spec(0, "also checkpoint every K steps inside an epoch (0: only at epoch ends)"),
-    "run.stop_after_steps": _spec(0, "checkpoint and exit after K steps, as if preempted (0: run to the end); re-run to resume"),
-    "data.dataset": _spec("", "dataset to train and test on: cifar10, cifar100, tiny-imagenet-100, imagenet, imagefolder, "
+    "run.seed": setting(0, "seed of the head initialisation, data order and augmentations", range="[0, inf)"),
+    "run.device": setting("auto", "auto (cuda if available), cpu or cuda", ["auto", "cpu", "cuda"]),
+    "run.log_every": setting(50, "write a JSON line and a console progress line every K steps", range="[1, inf)"),
+    "run.eval_every": setting(1, "test every K epochs (the last epoch always)", range="[1, inf)"),
+    "run.ckpt_every_steps": setting(0, "also checkpoint every K steps inside an epoch (0: only at epoch ends)", range="[0, inf)"),
+    "run.stop_after_steps": setting(0, "checkpoint and exit after K steps, as if preempted (0: run to the end); re-run to resume", range="[0, inf)"),
+    "data.dataset": setting("", "dataset to train and test on: cifar10, cifar100, tiny-imagenet-100, imagenet, imagefolder, "
                               "flowers102, food101, inat21, inat21-mini (default: the checkpoint's pretraining dataset)"),
-    "data.data_dir": _spec(None, "data root (default: env HVS_DATA_DIR, else the checkpoint's)"),
-    "data.train_subset": _spec(0, "train on a class-stratified subset: N images (int) or a fraction (float); 0: all"),
-    "data.test_subset": _spec(0, "test on a class-stratified subset: N images or a fraction; 0: all"),
-    "data.image_size": _spec(0, "input size of the backbone (0: the checkpoint's training crop size); images of "
-                                "every dataset are resized to it"),
-    "data.num_workers": _spec(2, "DataLoader worker processes per rank"),
-    "data.download": _spec(False, "let torchvision download the dataset where a network exists"),
-    "train.epochs": _spec(100, "number of epochs"),
-    "train.batch_size": _spec(256, "global batch size (split evenly over ranks)"),
-    "train.amp": _spec("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; off on CPU",
+    "data.data_dir": setting(None, "data root (default: env HVS_DATA_DIR, else the checkpoint's)"),
+    "data.train_subset": setting(0, "train on a class-stratified subset: N images (int) or a fraction (float); 0: all", type="number", range="[0, inf)"),
+    "data.test_subset": setting(0, "test on a class-stratified subset: N images or a fraction; 0: all", type="number", range="[0, inf)"),
+    "data.image_size": setting(0, "input size of the backbone (0: the checkpoint's training crop size); images of "
+                                "every dataset are resized to it", range="[0, inf)"),
+    "data.num_workers": setting(2, "DataLoader worker processes per rank", range="[0, inf)"),
+    "data.download": setting(False, "let torchvision download the dataset where a network exists"),
+    "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
+    "train.batch_size": setting(256, "global batch size (split evenly over ranks)", range="[1, inf)"),
+    "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; off on CPU",
                        ["auto", "bf16", "fp16", "off"]),
 }
 
@@ -125,7 +125,7 @@ def resolve_run(cfg: dict, info: dict, name: str) -> dict:
     image size, output folder (``<checkpoint folder>/eval/<name>_<dataset>``)."""
     d = cfg["data"]
     d["dataset"] = d["dataset"] or info["dataset"]
-    d["data_dir"] = d["data_dir"] or os.environ.get("HVS_DATA_DIR") or info.get("data_dir")
+    d["data_dir"] = data_dir_or_default(d["data_dir"], info.get("data_dir"))
     d["image_size"] = int(d["image_size"] or info["image_size"])
     if not cfg["run"]["output_dir"]:
         cfg["run"]["output_dir"] = str(Path(cfg["eval"]["checkpoint"]).parent / "eval" / f"{name}_{d['dataset']}")
@@ -301,13 +301,7 @@ class Trainer:
         path = None if self.out is None else self.out / "checkpoint.pth"
         if path is None or not path.exists():
             return 0, 0, [], {}
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - the user's file
-            raise ckpt_io.CheckpointError(f"cannot read {path} with weights_only=True: {err}") from err
-        if not isinstance(state, dict) or state.get("format") != EVAL_FORMAT:
-            raise ckpt_io.CheckpointError(f"{path} is not an evaluation checkpoint of this repository: "
-                                          "use another run.output_dir")
+        state = ckpt_io.load(path, fmt=EVAL_FORMAT)
         for key, value in self.identity.items():
             if state.get(key) != value:
                 raise ckpt_io.CheckpointError(
@@ -363,7 +357,8 @@ class Trainer:
                 n, step = n + 1, step + 1
                 if step % log_every == 0 or it + 1 == iters:
                     if not finite.any():
-                        raise FloatingPointError(f"loss is {per_head.tolist()} at epoch {epoch} step {step}: stopping")
+                        raise Diverged(f"training diverged: the loss is {per_head.tolist()} at epoch {epoch} "
+                                       f"step {step}; the last checkpoint in {self.out} is left as it was")
                     value = per_head[finite].mean().item()
                     extra = {"diverged_heads": int((~finite).sum())} if not finite.all() else {}
                     if log:
@@ -461,26 +456,27 @@ def write_results(cfg: dict, results: dict) -> None:
         os.replace(tmp, path)
 
 
-def start_run(cfg: dict) -> tuple[torch.device, Path]:
-    """Check the settings, then :func:`common.train.setup_run`: process group,
-    device, the output folder with ``config.yaml``, seeds."""
-    for key in ("train.epochs", "train.batch_size", "run.eval_every"):
-        section, sub = key.split(".")
-        if int(cfg[section][sub]) < 1:
-            raise EvalError(f"config {key}={cfg[section][sub]} must be at least 1")
-    device, out = setup_run(cfg)
+@contextmanager
+def eval_session(cfg: dict, info: dict):
+    """Set up an evaluation run (:func:`common.runtime.run_session`: process
+    group, device, the locked run folder, seeds) and write its
+    ``config.yaml``, after checking that a checkpoint already in the folder is
+    an evaluation of the same weights.  Yields ``(device, run folder)``."""
     if cfg["train"]["batch_size"] % dist.world():
         raise EvalError(f"train.batch_size={cfg['train']['batch_size']} is not divisible by the {dist.world()} ranks")
-    return device, out
+    with run_session(cfg) as (device, run_dir):
+        existing = run_dir.path / "checkpoint.pth"
+        if existing.exists():
+            state = ckpt_io.load(existing, fmt=EVAL_FORMAT)
+            if state.get("source") != info["fingerprint"]:
+                raise ckpt_io.CheckpointError(
+                    f"{existing} is an evaluation of other weights than {cfg['eval']['checkpoint']}: "
+                    "use another run.output_dir, or delete that folder to start again")
+        run_dir.write_config(cfg)
+        yield device, run_dir.path
 
 
 def run_main(name: str, body: Callable[[], dict]) -> dict:
     """Run an evaluation's body; user-fixable errors end the process with
-    status 2 and one line naming the problem."""
-    try:
-        return body()
-    except (DataError, ckpt_io.CheckpointError, ConfigError, EvalError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        dist.cleanup()
+    status 2 and one line naming the problem (:func:`common.runtime.exit_on_error`)."""
+    return exit_on_error(name, body, (EvalError,))

@@ -52,33 +52,33 @@ from torch import Tensor, nn
 
 from common import dist
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
-from common.config import _spec
+from common.config import setting
 from common.schedules import cosine_schedule
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, Trainer, finish, image_data, parse_eval_args, resolve_run,
-                         run_main, start_run)
+                         run_main, eval_session)
 
 PROTOCOLS = {"vit": CONFIGS / "finetune_vit.yaml", "resnet": CONFIGS / "finetune_resnet.yaml"}
 
 FINETUNE_SPEC = {
     **EVAL_SPEC,
-    "model.drop_path": _spec(0.1, "ViT stochastic depth while finetuning (DeiT-S: 0.1); ResNets have none"),
-    "optim.lr": _spec(0.0, "peak learning rate at batch 512, scaled by train.batch_size / 512 "
-                           "(0: the protocol table's value for data.dataset)"),
-    "optim.weight_decay": _spec(0.05, "AdamW weight decay (not on biases, norms, position embedding, [CLS] token)"),
-    "optim.betas": _spec([0.9, 0.999], "AdamW betas"),
-    "optim.warmup_epochs": _spec(5.0, "linear warm-up of the learning rate from 0, in epochs (DeiT: 5)"),
-    "optim.min_lr": _spec(0.0, "learning rate at the end of the cosine decay"),
-    "train.epochs": _spec(0, "number of epochs (0: the protocol table's value for data.dataset)"),
-    "train.batch_size": _spec(512, "global batch size (the paper: 512)"),
-    "train.label_smoothing": _spec(0.1, "label smoothing of the cross-entropy (DeiT: 0.1)"),
-    "train.sync_bn": _spec(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
-    "augment.scale": _spec([0.08, 1.0], "area range of the random resized crop"),
-    "augment.interpolation": _spec("bicubic", "interpolation of the random resized crop", ["bicubic", "bilinear"]),
-    "augment.auto_augment": _spec("rand-m9-mstd0.5-inc1", "timm's RandAugment policy ('' for none)"),
-    "augment.re_prob": _spec(0.25, "probability of random erasing (0: none)"),
-    "table.datasets": _spec([], "datasets of the paper's table (Table 11 or 12)"),
-    "table.lr": _spec([], "the table's learning rate per dataset (at batch 512)"),
-    "table.epochs": _spec([], "the table's number of epochs per dataset"),
+    "model.drop_path": setting(0.1, "ViT stochastic depth while finetuning (DeiT-S: 0.1); ResNets have none", range="[0, 1)"),
+    "optim.lr": setting(0.0, "peak learning rate at batch 512, scaled by train.batch_size / 512 "
+                           "(0: the protocol table's value for data.dataset)", range="[0, inf)"),
+    "optim.weight_decay": setting(0.05, "AdamW weight decay (not on biases, norms, position embedding, [CLS] token)", range="[0, inf)"),
+    "optim.betas": setting([0.9, 0.999], "AdamW betas", range="[0, 1)", length=2),
+    "optim.warmup_epochs": setting(5.0, "linear warm-up of the learning rate from 0, in epochs (DeiT: 5)", range="[0, inf)"),
+    "optim.min_lr": setting(0.0, "learning rate at the end of the cosine decay", range="[0, inf)"),
+    "train.epochs": setting(0, "number of epochs (0: the protocol table's value for data.dataset)", range="[0, inf)"),
+    "train.batch_size": setting(512, "global batch size (the paper: 512)", range="[1, inf)"),
+    "train.label_smoothing": setting(0.1, "label smoothing of the cross-entropy (DeiT: 0.1)", range="[0, 1)"),
+    "train.sync_bn": setting(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
+    "augment.scale": setting([0.08, 1.0], "area range of the random resized crop"),
+    "augment.interpolation": setting("bicubic", "interpolation of the random resized crop", ["bicubic", "bilinear"]),
+    "augment.auto_augment": setting("rand-m9-mstd0.5-inc1", "timm's RandAugment policy ('' for none)"),
+    "augment.re_prob": setting(0.25, "probability of random erasing (0: none)", range="[0, 1]"),
+    "table.datasets": setting([], "datasets of the paper's table (Table 11 or 12)"),
+    "table.lr": setting([], "the table's learning rate per dataset (at batch 512)", range="[0, inf)"),
+    "table.epochs": setting([], "the table's number of epochs per dataset", range="[0, inf)"),
 }
 
 
@@ -193,14 +193,15 @@ def main(argv=None) -> dict:
         if cfg["optim"]["warmup_epochs"] >= cfg["train"]["epochs"]:
             raise EvalError(f"optim.warmup_epochs={cfg['optim']['warmup_epochs']} must be below "
                             f"train.epochs={cfg['train']['epochs']}")
-        device, out = start_run(cfg)
-        if dist.is_main():
-            print(f"finetuning ({cfg['eval']['protocol']} table) {info['method']} / {info['arch']} ({info['which']}) "
-                  f"on {cfg['data']['dataset']} at {cfg['data']['image_size']} px: lr {cfg['optim']['lr']:.3g} at "
-                  f"batch 512, {cfg['train']['epochs']} epochs -> {out}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        history, sizes = finetune(cfg, backbone, info, device, out)
-        return finish(cfg, info, history, sizes, t0, eval="finetune")
+        with eval_session(cfg, info) as (device, out):
+            if dist.is_main():
+                print(f"finetuning ({cfg['eval']['protocol']} table) {info['method']} / {info['arch']} "
+                      f"({info['which']}) on {cfg['data']['dataset']} at {cfg['data']['image_size']} px: lr "
+                      f"{cfg['optim']['lr']:.3g} at batch 512, {cfg['train']['epochs']} epochs -> {out}",
+                      file=sys.stderr, flush=True)
+            t0 = time.time()
+            history, sizes = finetune(cfg, backbone, info, device, out)
+            return finish(cfg, info, history, sizes, t0, eval="finetune")
 
     return run_main("eval.finetune", body)
 

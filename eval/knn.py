@@ -12,25 +12,29 @@ training images (it is clamped), the top-k search is done once for the largest
 (``exp((sim - sim_max) / T)``), which scales all votes of a sample by the same
 factor and so avoids overflow for small temperatures.
 
-Example::
+Example (the configuration as every entry point's, ``common/config.py``:
+``--config YAML``, ``key=value`` overrides, ``--help`` lists every key)::
 
     python -m eval.knn --checkpoint runs/dino_cifar10/checkpoint.pth \\
-        --output results/knn_dino_cifar10.json
+        --output results/knn_dino_cifar10.json knn.ks=[10,20] data.train_subset=5000
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUBSET_SEED = 0  # seed of the class-stratified --train-subset / --test-subset draws
+from common.augment import eval_transform
+from common.checkpoint import load_backbone
+from common.config import ConfigError, build_parser, overrides_of, resolve, setting
+from common.data import SUBSET_SEED, build_dataset, data_dir_or_default, subset_indices
+from eval.engine import EVAL_SPEC, SHORTCUTS, run_main
 
 
 # ---------------------------------------------------------------------------
@@ -122,101 +126,129 @@ def weighted_knn(train_features: Tensor, train_labels: Tensor, test_features: Te
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: the config layer of every entry point (common/config.py)
 # ---------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+#: Keys of the k-NN evaluation: the evaluations' own where they fit, and k-NN's.
+KNN_SPEC = {
+    **{key: EVAL_SPEC[key] for key in ("eval.checkpoint", "eval.which", "data.dataset", "data.data_dir",
+                                       "data.train_subset", "data.test_subset", "data.image_size",
+                                       "data.num_workers", "run.device")},
+    "eval.output": setting("", 'results JSON: {"checkpoint", "dataset", "n_train", "n_test", "temperature", '
+                               '"knn": {"<k>": {"top1", "top5"}}, ...} (default: printed only)'),
+    "knn.ks": setting([10, 20, 100, 200], "numbers of neighbours k, each reported (a list of whole numbers)",
+                      range="[1, inf)"),
+    "knn.temperature": setting(0.07, "temperature T of the vote weights exp(sim / T)", range="(0, inf)"),
+    "knn.batch_size": setting(256, "batch size of the feature extraction", range="[1, inf)"),
+}
+
+#: the shortcut flags of the evaluations (eval/engine.py) that k-NN has keys for
+KNN_SHORTCUTS = {flag: key for flag, key in SHORTCUTS.items() if key in KNN_SPEC}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "eval.knn", description="Weighted k-NN evaluation (DINO) of the frozen backbone of a checkpoint. "
-                                "Prints top-1 / top-5 accuracy (%) for every k.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint of any method of this repository (required)")
-    p.add_argument("--which", default="auto", choices=["auto", "teacher", "student"],
-                   help="which weights to evaluate (auto: the teacher if the checkpoint has one, "
-                        "else the model; default: auto)")
-    p.add_argument("--dataset", default=None, metavar="NAME",
-                   help="cifar10 | cifar100 | tiny-imagenet-100 | imagenet | imagefolder "
-                        "(default: the dataset the checkpoint was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="data root (default: $HVS_DATA_DIR, else the checkpoint's data directory)")
-    p.add_argument("--image-size", type=_positive_int, default=None, metavar="INT",
-                   help="evaluation crop size (default: the checkpoint's training crop size)")
-    p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                   help="use only N training images (class-stratified, deterministic; default: all)")
-    p.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
-                   help="use only N test images (class-stratified, deterministic; default: all)")
-    p.add_argument("--ks", type=_positive_int, nargs="+", default=[10, 20, 100, 200], metavar="K",
-                   help="numbers of neighbours (default: 10 20 100 200)")
-    p.add_argument("--temperature", type=float, default=0.07, metavar="T",
-                   help="temperature of the vote weights exp(sim / T) (default: 0.07)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="INT",
-                   help="batch size of the feature extraction (default: 256)")
-    p.add_argument("--num-workers", type=int, default=2, metavar="INT", help="data-loading workers (default: 2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device of the feature extraction and the k-NN search (default: cuda if available, else cpu)")
-    p.add_argument("--output", default=None, metavar="PATH",
-                   help='write the results as JSON: {"checkpoint", "dataset", "n_train", "n_test", '
-                        '"temperature", "knn": {"<k>": {"top1", "top5"}}, ...}')
-    return p
+def parse_cli(spec: dict, prog: str, description: str, shortcuts: dict, argv=None, lists: dict | None = None,
+              finish: Callable[[dict], None] | None = None) -> dict:
+    """The command line of an evaluation or benchmark: ``--config YAML``, the
+    ``shortcuts`` flags (``--flag VALUE`` -> ``key=VALUE``), ``lists`` flags
+    taking several values (``--flag A B`` -> ``key=[A, B]``; a ``key=value`` of
+    ``spec`` caught among them counts as an override) and ``key=value``
+    overrides.  ``finish(cfg)`` fills defaults and checks what the config layer
+    cannot (values that depend on each other).  A bad value ends the process
+    with status 2 and one line naming the key, before anything is loaded."""
+    parser = build_parser(spec, description, shortcuts)
+    parser.prog = prog
+    lists = lists or {}
+    for flag, key in lists.items():
+        parser.add_argument(flag, nargs="+", default=None, metavar=flag[2:].rstrip("s").replace("-", "_").upper(),
+                            help=f"shortcut for {key}=[...]: {spec[key]['help']}")
+    args = parser.parse_intermixed_args(argv)
+    overrides = overrides_of(args, shortcuts)
+    for flag, key in lists.items():
+        given = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if given is None:
+            continue
+        strays = [v for v in given if "=" in v and v.split("=", 1)[0] in spec]
+        overrides[:0] = strays  # before the shortcuts, as the other overrides
+        overrides.append(f"{key}={json.dumps([v for v in given if v not in strays])}")
+    try:
+        cfg = resolve(spec, args.config, overrides)
+        if finish is not None:
+            finish(cfg)
+    except ConfigError as err:
+        parser.exit(2, f"{prog}: error: {err}\n")
+    return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    # Imported here so that the functions above work without the data stack.
-    from common.augment import eval_transform
-    from common.checkpoint import CheckpointError, load_backbone
-    from common.data import DataError, build_dataset, subset_indices
+def resolve_device(cfg: dict) -> None:
+    """``run.device=auto``: cuda where a GPU is visible, else cpu; ``cuda``
+    without a GPU is a :class:`ConfigError`."""
+    device = cfg["run"]["device"]
+    if device == "auto":
+        cfg["run"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config run.device=cuda: no GPU visible")
+
+
+def _finish_knn(cfg: dict) -> None:
+    if not cfg["eval"]["checkpoint"]:
+        raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint.pth of this repository)")
+    resolve_device(cfg)
+
+
+def parse_knn_args(argv=None) -> dict:
+    """The resolved configuration of ``python -m eval.knn``."""
+    return parse_cli(KNN_SPEC, "eval.knn", "Weighted k-NN evaluation (DINO) of the frozen backbone of a "
+                     "checkpoint. Prints top-1 / top-5 accuracy (%) for every k.", KNN_SHORTCUTS, argv,
+                     finish=_finish_knn)
+
+
+def evaluate(cfg: dict) -> dict:
+    """Run the k-NN evaluation of a resolved configuration; returns the report."""
+    e, d, k = cfg["eval"], cfg["data"], cfg["knn"]
+    device = cfg["run"]["device"]
 
     # ---- model ----
-    try:
-        backbone, info = load_backbone(args.checkpoint, which=args.which)
-    except CheckpointError as e:
-        sys.exit(f"eval.knn: {e}")
-    backbone.to(args.device)
-    dataset = args.dataset or info["dataset"]
-    image_size = args.image_size or info["image_size"]
-    data_dir = args.data_dir or os.environ.get("HVS_DATA_DIR") or info.get("data_dir")
-    print(f"{info.get('method')} / {info.get('arch')} ({info.get('which', args.which)}) from {args.checkpoint}; "
+    backbone, info = load_backbone(e["checkpoint"], which=e["which"])
+    backbone.to(device)
+    dataset = d["dataset"] or info["dataset"]
+    image_size = d["image_size"] or info["image_size"]
+    data_dir = data_dir_or_default(d["data_dir"], info.get("data_dir"))
+    print(f"{info.get('method')} / {info.get('arch')} ({info.get('which', e['which'])}) from {e['checkpoint']}; "
           f"k-NN on {dataset} at {image_size}px", file=sys.stderr)
 
     # ---- data ----
     transform = eval_transform(image_size)
     loaders = {}
-    for split, n in (("train", args.train_subset), ("val", args.test_subset)):
-        try:
-            ds = build_dataset(dataset, split, data_dir=data_dir, transform=transform)
-            if n is not None:
-                ds = torch.utils.data.Subset(ds, subset_indices(ds.targets, n, SUBSET_SEED))
-        except DataError as e:
-            sys.exit(f"eval.knn: {e}")
+    for split, n in (("train", d["train_subset"]), ("val", d["test_subset"])):
+        ds = build_dataset(dataset, split, data_dir=data_dir, transform=transform)
+        if n:
+            ds = torch.utils.data.Subset(ds, subset_indices(ds.targets, n, SUBSET_SEED))
         loaders[split] = torch.utils.data.DataLoader(
-            ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-            pin_memory=str(args.device).startswith("cuda"))
+            ds, batch_size=k["batch_size"], shuffle=False, num_workers=d["num_workers"],
+            pin_memory=str(device).startswith("cuda"))
 
     # ---- features and k-NN ----
-    train_x, train_y = extract_features(backbone, loaders["train"], args.device)
-    test_x, test_y = extract_features(backbone, loaders["val"], args.device)
+    train_x, train_y = extract_features(backbone, loaders["train"], device)
+    test_x, test_y = extract_features(backbone, loaders["val"], device)
     print(f"features: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}", file=sys.stderr)
-    results = weighted_knn(train_x.to(args.device), train_y, test_x, test_y,
-                           ks=args.ks, temperature=args.temperature)
-    for k, r in results.items():
-        print(f"k={k}  top1 {r['top1']:.2f}  top5 {r['top5']:.2f}")
+    results = weighted_knn(train_x.to(device), train_y, test_x, test_y, ks=k["ks"], temperature=k["temperature"])
+    for kk, r in results.items():
+        print(f"k={kk}  top1 {r['top1']:.2f}  top5 {r['top5']:.2f}")
 
-    report = {"eval": "knn", "checkpoint": args.checkpoint, "dataset": dataset, "method": info.get("method"),
-              "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"), "which": info.get("which", args.which), "image_size": image_size,
-              "n_train": len(train_y), "n_test": len(test_y), "temperature": args.temperature,
-              "knn": {str(k): r for k, r in results.items()}}
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
+    report = {"eval": "knn", "checkpoint": e["checkpoint"], "dataset": dataset, "method": info.get("method"),
+              "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"),
+              "which": info.get("which", e["which"]), "image_size": image_size,
+              "n_train": len(train_y), "n_test": len(test_y), "temperature": k["temperature"],
+              "knn": {str(kk): r for kk, r in results.items()}, "config": cfg}
+    if e["output"]:
+        os.makedirs(os.path.dirname(os.path.abspath(e["output"])), exist_ok=True)
+        with open(e["output"], "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_knn_args(argv)
+    return run_main("eval.knn", lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

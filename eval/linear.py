@@ -59,35 +59,35 @@ from torchvision import transforms as T
 from common import checkpoint as ckpt_io
 from common import dist
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from common.config import _spec
+from common.config import setting
 from common.data import subset_indices
 from common.schedules import cosine_schedule
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
-                         parse_eval_args, resolve_run, run_main, start_run)
+                         eval_session, parse_eval_args, resolve_run, run_main)
 
 PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in ("dino", "simsiam", "simclr")}
 SWEEP_SEED = 1  # the held-out part of the fast sweep (independent of the subsets' SUBSET_SEED)
 
 LINEAR_SPEC = {
     **EVAL_SPEC,
-    "mode": _spec("full", "full: the protocol (augmented images through the frozen backbone every epoch); "
+    "mode": setting("full", "full: the protocol (augmented images through the frozen backbone every epoch); "
                           "fast: features of un-augmented images computed once, several learning rates in one pass",
                   ["full", "fast"]),
-    "features.n_last_blocks": _spec(4, "ViT: concatenate the normalised [CLS] tokens of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B)"),
-    "features.avgpool_patchtokens": _spec(False, "ViT: also concatenate the average patch token of the last block (DINO's ViT-B setting)"),
-    "optim.name": _spec("sgd", "sgd, or lars (SimSiam's: trust ratio on the weights, not on the bias)", ["sgd", "lars"]),
-    "optim.lr": _spec(0.001, "learning rate per 256 images (scaled by train.batch_size / 256)"),
-    "optim.momentum": _spec(0.9, "momentum"),
-    "optim.nesterov": _spec(False, "Nesterov momentum (SimCLR's)"),
-    "optim.weight_decay": _spec(0.0, "weight decay (all three protocols: none)"),
-    "optim.trust_coeff": _spec(0.001, "LARS trust coefficient"),
-    "optim.schedule": _spec("epoch", "cosine decay to 0, per epoch (DINO, SimSiam) or per step (SimCLR)", ["epoch", "step"]),
-    "augment.train": _spec("rrc", "training images: rrc (random resized crop + flip, the protocols) or none "
+    "features.n_last_blocks": setting(4, "ViT: concatenate the normalised [CLS] tokens of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B)", range="[1, inf)"),
+    "features.avgpool_patchtokens": setting(False, "ViT: also concatenate the average patch token of the last block (DINO's ViT-B setting)"),
+    "optim.name": setting("sgd", "sgd, or lars (SimSiam's: trust ratio on the weights, not on the bias)", ["sgd", "lars"]),
+    "optim.lr": setting(0.001, "learning rate per 256 images (scaled by train.batch_size / 256)", range="[0, inf)"),
+    "optim.momentum": setting(0.9, "momentum", range="[0, 1]"),
+    "optim.nesterov": setting(False, "Nesterov momentum (SimCLR's)"),
+    "optim.weight_decay": setting(0.0, "weight decay (all three protocols: none)", range="[0, inf)"),
+    "optim.trust_coeff": setting(0.001, "LARS trust coefficient", range="(0, inf)"),
+    "optim.schedule": setting("epoch", "cosine decay to 0, per epoch (DINO, SimSiam) or per step (SimCLR)", ["epoch", "step"]),
+    "augment.train": setting("rrc", "training images: rrc (random resized crop + flip, the protocols) or none "
                                   "(the test transform, as the fast mode's features)", ["rrc", "none"]),
-    "augment.scale": _spec([0.08, 1.0], "area range of the random resized crop"),
-    "fast.lr_factors": _spec([0.1, 0.3, 1.0, 3.0, 10.0], "fast mode: the learning rates tried, as factors of optim.lr"),
-    "fast.holdout": _spec(0.1, "fast mode with several rates: class-stratified fraction of the training set held "
-                               "out to choose the rate (the chosen rate is then trained on the whole training set)"),
+    "augment.scale": setting([0.08, 1.0], "area range of the random resized crop"),
+    "fast.lr_factors": setting([0.1, 0.3, 1.0, 3.0, 10.0], "fast mode: the learning rates tried, as factors of optim.lr", range="(0, inf)"),
+    "fast.holdout": setting(0.1, "fast mode with several rates: class-stratified fraction of the training set held "
+                               "out to choose the rate (the chosen rate is then trained on the whole training set)", range="[0, 1)"),
 }
 
 
@@ -314,17 +314,17 @@ def main(argv=None) -> dict:
     def body():
         cfg, backbone, info = parse_eval_args(LINEAR_SPEC, __doc__.split("\n\n")[0], PROTOCOLS, auto_protocol, argv)
         cfg = resolve_run(cfg, info, f"linear_{cfg['mode']}")
-        device, out = start_run(cfg)
-        f = cfg["features"]
-        features = FrozenFeatures(backbone, f["n_last_blocks"], f["avgpool_patchtokens"]).to(device)
-        if dist.is_main():
-            print(f"linear probe ({cfg['eval']['protocol']} protocol, {cfg['mode']} mode) of {info['method']} / "
-                  f"{info['arch']} ({info['which']}) on {cfg['data']['dataset']} at {cfg['data']['image_size']} px, "
-                  f"{features.dim} features -> {out}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        history, sizes = (run_fast if cfg["mode"] == "fast" else run_full)(cfg, features, info, device, out)
-        return finish(cfg, info, history, sizes, t0, eval="linear", mode=cfg["mode"], features=features.describe(),
-                      optimizer=cfg["optim"]["name"], backbone_unchanged=True)
+        with eval_session(cfg, info) as (device, out):
+            f = cfg["features"]
+            features = FrozenFeatures(backbone, f["n_last_blocks"], f["avgpool_patchtokens"]).to(device)
+            if dist.is_main():
+                print(f"linear probe ({cfg['eval']['protocol']} protocol, {cfg['mode']} mode) of {info['method']} / "
+                      f"{info['arch']} ({info['which']}) on {cfg['data']['dataset']} at {cfg['data']['image_size']} "
+                      f"px, {features.dim} features -> {out}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            history, sizes = (run_fast if cfg["mode"] == "fast" else run_full)(cfg, features, info, device, out)
+            return finish(cfg, info, history, sizes, t0, eval="linear", mode=cfg["mode"],
+                          features=features.describe(), optimizer=cfg["optim"]["name"], backbone_unchanged=True)
 
     return run_main("eval.linear", body)
 

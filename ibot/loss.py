@@ -13,14 +13,20 @@ student's views masked by m_u, m_v) and local crops:
     loss    = lambda1 L_cls + lambda2 L_patch, averaged over the images.
 
 The patch distributions have their own centre (the mean teacher patch output
-over all tokens of the batch) and their own teacher temperature.  All computed
-in float32 (float64 for float64 inputs), outside autocast."""
+over all tokens of the batch) and their own teacher temperature.  The functions
+are pure; :class:`IBOTLoss` wraps them and owns the state (both centres, their
+updates, both teacher-temperature schedules).  All computed in float32 (float64
+for float64 inputs), outside autocast."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dino.loss import precise, combination_scores as cls_combination_scores, dino_loss, teacher_probs
+from common.numerics import precise
+from common.schedules import linear_warmup
+from dino.loss import (combination_scores as cls_combination_scores, cross_entropy_table, dino_loss,
+                       teacher_probs, updated_center)
 
 
 def patch_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
@@ -81,3 +87,73 @@ def combination_scores(cls_table: torch.Tensor, candidate_patch_loss: torch.Tens
     cls = cls_combination_scores(cls_table, combos, n_global)
     patch = sum(candidate_patch_loss[combos[:, s]] for s in range(n_global)).t() / n_global
     return lambda1 * cls + lambda2 * patch.to(cls.dtype)
+
+
+class IBOTLoss(nn.Module):
+    """iBOT's loss with its state: the centres of the teacher's [CLS] outputs
+    (buffer ``center``) and of its patch outputs (buffer ``patch_center``), both
+    [1, K], in :meth:`state_dict` and updated by :meth:`update_centers` after each
+    training loss; the student temperature; both teacher temperatures, warmed up
+    linearly per epoch, the patch one from ``mask_start_epoch`` on
+    (:meth:`temperatures`); and the weights lambda1, lambda2."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, teacher_patch_temp: float = 0.07,
+                 warmup_teacher_patch_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
+                 center_momentum: float = 0.9, patch_center_momentum: float = 0.9, lambda1: float = 1.0,
+                 lambda2: float = 1.0, mask_start_epoch: int = 0):
+        super().__init__()
+        warmup = int(warmup_teacher_temp_epochs)
+        self.student_temp = float(student_temp)
+        self.teacher_temp_warmup = (warmup, float(warmup_teacher_temp), float(teacher_temp))
+        self.teacher_patch_temp_warmup = (warmup, float(warmup_teacher_patch_temp), float(teacher_patch_temp))
+        self.mask_start_epoch = int(mask_start_epoch)
+        self.center_momentum, self.patch_center_momentum = float(center_momentum), float(patch_center_momentum)
+        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "IBOTLoss":
+        lo = cfg["loss"]
+        return cls(cfg["model"]["out_dim"], lo["student_temp"], lo["teacher_temp"], lo["warmup_teacher_temp"],
+                   lo["teacher_patch_temp"], lo["warmup_teacher_patch_temp"], lo["warmup_teacher_temp_epochs"],
+                   lo["center_momentum"], lo["patch_center_momentum"], lo["lambda1"], lo["lambda2"],
+                   cfg["mask"]["start_epoch"])
+
+    def temperatures(self, epoch: int) -> dict:
+        """Both teacher temperatures of an epoch: the [CLS] one warmed up from
+        epoch 0, the patch one from ``mask_start_epoch`` (iBOT's)."""
+        return {"teacher_temp": linear_warmup(epoch, *self.teacher_temp_warmup),
+                "teacher_patch_temp": linear_warmup(max(0, epoch - self.mask_start_epoch),
+                                                    *self.teacher_patch_temp_warmup)}
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks: torch.Tensor,
+                teacher_temp: float, teacher_patch_temp: float, n_student: int, n_global: int = 2,
+                reduce: bool = True):
+        """:func:`ibot_loss` with the current centres: (loss, L_cls, L_patch)."""
+        return ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, self.center,
+                         self.patch_center, self.student_temp, teacher_temp, teacher_patch_temp, n_student,
+                         n_global, self.lambda1, self.lambda2, reduce)
+
+    @torch.no_grad()
+    def patch_losses(self, student_patch, teacher_patch, masks: torch.Tensor, teacher_patch_temp: float):
+        """Per-view patch loss [n] of n masked views (:func:`patch_loss`)."""
+        return patch_loss(student_patch, teacher_patch, masks, self.patch_center, self.student_temp,
+                          teacher_patch_temp, reduce=False)
+
+    @torch.no_grad()
+    def scores(self, teacher_cls: torch.Tensor, student_cls: torch.Tensor, candidate_patch_loss: torch.Tensor,
+               combos: torch.Tensor, teacher_temp: float, n_global: int) -> torch.Tensor:
+        """Per-image loss [B, C] of every combination of candidates (teacher_cls
+        [G, B, K], student_cls [V, B, K], candidate_patch_loss [G, B]; see
+        :func:`combination_scores`)."""
+        table = cross_entropy_table(teacher_cls, student_cls, self.center, self.student_temp, teacher_temp)
+        return combination_scores(table, candidate_patch_loss, combos, n_global, self.lambda1, self.lambda2)
+
+    @torch.no_grad()
+    def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
+        """Both centres after a training step, in place (``teacher_patch`` [n, N, K]:
+        the patch centre follows the mean over all tokens)."""
+        self.center.copy_(updated_center(self.center, teacher_cls, self.center_momentum))
+        self.patch_center.copy_(updated_center(self.patch_center, teacher_patch.mean(1), self.patch_center_momentum))

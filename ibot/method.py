@@ -28,18 +28,22 @@ lambda1 x the [CLS] loss (DINO's cross-entropy table) + lambda2 x the mean
 patch loss of its two global candidates (one number per candidate: the
 patch loss compares a view only with itself).  Local crops are part of the
 combinations.  At reduced resolution the masks are resized with the crops.
+
+State: both centres live in the loss module (:class:`ibot.loss.IBOTLoss`,
+buffers, checkpointed), which also owns both teacher-temperature schedules;
+the hooks read the step's temperatures and epoch (the masks) from their
+``step`` argument.
 """
 from __future__ import annotations
 
 import torch
 
 from common.backbones import VITS
-from common.config import _spec
+from common.config import setting
+from common.method import StepInfo
 from common.multicrop import N_GLOBAL, multicrop_spec
-from common.schedules import linear_warmup
-from dino.loss import cross_entropy_table, updated_center
 from dino.method import DINOMethod
-from ibot.loss import combination_scores, ibot_loss, patch_loss
+from ibot.loss import IBOTLoss
 from ibot.masking import MaskGenerator, resize_masks
 from ibot.model import IBOT, MaskedViTNet
 
@@ -49,25 +53,26 @@ class IBOTMethod(DINOMethod):
 
     name = "ibot"
     model_cls, net_cls = IBOT, MaskedViTNet
+    loss_cls = IBOTLoss  # both centres and both temperature schedules
     spec = {
         **DINOMethod.spec,
-        "model.arch": _spec("vit_small", "ViT backbone (timm; iBOT needs patch tokens): vit_tiny, vit_small, vit_base", sorted(VITS)),
-        "model.out_dim": _spec(8192, "prototypes of the head shared by the [CLS] and the patch tokens"),
-        "model.norm_last_layer": _spec(False, "fix the norm of every prototype to 1 (iBOT: false for ViT-S, true for ViT-B)"),
-        "model.use_bn_in_head": _spec(False, "BatchNorm in the head MLP (not supported by iBOT here: the head runs token by token)"),
-        "loss.teacher_temp": _spec(0.07, "[CLS] teacher temperature after the warm-up"),
-        "loss.warmup_teacher_temp_epochs": _spec(30, "epochs of linear warm-up of both teacher temperatures"),
-        "loss.teacher_patch_temp": _spec(0.07, "patch teacher temperature after the warm-up"),
-        "loss.warmup_teacher_patch_temp": _spec(0.04, "patch teacher temperature at epoch 0 (or at mask.start_epoch)"),
-        "loss.patch_center_momentum": _spec(0.9, "momentum of the centre of the teacher's patch outputs"),
-        "loss.lambda1": _spec(1.0, "weight of the [CLS] (DINO) loss"),
-        "loss.lambda2": _spec(1.0, "weight of the masked-patch loss"),
-        "mask.ratio": _spec([0.0, 0.3], "prediction ratios; one is chosen per crop (iBOT's pred_ratio)"),
-        "mask.ratio_var": _spec([0.0, 0.2], "uniform jitter of each ratio (iBOT's pred_ratio_var)"),
-        "mask.aspect": _spec([0.3, 1 / 0.3], "aspect-ratio range of the mask blocks"),
-        "mask.start_epoch": _spec(0, "no masks before this epoch (iBOT's pred_start_epoch)"),
+        "model.arch": setting("vit_small", "ViT backbone (timm; iBOT needs patch tokens): vit_tiny, vit_small, vit_base", sorted(VITS)),
+        "model.out_dim": setting(8192, "prototypes of the head shared by the [CLS] and the patch tokens", range="[1, inf)"),
+        "model.norm_last_layer": setting(False, "fix the norm of every prototype to 1 (iBOT: false for ViT-S, true for ViT-B)"),
+        "model.use_bn_in_head": setting(False, "BatchNorm in the head MLP (not supported by iBOT here: the head runs token by token)"),
+        "loss.teacher_temp": setting(0.07, "[CLS] teacher temperature after the warm-up", range="(0, inf)"),
+        "loss.warmup_teacher_temp_epochs": setting(30, "epochs of linear warm-up of both teacher temperatures", range="[0, inf)"),
+        "loss.teacher_patch_temp": setting(0.07, "patch teacher temperature after the warm-up", range="(0, inf)"),
+        "loss.warmup_teacher_patch_temp": setting(0.04, "patch teacher temperature at epoch 0 (or at mask.start_epoch)", range="(0, inf)"),
+        "loss.patch_center_momentum": setting(0.9, "momentum of the centre of the teacher's patch outputs", range="[0, 1]"),
+        "loss.lambda1": setting(1.0, "weight of the [CLS] (DINO) loss", range="[0, inf)"),
+        "loss.lambda2": setting(1.0, "weight of the masked-patch loss", range="[0, inf)"),
+        "mask.ratio": setting([0.0, 0.3], "prediction ratios; one is chosen per crop (iBOT's pred_ratio)", range="[0, 1]"),
+        "mask.ratio_var": setting([0.0, 0.2], "uniform jitter of each ratio (iBOT's pred_ratio_var)", range="[0, 1]"),
+        "mask.aspect": setting([0.3, 1 / 0.3], "aspect-ratio range of the mask blocks", range="(0, inf)", length=2),
+        "mask.start_epoch": setting(0, "no masks before this epoch (iBOT's pred_start_epoch)", range="[0, inf)"),
         **multicrop_spec(global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=10),
-        "hvs.local_candidates": _spec(20, "local candidates per image with HVS, from which augment.n_local are chosen (2 per local crop, as the paper's 16 for DINO's 8)"),
+        "hvs.local_candidates": setting(20, "local candidates per image with HVS, from which augment.n_local are chosen (2 per local crop, as the paper's 16 for DINO's 8)", range="[0, inf)"),
     }
 
     def __init__(self, cfg, device):
@@ -78,74 +83,49 @@ class IBOTMethod(DINOMethod):
             raise ValueError(f"augment.global_size={cfg['augment']['global_size']} must be a multiple of "
                              f"model.patch_size={m['patch_size']} (masks live on the patch grid)")
         super().__init__(cfg, device)
-        lo = cfg["loss"]
-        self.lambda1, self.lambda2 = float(lo["lambda1"]), float(lo["lambda2"])
-        self.patch_center = torch.zeros(1, m["out_dim"], device=device)
-        self.teacher_patch_temp = float(lo["warmup_teacher_patch_temp"])
         self.mask_generator = MaskGenerator.from_cfg(cfg["mask"])
         self.grid = int(cfg["augment"]["global_size"]) // int(m["patch_size"])
-        self.epoch = 0
-
-    # --- optimisation ---------------------------------------------------------
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
-        values = super().schedule(optimizer, epoch, it, iters_per_epoch)  # lr, wd, momentum, [CLS] temperature
-        lo, start = self.cfg["loss"], self.mask_generator.start_epoch
-        self.teacher_patch_temp = linear_warmup(max(0, epoch - start), lo["warmup_teacher_temp_epochs"],
-                                                lo["warmup_teacher_patch_temp"], lo["teacher_patch_temp"])
-        self.epoch = epoch
-        return {**values, "teacher_patch_temp": self.teacher_patch_temp}
 
     # --- masks -------------------------------------------------------------------
-    def draw_masks(self, n: int) -> torch.Tensor:
-        """Masks [n, h, w] on the full-size global crops' patch grid (on the device)."""
-        return self.mask_generator(n, self.grid, self.grid, self.epoch).to(self.device, non_blocking=True)
+    def draw_masks(self, n: int, epoch: int) -> torch.Tensor:
+        """Masks [n, h, w] of an epoch (none before ``mask.start_epoch``) on the
+        full-size global crops' patch grid (on the device)."""
+        return self.mask_generator(n, self.grid, self.grid, epoch).to(self.device, non_blocking=True)
 
     def grid_of(self, crops: torch.Tensor) -> tuple:
         return tuple(s // self.size_multiple for s in crops.shape[-2:])
 
     # --- hard view selection ---------------------------------------------------
-    def candidate_outputs(self, module, candidates):
+    def candidate_outputs(self, module, candidates, step: StepInfo):
         V, B = len(candidates), len(candidates[0])
         G = N_GLOBAL * self.pools()[0][0]  # the global candidates come first
-        masks = self.draw_masks(G * B)  # candidate after candidate, as torch.cat(candidates[:G])
+        masks = self.draw_masks(G * B, step.epoch)  # candidate after candidate, as torch.cat(candidates[:G])
         small = resize_masks(masks, self.grid_of(candidates[0]))  # the crops may be resized
         student_cls, student_patch = module.student.head_outputs(module.student.tokens(candidates[:G], small), small)
         if V > G:
             student_cls = torch.cat([student_cls, module.student(candidates[G:])])
         teacher_tokens = module.teacher.tokens(candidates[:G])
         teacher_cls, teacher_patch = module.teacher.head_outputs(teacher_tokens, small)  # masked patches only
-        patch = patch_loss(student_patch, teacher_patch, small, self.patch_center, self.student_temp,
-                           self.teacher_patch_temp, reduce=False)
+        patch = self.loss.patch_losses(student_patch, teacher_patch, small, step["teacher_patch_temp"])
         return {"student": student_cls.view(V, B, -1), "teacher": teacher_cls.view(G, B, -1),
                 "patch": patch.view(G, B), "masks": masks.view(G, B, *masks.shape[1:]),
                 "teacher_tokens": teacher_tokens.view(G, B, *teacher_tokens.shape[1:])}
 
-    def combination_scores(self, outputs, combos):
-        table = cross_entropy_table(outputs["teacher"], outputs["student"], self.center,
-                                    self.student_temp, self.teacher_temp)
-        return combination_scores(table, outputs["patch"], combos, N_GLOBAL, self.lambda1, self.lambda2)
+    def combination_scores(self, outputs, combos, step: StepInfo):
+        return self.loss.scores(outputs["teacher"], outputs["student"], outputs["patch"], combos,
+                                step["teacher_temp"], N_GLOBAL)
 
     # --- training -----------------------------------------------------------------
-    def training_loss(self, model, views, selection=None):
+    def training_loss(self, model, views, selection, step: StepInfo):
         B = len(views[0])
         if selection is not None and selection.outputs is not None:
             masks = self.chosen_globals(selection, "masks")  # each chosen view keeps its own mask
         else:
-            masks = self.draw_masks(N_GLOBAL * B)
+            masks = self.draw_masks(N_GLOBAL * B, step.epoch)
         teacher_tokens = self.chosen_globals(selection, "teacher_tokens") if self.can_reuse_teacher(selection) else None
-        student_cls, student_patch, teacher_cls, teacher_patch = model(views, masks, N_GLOBAL, teacher_tokens)
-        loss, cls, patch = ibot_loss(student_cls, student_patch, teacher_cls, teacher_patch, masks, self.center,
-                                     self.patch_center, self.student_temp, self.teacher_temp,
-                                     self.teacher_patch_temp, n_student=len(views), n_global=N_GLOBAL,
-                                     lambda1=self.lambda1, lambda2=self.lambda2)
-        lo = self.cfg["loss"]
-        self.center = updated_center(self.center, teacher_cls, lo["center_momentum"])
-        self.patch_center = updated_center(self.patch_center, teacher_patch.mean(1), lo["patch_center_momentum"])
+        student_cls, student_patch, teacher_cls, teacher_patch = model(views, N_GLOBAL, teacher_tokens, masks=masks)
+        loss, cls, patch = self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                                     step["teacher_temp"], step["teacher_patch_temp"], n_student=len(views),
+                                     n_global=N_GLOBAL)
+        self.loss.update_centers(teacher_cls, teacher_patch)
         return loss, {"loss_cls": cls.detach(), "loss_patch": patch.detach(), "mask_ratio": masks.float().mean()}
-
-    def state_dict(self):
-        return {**super().state_dict(), "patch_center": self.patch_center.detach().cpu()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.patch_center = state["patch_center"].to(self.device)

@@ -44,23 +44,27 @@ class MaskedViTNet(MultiCropNet):
 
 
 class IBOT(DINO):
-    """Student and teacher (:class:`MaskedViTNet`).  ``forward(views, masks)``
-    with the two global crops first and their masks [2B, h, w] returns
+    """Student and teacher (:class:`MaskedViTNet`).  ``forward(views, n_global,
+    masks=masks)`` (DINO's signature; the masks keyword-only) with the two
+    global crops first (``n_global``) and their masks [2B, h, w] returns
 
         student_cls [V B, K], student_patch [M, K] (masked patches only),
         teacher_cls [2B, K], teacher_patch [2B, N, K];
 
-    pass ``teacher_tokens`` [2B, 1 + N, D] (the teacher's backbone tokens of the
-    two global crops) to skip the teacher's backbone."""
+    without ``masks`` nothing is masked and ``student_patch`` holds all
+    patches [2B, N, K].  The teacher's output to pass as ``teacher_out`` (to
+    skip its backbone) is its backbone tokens of the global crops
+    [2B, 1 + N, D]: the patch centre needs all its patches, which the
+    selection computes only for the masked ones."""
 
-    def forward(self, views, masks: torch.Tensor, n_global: int = 2, teacher_tokens=None):
+    def forward(self, views, n_global: int, teacher_out: torch.Tensor | None = None, *,
+                masks: torch.Tensor | None = None):
         tokens = self.student.tokens(views[:n_global], masks)
         cls_global, student_patch = self.student.head_outputs(tokens, masks)
         student_cls = cls_global
         if len(views) > n_global:
             student_cls = torch.cat([cls_global, self.student(views[n_global:])])
         with torch.no_grad():
-            if teacher_tokens is None:
-                teacher_tokens = self.teacher.tokens(views[:n_global])
+            teacher_tokens = self.teacher.tokens(views[:n_global]) if teacher_out is None else teacher_out
             teacher_cls, teacher_patch = self.teacher.head_outputs(teacher_tokens)
         return student_cls, student_patch, teacher_cls, teacher_patch

@@ -19,10 +19,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.gather import gather_with_grad
-
-
-def _precise(z: torch.Tensor) -> torch.Tensor:
-    return z if z.dtype == torch.float64 else z.float()
+from common.numerics import precise as _precise
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool = True,

@@ -30,14 +30,12 @@ LARS is ``timm.optim.Lars`` (timm 1.0), read from its source:
   (v = m * v + lr * g'); the two agree while the learning rate is constant and
   differ slightly during warm-up and decay.
 """
-import math
-
-import torch
 from timm.optim import Lars
 
 from common.augment import augment_spec
-from common.config import _spec
+from common.config import setting
 from common.method import PairMethod
+from common.schedules import cosine_schedule
 from simclr.loss import nt_xent, pair_scores
 from simclr.model import SimCLR
 
@@ -48,15 +46,15 @@ class SimCLRMethod(PairMethod):
     name = "simclr"
     spec = {
         **PairMethod.spec,
-        "model.proj_hidden": _spec(2048, "projection head hidden width"),
-        "model.dim": _spec(128, "projection head output width"),
-        "model.proj_layers": _spec(3, "linear layers in the projection head (SimCLR v1: 2, v2: 3)"),
-        "loss.temperature": _spec(0.1, "NT-Xent temperature"),
-        "optim.lr": _spec(0.3, "base learning rate for batch 256 (scaled linearly with the global batch)"),
-        "optim.momentum": _spec(0.9, "LARS momentum"),
-        "optim.weight_decay": _spec(1e-4, "weight decay (not on BatchNorm and bias parameters)"),
-        "optim.trust_coeff": _spec(0.001, "LARS trust coefficient eta"),
-        "optim.warmup_epochs": _spec(10, "epochs of linear learning-rate warm-up before the cosine decay"),
+        "model.proj_hidden": setting(2048, "projection head hidden width", range="[1, inf)"),
+        "model.dim": setting(128, "projection head output width", range="[1, inf)"),
+        "model.proj_layers": setting(3, "linear layers in the projection head (SimCLR v1: 2, v2: 3)", range="[1, inf)"),
+        "loss.temperature": setting(0.1, "NT-Xent temperature", range="(0, inf)"),
+        "optim.lr": setting(0.3, "base learning rate for batch 256 (scaled linearly with the global batch)", range="[0, inf)"),
+        "optim.momentum": setting(0.9, "LARS momentum", range="[0, 1]"),
+        "optim.weight_decay": setting(1e-4, "weight decay (not on BatchNorm and bias parameters)", range="[0, inf)"),
+        "optim.trust_coeff": setting(0.001, "LARS trust coefficient eta", range="(0, inf)"),
+        "optim.warmup_epochs": setting(10, "epochs of linear learning-rate warm-up before the cosine decay", type="number", range="[0, inf)"),
         **augment_spec(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5),
     }
 
@@ -78,10 +76,9 @@ class SimCLRMethod(PairMethod):
         return Lars(groups, lr=self.init_lr, momentum=o["momentum"], trust_coeff=o["trust_coeff"])
 
     def learning_rate(self, step: int, total: int, warmup: int) -> float:
-        """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0."""
-        if step < warmup:
-            return self.init_lr * step / warmup
-        return self.init_lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        """Linear warm-up from 0 over ``warmup`` steps (lr * step / warmup: the
+        base is reached at step ``warmup``), then cosine decay to 0."""
+        return cosine_schedule(step, total, self.init_lr, 0.0, warmup, warmup_shape="ratio")
 
     def schedule(self, optimizer, epoch, it, iters_per_epoch):
         warmup = round(self.cfg["optim"]["warmup_epochs"] * iters_per_epoch)
@@ -91,14 +88,11 @@ class SimCLRMethod(PairMethod):
             group["lr"] = lr
         return {"lr": lr}
 
-    # --- hard view selection ---------------------------------------------------
-    def candidate_outputs(self, module, candidates):
-        return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
-
-    def combination_scores(self, outputs, combos):
+    # --- hard view selection (candidate_outputs: PairMethod's, z) ---------------
+    def combination_scores(self, outputs, combos, step):
         return pair_scores(outputs, combos, self.temperature)
 
     # --- training -----------------------------------------------------------------
-    def training_loss(self, model, views, selection=None):
+    def training_loss(self, model, views, selection, step):
         z1, z2 = model(views[0], views[1])
         return nt_xent(z1, z2, self.temperature), {}

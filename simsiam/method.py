@@ -4,13 +4,12 @@ Recipe (HVS paper Table 9, SimSiam paper): SGD, lr 0.05 x batch/256, momentum
 0.9, weight decay 1e-4, cosine decay per epoch, fixed predictor lr, zero-init
 residual; augmentation of MoCo v2 (crop scale 0.2-1, flip, colour jitter 0.4,
 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur sigma 0.1-2 with p 0.5)."""
-import math
-
 import torch
 
 from common.augment import augment_spec
-from common.config import _spec
+from common.config import setting
 from common.method import PairMethod
+from common.schedules import cosine_schedule
 from simsiam.loss import pair_scores, simsiam_loss
 from simsiam.model import SimSiam
 
@@ -21,13 +20,13 @@ class SimSiamMethod(PairMethod):
     name = "simsiam"
     spec = {
         **PairMethod.spec,
-        "model.proj_hidden": _spec(2048, "projector hidden width"),
-        "model.dim": _spec(2048, "projector output width"),
-        "model.pred_dim": _spec(512, "predictor bottleneck width"),
-        "optim.lr": _spec(0.05, "base learning rate for batch 256 (scaled linearly with the global batch)"),
-        "optim.momentum": _spec(0.9, "SGD momentum"),
-        "optim.weight_decay": _spec(1e-4, "SGD weight decay"),
-        "optim.fix_pred_lr": _spec(True, "keep the predictor's learning rate constant"),
+        "model.proj_hidden": setting(2048, "projector hidden width", range="[1, inf)"),
+        "model.dim": setting(2048, "projector output width", range="[1, inf)"),
+        "model.pred_dim": setting(512, "predictor bottleneck width", range="[1, inf)"),
+        "optim.lr": setting(0.05, "base learning rate for batch 256 (scaled linearly with the global batch)", range="[0, inf)"),
+        "optim.momentum": setting(0.9, "SGD momentum", range="[0, 1]"),
+        "optim.weight_decay": setting(1e-4, "SGD weight decay", range="[0, inf)"),
+        "optim.fix_pred_lr": setting(True, "keep the predictor's learning rate constant"),
         **augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5),
     }
 
@@ -48,19 +47,16 @@ class SimSiamMethod(PairMethod):
         return torch.optim.SGD(groups, lr=self.init_lr, momentum=o["momentum"], weight_decay=o["weight_decay"])
 
     def schedule(self, optimizer, epoch, it, iters_per_epoch):
-        lr = self.init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.cfg["train"]["epochs"]))
+        lr = cosine_schedule(epoch, self.cfg["train"]["epochs"], self.init_lr, 0.0)  # per epoch, to 0
         for group in optimizer.param_groups:
             group["lr"] = self.init_lr if group["fix_lr"] else lr
         return {"lr": lr}
 
-    # --- hard view selection ---------------------------------------------------
-    def candidate_outputs(self, module, candidates):
-        return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
-
-    def combination_scores(self, outputs, combos):
+    # --- hard view selection (candidate_outputs: PairMethod's, (p, z)) ----------
+    def combination_scores(self, outputs, combos, step):
         return pair_scores(*outputs, combos)
 
     # --- training -----------------------------------------------------------------
-    def training_loss(self, model, views, selection=None):
+    def training_loss(self, model, views, selection, step):
         p1, p2, z1, z2 = model(views[0], views[1])
         return simsiam_loss(p1, p2, z1, z2), {}

@@ -1,10 +1,11 @@
 """Tests of the attention maps (eval/attention.py): the [CLS] attention against a
 direct computation from the last block's weights, the kept-mass threshold,
-the grid's geometry and pixels, and the CLI on the tiny DINO checkpoints."""
+the grid (a matplotlib figure: its panels and what they show), and the CLI on
+the tiny DINO checkpoints."""
 import json
 import math
+import re
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,8 @@ from common.augment import eval_transform
 from common.backbones import build_vit
 from common.checkpoint import load_backbone
 from common.data import load_rgb
-from eval.attention import BAND, DIM, GAP, cls_attention, keep_mass, main, map_entropy, render_grid
+from eval import attention
+from eval.attention import DIM, cls_attention, keep_mass, main, map_entropy, mask_overlay, render_grid
 
 
 def small_vit(seed=0):
@@ -131,66 +133,70 @@ def test_keep_mass_rejects_bad_fractions(bad):
 # ---------------------------------------------------------------------------
 # Grid composition
 # ---------------------------------------------------------------------------
-def test_render_grid_geometry_and_padding():
-    P = 10
-    img = [np.full((P, P, 3), 7 * (i + 1), np.uint8) for i in range(2)]
-    head = lambda v: np.full((P, P, 3), v, np.uint8)  # noqa: E731
+def test_render_grid_is_rows_by_columns_of_panels(tmp_path):
+    P = 40
+    img = [np.full((16, 16, 3), 7 * (i + 1), np.uint8) for i in range(2)]
+    head = lambda v: np.full((4, 4), v, np.float64) + np.eye(4)  # noqa: E731
     panels = [[[head(100), head(101), head(102)], [head(110), head(111), head(112)]],  # 3 heads
-              [[head(200), head(201)], [head(210), head(211)]]]  # 2 heads: last panel padded
-    grid, geo = render_grid(img, panels, ["A", "B"], ["x", "y"], P)
-    assert grid.size == (GAP + 4 * (P + GAP), GAP + 2 * (BAND + 2 * (BAND + P + GAP)))
-    assert (geo.width, geo.height) == grid.size
-    pix = np.asarray(grid)
+              [[head(200), head(201)], [head(210), head(211)]]]  # 2 heads: last panel empty
+    fig = render_grid(img, panels, ["A", "checkpoint B"], ["x", "y"], P)
+    axes = np.array(fig.axes).reshape(4, 4)  # 2 images x 2 checkpoints rows, image + 3 heads columns
+    assert axes[0, 0].get_subplotspec().get_gridspec().get_geometry() == (4, 4)
     for i in range(2):
         for j in range(2):
-            x, y = geo.panel_xy(i, j, 0)
-            assert (x, y) == (GAP, GAP + i * (BAND + 2 * (BAND + P + GAP)) + BAND + j * (BAND + P + GAP) + BAND)
-            assert (pix[y:y + P, x:x + P] == 7 * (i + 1)).all()
+            row = axes[i * 2 + j]
+            assert np.array_equal(row[0].images[0].get_array(), img[i])
+            assert row[0].get_ylabel() == ["A", "checkpoint B"][j]
             for k in range(3):
-                x, y = geo.panel_xy(i, j, k + 1)
-                expected = 255 if j == 1 and k == 2 else 100 * (j + 1) + 10 * i + k
-                assert (pix[y:y + P, x:x + P] == expected).all()
-    # the caption bands hold text: dark pixels above the first row of each image
-    y = geo.row_y(0, 0)
-    assert (pix[y:y + BAND, GAP:GAP + P] < 128).any()
+                if j == 1 and k == 2:
+                    assert not row[k + 1].images and not row[k + 1].axison  # padded: empty
+                    continue
+                shown = row[k + 1].images[0]
+                assert np.array_equal(shown.get_array(), panels[j][i][k])
+                assert shown.get_cmap().name == "viridis" and shown.get_interpolation() == "nearest"
+                assert (row[k + 1].get_title() == f"head {k + 1}") is (j == 0)
+        assert axes[2 * i, 0].get_title(loc="left") == f"image {i + 1}"  # no room for the name at 40 px
+    wide = render_grid(img, panels, ["A", "B"], ["x", "a_long_file_name.png"], 96)
+    assert [wide.axes[8 * i].get_title(loc="left") for i in range(2)] == ["image 1: x", "image 2: a_long.."]
+    # the PNG: the figure's size in pixels, every panel P pixels square
+    out = tmp_path / "grid.png"
+    fig.savefig(out, dpi=fig.dpi)
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+        assert png.size == tuple(round(v) for v in fig.get_size_inches() * fig.dpi)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if ax.images:
+            box = ax.get_window_extent()
+            assert abs(box.width - P) <= 1 and abs(box.height - P) <= 1
+    # columns and rows are ordered left to right and top to bottom
+    x = [ax.get_position().x0 for ax in axes[0]]
+    y = [ax.get_position().y0 for ax in axes[:, 0]]
+    assert x == sorted(x) and y == sorted(y, reverse=True)
+
+
+def test_mask_overlay_darkens_the_dropped_patches():
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3) + 100
+    mask = torch.tensor([[True, False], [False, True]])
+    out = mask_overlay(image, mask)
+    assert np.array_equal(out[:4, :4], image[:4, :4]) and np.array_equal(out[4:, 4:], image[4:, 4:])
+    assert np.array_equal(out[:4, 4:], (image[:4, 4:] * DIM).astype(np.uint8))
+    assert np.array_equal(out[4:, :4], (image[4:, :4] * DIM).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------
 # Command line on the tiny DINO checkpoints
 # ---------------------------------------------------------------------------
-def panel_at(pix, geometry, image, row, column):
-    P = geometry["panel"]
-    x, y = geometry["panel_x"][column], geometry["panel_y"][image][row]
-    return pix[y:y + P, x:x + P]
-
-
-def cell_centres(P, h):
-    """Pixel rows (or columns) at the centre of each of ``h`` cells of a panel."""
-    return [int((r + 0.5) * P / h) for r in range(h)]
+def panel(report, image, row, column):
+    """The array shown in a panel of the report's figure."""
+    geo = report["geometry"]
+    ax = report["figure"].axes[(image * geo["rows_per_image"] + row) * geo["columns"] + column]
+    return ax.images[0]
 
 
 def model_inputs(report, size):
     transform = eval_transform(size)
     return torch.stack([transform(load_rgb(d["path"])) for d in report["images"]])
-
-
-def assert_viridis_panel(panel, attn_map):
-    """The panel shows ``attn_map`` [h, w] scaled to [0, 1] by its minimum and
-    maximum, in the colour of viridis' table entry floor(256 x) (or that of a
-    neighbouring entry where x is within 0.05 entry of a boundary: the model's
-    float32 and this float64 may round apart, the 1-epoch maps spanning only ~5%
-    of their values)."""
-    cmap = matplotlib.colormaps["viridis"]
-    table = cmap(np.arange(cmap.N), bytes=True)[:, :3]
-    a = attn_map.double().numpy()
-    scaled = (a - a.min()) / (a.max() - a.min()) * 256
-    entry = lambda v: np.clip(np.floor(v), 0, 255).astype(int)  # noqa: E731
-    rows = cell_centres(panel.shape[0], a.shape[0])
-    cols = cell_centres(panel.shape[1], a.shape[1])
-    got = panel[np.ix_(rows, cols)]
-    ok = [(got == table[entry(scaled + d)]).all(-1) for d in (0.0, -0.05, 0.05)]
-    assert (ok[0] | ((ok[1] | ok[2]) & (np.abs(scaled - np.round(scaled)) < 0.05))).all(), (got, scaled)
-    assert (got[a == a.max()] == table[255]).all() and (got[a == a.min()] == table[0]).all()
 
 
 def sharpened(src, dst, scale=30.0):
@@ -202,15 +208,17 @@ def sharpened(src, dst, scale=30.0):
     return dst
 
 
+@pytest.mark.slow
 def test_cli_draws_both_checkpoints_head_by_head(tiny_checkpoints, image_root, tmp_path):
     out = tmp_path / "grid.png"
     ckpts = [tiny_checkpoints["dino_hvs"], tiny_checkpoints["dino"]]
     report = main(["--checkpoints", *map(str, ckpts), "--labels", "HVS", "baseline",
                    "--dataset", "imagefolder", "--data-dir", str(image_root), "--n-images", "2",
-                   "--panel-size", "32", "--device", "cpu", "--output", str(out)])
-    P, n, rows, cols = 32, 2, 2, 1 + 3
-    pix = np.asarray(Image.open(out).convert("RGB"))
-    assert pix.shape == (GAP + n * (BAND + rows * (BAND + P + GAP)), GAP + cols * (P + GAP), 3)
+                   "attention.panel_size=32", "run.device=cpu", "--output", str(out)])
+    n, rows, cols = 2, 2, 1 + 3
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+        size = png.size
 
     sidecar = json.loads((tmp_path / "grid.png.json").read_text())
     assert [c["path"] for c in sidecar["checkpoints"]] == list(map(str, ckpts))
@@ -220,7 +228,9 @@ def test_cli_draws_both_checkpoints_head_by_head(tiny_checkpoints, image_root, t
     assert len(sidecar["images"]) == 2 and sidecar["image_size"] == 16
     assert len(sidecar["maps"]) == 2 * 2 * 3
     geometry = sidecar["geometry"]
-    assert (geometry["width"], geometry["height"]) == (pix.shape[1], pix.shape[0])
+    assert (geometry["rows"], geometry["columns"], geometry["rows_per_image"]) == (n * rows, cols, rows)
+    assert (geometry["width"], geometry["height"]) == size
+    assert len(report["figure"].axes) == n * rows * cols
 
     images = model_inputs(report, 16)
     maps = []
@@ -229,42 +239,45 @@ def test_cli_draws_both_checkpoints_head_by_head(tiny_checkpoints, image_root, t
         maps.append(direct)
         for i in range(n):
             for k in range(3):
-                assert_viridis_panel(panel_at(pix, geometry, i, j, k + 1), direct[i, k])
+                shown = panel(report, i, j, k + 1)
+                assert shown.get_cmap().name == "viridis"
+                assert np.allclose(shown.get_array(), direct[i, k].numpy(), atol=1e-5)
                 entry = next(m for m in sidecar["maps"] if (m["checkpoint"], m["image"], m["head"]) == (j, i, k + 1))
                 assert entry["entropy"] == pytest.approx(map_entropy(direct[i, k]).item(), abs=1e-4)
                 assert entry["cls_to_patches"] == pytest.approx(direct[i, k].sum().item(), abs=1e-5)
             # the image column is the same for every checkpoint
-            assert np.array_equal(panel_at(pix, geometry, i, j, 0), panel_at(pix, geometry, i, 0, 0))
+            assert np.array_equal(panel(report, i, j, 0).get_array(), panel(report, i, 0, 0).get_array())
     # the two checkpoints differ (slightly, after one tiny epoch), and so do their panels
     assert not torch.equal(maps[0], maps[1])
     for i in range(n):
         for k in range(3):
-            assert not np.array_equal(panel_at(pix, geometry, i, 0, k + 1), panel_at(pix, geometry, i, 1, k + 1))
+            assert not np.array_equal(panel(report, i, 0, k + 1).get_array(), panel(report, i, 1, k + 1).get_array())
 
 
+@pytest.mark.slow
 def test_cli_threshold_overlay_and_image_files(tiny_checkpoints, image_root, tmp_path, capsys):
     files = sorted((image_root / "val").rglob("*.png"))[:2]
     ckpts = [sharpened(tiny_checkpoints["dino"], tmp_path / "sharp.pth"), tiny_checkpoints["dino"]]
-    report = main(["--checkpoints", *map(str, ckpts), "--which", "student", "--images", *map(str, files),
-                   "--image-size", "18", "--threshold", "0.6", "--device", "cpu",
-                   "--output", str(tmp_path / "t.png"), "--json", str(tmp_path / "side.json")])
+    report = main(["--checkpoints", *map(str, ckpts), "--which", "student",
+                   f"attention.images=[{files[0]},{files[1]}]", "data.image_size=18", "attention.threshold=0.6",
+                   "run.device=cpu", "--output", str(tmp_path / "t.png"), f"attention.json={tmp_path / 'side.json'}"])
     assert "using 16" in capsys.readouterr().err  # 18 rounded down to a multiple of the patch size 4
     assert report["image_size"] == 16 and report["labels"] == ["dino baseline #1", "dino baseline #2"]
     sidecar = json.loads((tmp_path / "side.json").read_text())
     assert sidecar["threshold"] == 0.6 and [d["path"] for d in sidecar["images"]] == list(map(str, files))
-    pix = np.asarray(Image.open(tmp_path / "t.png").convert("RGB"))
-    geometry, P = sidecar["geometry"], 96
+    assert (tmp_path / "t.png").is_file()
     images = model_inputs(report, 16)
     kept = []
     for j, path in enumerate(ckpts):
         direct = direct_cls_attention(load_backbone(path, which="student")[0], images)
         for i in range(2):
-            image = panel_at(pix, geometry, i, j, 0)
+            image = panel(report, i, j, 0).get_array()
+            assert image.shape == (16, 16, 3) and image.dtype == np.uint8
             for k in range(3):
                 mask = keep_mass(direct[i, k], 0.6).numpy()
-                cells = np.arange(P) * 4 // P
+                cells = np.arange(16) // 4  # pixel -> patch of 4 px
                 keep = mask[np.ix_(cells, cells)][..., None]
-                assert np.array_equal(panel_at(pix, geometry, i, j, k + 1),
+                assert np.array_equal(np.asarray(panel(report, i, j, k + 1).get_array()),
                                       np.where(keep, image, (image * DIM).astype(np.uint8)))
                 entry = next(m for m in sidecar["maps"] if (m["checkpoint"], m["image"], m["head"]) == (j, i, k + 1))
                 assert entry["kept_fraction"] == pytest.approx(mask.mean())
@@ -274,17 +287,65 @@ def test_cli_threshold_overlay_and_image_files(tiny_checkpoints, image_root, tmp
     assert kept[0] < 0.5 < kept[1]
 
 
-def test_cli_refuses_a_resnet_and_a_missing_checkpoint(tiny_checkpoints, image_root, tmp_path):
+def refused(capsys, argv):
+    """main(argv) ends with status 2 and one error line; returns the line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("eval.attention: error:"), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_resnet_and_a_missing_checkpoint(tiny_checkpoints, image_root, tmp_path, capsys):
     common = ["--dataset", "imagefolder", "--data-dir", str(image_root), "--output", str(tmp_path / "x.png")]
-    with pytest.raises(SystemExit, match=r"eval\.attention: checkpoint .*simsiam.* holds a resnet18 backbone"):
-        main(["--checkpoints", str(tiny_checkpoints["dino"]), str(tiny_checkpoints["simsiam"]), *common])
-    with pytest.raises(SystemExit, match=r"eval\.attention: checkpoint .*nope\.pth does not exist"):
-        main(["--checkpoints", str(tmp_path / "nope.pth"), *common])
-    with pytest.raises(SystemExit, match="2 --labels for 1 --checkpoints"):
-        main(["--checkpoints", str(tiny_checkpoints["dino"]), "--labels", "a", "b", *common])
-    with pytest.raises(SystemExit, match=r"--indices \[99\] out of range"):
-        main(["--checkpoints", str(tiny_checkpoints["dino"]), "--indices", "0", "99", *common])
-    with pytest.raises(SystemExit, match=r"eval\.attention: cannot read image .*missing\.png"):
-        main(["--checkpoints", str(tiny_checkpoints["dino"]), "--images", str(tmp_path / "missing.png"),
-              "--output", str(tmp_path / "x.png")])
+    assert re.search(r"checkpoint .*simsiam.* holds a resnet18 backbone",
+                     refused(capsys, ["--checkpoints", str(tiny_checkpoints["dino"]),
+                                      str(tiny_checkpoints["simsiam"]), *common]))
+    assert re.search(r"nope\.pth does not exist", refused(capsys, ["--checkpoints", str(tmp_path / "nope.pth"),
+                                                                   *common]))
+    assert re.search(r"attention\.indices: \[99\] out of range",
+                     refused(capsys, ["--checkpoints", str(tiny_checkpoints["dino"]), "attention.indices=[0,99]",
+                                      *common]))
+    assert re.search(r"cannot read image .*missing\.png",
+                     refused(capsys, ["--checkpoints", str(tiny_checkpoints["dino"]),
+                                      f"attention.images=[{tmp_path / 'missing.png'}]",
+                                      "--output", str(tmp_path / "x.png")]))
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["attention.threshold=1.5"], "attention.threshold"),
+    (["attention.panel_size=0"], "attention.panel_size"),
+    (["--n-images", "0"], "attention.n_images"),
+    (["--labels", "a", "b"], "attention.labels"),
+    (["attention.indices=[-1]"], "attention.indices"),
+    (["attention.indices=[0.5]"], "attention.indices"),
+    (["data.split=dev"], "data.split"),
+    (["attention.images=[a.png]", "--dataset", "cifar10"], "attention.images"),
+])
+def test_cli_refuses_bad_values_before_loading_anything(bad, key, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(attention, "load_backbone", lambda *a, **k: pytest.fail("loaded a checkpoint"))
+    line = refused(capsys, ["--checkpoints", "a.pth", "--output", str(tmp_path / "x.png"), *bad])
+    assert key in line, line
+
+
+def test_cli_overrides_may_follow_the_several_value_flags(monkeypatch, capsys, tmp_path):
+    # a key=value among the --labels values is an override, not a label
+    monkeypatch.setattr(attention, "load_backbone", lambda *a, **k: pytest.fail("loaded a checkpoint"))
+    cfg = attention.parse_attention_args(["--checkpoints", "a.pth", "b.pth", "--labels", "dino + HVS", "dino",
+                                          "attention.n_images=2", "--output", "x.png"])
+    assert cfg["attention"]["labels"] == ["dino + HVS", "dino"] and cfg["attention"]["n_images"] == 2
+    assert cfg["attention"]["checkpoints"] == ["a.pth", "b.pth"]
+    assert "no checkpoints" in refused(capsys, ["--output", str(tmp_path / "x.png")])
+
+
+def test_cli_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for key, spec in attention.ATTENTION_SPEC.items():
+        assert f"{key} = {spec['default']!r}" in out, key
+    assert "--checkpoints" in out and "--labels" in out

@@ -4,7 +4,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from common.augment import (P, PARAM_NAMES, MultiViewDataset, MultiViewTransform, ViewRecipe, box_iou,
                             draw_view, sample_crop)
@@ -23,19 +25,51 @@ def test_crop_boxes_lie_inside_the_image_and_follow_the_scale():
         assert w * h >= 0.2 * 1200 * 0.8  # rounding and the ratio fallback aside
 
 
-def test_recorded_crop_and_flip_reproduce_the_view():
-    img = image()
-    recipe = ViewRecipe(size=16, jitter_p=0, gray_p=0, blur_p=0, flip_p=0.5,
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_view_replays_through_torchvision_pixel_for_pixel(interpolation):
+    """Every recorded parameter, replayed with torchvision's functional ops
+    (crop, then resize; flip; jitter in the recorded order; grayscale; blur;
+    solarize), gives the very same pixels."""
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray((torch.rand(37, 53, 3, generator=g) * 255).byte().numpy())
+    recipe = ViewRecipe(size=24, scale=(0.1, 0.6), blur_p=0.5, solarize_p=0.5, interpolation=interpolation,
                         mean=(0, 0, 0), std=(1, 1, 1))
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[interpolation]
     rng = random.Random(3)
-    for _ in range(10):
+    for _ in range(40):
         view, row = draw_view(img, recipe, rng)
-        x, y, w, h = (row[P[k]] for k in ("crop_x", "crop_y", "crop_w", "crop_h"))
-        ref = img.resize((16, 16), Image.BILINEAR, box=(x, y, x + w, y + h))
+        x, y, w, h = (int(row[P[k]]) for k in ("crop_x", "crop_y", "crop_w", "crop_h"))
+        out = TF.resized_crop(img, y, x, h, w, [24, 24], interpolation=mode, antialias=True)
         if row[P["flip"]]:
-            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
-        assert torch.allclose(view, torch.from_numpy(np.array(ref)).permute(2, 0, 1).float() / 255, atol=1e-6)
-        assert (row[P["img_w"]], row[P["img_h"]]) == (40, 30)
+            out = TF.hflip(out)
+        ops = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation, 3: TF.adjust_hue}
+        factors = [row[P[k]] for k in ("brightness", "contrast", "saturation", "hue")]
+        for k in range(4):
+            op = int(row[P[f"order{k}"]])
+            if op >= 0:
+                out = ops[op](out, factors[op])
+        if row[P["gray"]]:
+            out = TF.rgb_to_grayscale(out, num_output_channels=3)
+        if row[P["blur_sigma"]]:
+            out = out.filter(ImageFilter.GaussianBlur(radius=row[P["blur_sigma"]]))
+        if row[P["solarize"]]:
+            out = TF.solarize(out, 128)
+        assert torch.equal(view, TF.to_tensor(out))
+
+
+def test_the_crop_uses_no_pixel_outside_its_box():
+    img = Image.new("RGB", (40, 40), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 40, 10))  # black band above the crop box
+    recipe = ViewRecipe(size=8, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, mean=(0, 0, 0), std=(1, 1, 1))
+
+    import common.augment as aug
+    real = aug.sample_crop
+    try:
+        aug.sample_crop = lambda *a: (5, 10, 30, 30)  # starts right below the band
+        view, _ = draw_view(img, recipe, random.Random(0))
+    finally:
+        aug.sample_crop = real
+    assert torch.equal(view, torch.ones_like(view))  # not a grey pixel from the band
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])

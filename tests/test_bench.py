@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from bench.overhead import METHODS, build_selector, first_candidates, main, multicrop_candidates, parse_args
-from common.config import COMMON_SPEC, resolve
+from bench import overhead
+from bench.overhead import (METHODS, build_selector, first_candidates, main, method_config, multicrop_candidates,
+                            parse_args)
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
 
@@ -29,26 +30,31 @@ def check_rows(res, resolutions):
 
 def test_overhead_smoke(tmp_path):
     out = tmp_path / "sub" / "overhead.json"
-    main(["--arch", "resnet18", "--cifar-stem", "--image-size", "16", "--batch-size", "4",
-          "--repeats", "1", "--warmup", "0", "--resolutions", "1.0", "0.5", "--device", "cpu",
+    main(["--arch", "resnet18", "model.cifar_stem=true", "--image-size", "16", "--batch-size", "4",
+          "bench.repeats=1", "bench.warmup=0", "bench.resolutions=[1.0,0.5]", "--device", "cpu",
           "--output", str(out)])
     res = json.loads(out.read_text())
     check_rows(res, [1.0, 0.5])
     assert res["rows"][0]["paper_factor"] == 1.55
     assert res["pools"] == [[4, 2]] and res["combinations"] == 6
     assert all(row["teacher_reused"] is None for row in res["rows"])  # SimSiam has no teacher
+    assert res["config"]["bench"]["resolutions"] == [1.0, 0.5] and "hvs.n_views=4" in res["overrides"]
 
 
 def dino_args(*extra):
-    return ["--method", "dino", "--image-size", "8", "--patch-size", "4", "--batch-size", "2",
-            "--out-dim", "32", "--n-local", "4", "--local-candidates", "8", "--device", "cpu", *extra]
+    return ["--method", "dino", "--image-size", "8", "model.patch_size=4", "--batch-size", "2",
+            "model.out_dim=32", "augment.n_local=4", "hvs.local_candidates=8", "--device", "cpu", *extra]
+
+
+SMOKE = ("bench.repeats=1", "bench.warmup=0", "bench.resolutions=[1.0,0.5]")
 
 
 def test_dino_candidates_come_pool_after_pool_as_the_method_orders_them():
-    args = parse_args(dino_args())
-    assert args.arch == "vit_tiny" and args.local_size == 4  # per-method default, image-size // 2
-    cfg = resolve({**COMMON_SPEC, **DINOMethod.spec}, None,
-                  [*METHODS["dino"].overrides(args), f"train.batch_size={args.batch_size}"])
+    bench = parse_args(dino_args())
+    # per-method default, image size // 2
+    assert bench["model"]["arch"] == "vit_tiny" and bench["augment"]["local_size"] == 4
+    cfg, _ = method_config(bench)
+    assert cfg["train"]["batch_size"] == 2
     pools = DINOMethod(cfg, torch.device("cpu")).pools()
     assert pools == [(2, 1), (2, 1), (8, 4)]
     cands = multicrop_candidates(cfg, torch.Generator().manual_seed(0))
@@ -57,8 +63,7 @@ def test_dino_candidates_come_pool_after_pool_as_the_method_orders_them():
 
 
 def test_dino_selector_is_built_as_the_training_loop_builds_it():
-    args = parse_args(dino_args())
-    cfg = resolve({**COMMON_SPEC, **DINOMethod.spec}, None, METHODS["dino"].overrides(args))
+    cfg, _ = method_config(parse_args(dino_args()))
     method = DINOMethod(cfg, torch.device("cpu"))
     sel = build_selector(method, cfg, 0.5)
     assert sel.max_combinations == 128 == cfg["hvs"]["max_combinations"]
@@ -69,7 +74,7 @@ def test_dino_selector_is_built_as_the_training_loop_builds_it():
 
 def test_dino_overhead_smoke(tmp_path):
     out = tmp_path / "dino.json"
-    main(dino_args("--repeats", "1", "--warmup", "0", "--resolutions", "1.0", "0.5", "--output", str(out)))
+    main(dino_args(*SMOKE, "--output", str(out)))
     res = json.loads(out.read_text())
     check_rows(res, [1.0, 0.5])
     assert res["arch"] == "vit_tiny/4" and res["method"] == "dino"
@@ -81,29 +86,73 @@ def test_dino_overhead_smoke(tmp_path):
     assert "augment.local_size=4" in res["overrides"] and "model.out_dim=32" in res["overrides"]
 
 
-def test_dino_sizes_must_fit_the_patches():
-    with pytest.raises(SystemExit):
-        parse_args(["--method", "dino", "--image-size", "30", "--patch-size", "4"])
+def refused(capsys, argv):
+    """parse_args(argv) ends with status 2 and one error line; returns the line."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("bench.overhead: error:"), err
+    return err[0]
+
+
+def test_dino_sizes_must_fit_the_patches(capsys):
+    assert "bench.image_size=30" in refused(capsys, ["--method", "dino", "--image-size", "30", "model.patch_size=4"])
+    assert "augment.local_size=6" in refused(capsys, ["--method", "dino", "--image-size", "12",
+                                                      "model.patch_size=4"])
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["bench.resolutions=[0]"], "bench.resolutions"),
+    (["bench.resolutions=[1.5,0.5]"], "bench.resolutions"),
+    (["bench.resolutions=[]"], "bench.resolutions"),
+    (["bench.repeats=0"], "bench.repeats"),
+    (["bench.warmup=-1"], "bench.warmup"),
+    (["--batch-size", "0"], "train.batch_size"),
+    (["hvs.n_views=1"], "hvs.n_views"),
+    (["--method", "moco"], "bench.method"),
+    (["train.amp=fp8"], "train.amp"),
+    (["--method", "dino", "hvs.global_candidates=3"], "hvs.global_candidates"),
+    (["--method", "dino", "hvs.local_candidates=3"], "hvs.local_candidates"),
+    (["bench.repeat=3"], "bench.repeat"),
+])
+def test_refuses_bad_values_before_building_a_model(bad, key, capsys, monkeypatch):
+    monkeypatch.setattr(overhead, "benchmark", lambda cfg: pytest.fail("benchmark ran"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", *bad])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("bench.overhead: error:") and key in err[0], err
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for key, spec in overhead.BENCH_SPEC.items():
+        assert f"{key} = {spec['default']!r}" in out, key
+    assert "--method" in out and "--image-size" in out
 
 
 def ibot_args(*extra):
-    return ["--method", "ibot", "--image-size", "8", "--patch-size", "4", "--batch-size", "2",
-            "--out-dim", "32", "--n-local", "4", "--local-candidates", "8", "--device", "cpu", *extra]
+    return ["--method", "ibot", "--image-size", "8", "model.patch_size=4", "--batch-size", "2",
+            "model.out_dim=32", "augment.n_local=4", "hvs.local_candidates=8", "--device", "cpu", *extra]
 
 
 def test_ibot_defaults_follow_its_recipe():
-    args = parse_args(["--method", "ibot", "--image-size", "32", "--device", "cpu"])
-    assert args.arch == "vit_tiny" and args.local_size == 16 and args.patch_size == 4
-    assert args.n_local == 10 and args.out_dim == 4096  # iBOT's 10 local crops; small prototypes on CPU
-    assert parse_args(["--method", "dino", "--device", "cpu"]).n_local == 8  # DINO keeps its 8
+    cfg = parse_args(["--method", "ibot", "--image-size", "32", "--device", "cpu"])
+    assert cfg["model"]["arch"] == "vit_tiny" and cfg["augment"]["local_size"] == 16
+    assert cfg["model"]["patch_size"] == 4 and cfg["hvs"]["local_candidates"] == 20
+    # iBOT's 10 local crops; small prototypes on CPU
+    assert cfg["augment"]["n_local"] == 10 and cfg["model"]["out_dim"] == 4096
+    assert parse_args(["--method", "dino", "--device", "cpu"])["augment"]["n_local"] == 8  # DINO keeps its 8
     assert METHODS["ibot"].cls is IBOTMethod and METHODS["ibot"].paper is None  # no iBOT row in Table 14
     assert "no iBOT factor" in METHODS["ibot"].paper_setting
 
 
 def test_ibot_candidates_and_selector_are_the_training_loops():
-    args = parse_args(ibot_args())
-    cfg = resolve({**COMMON_SPEC, **IBOTMethod.spec}, None,
-                  [*METHODS["ibot"].overrides(args), f"train.batch_size={args.batch_size}"])
+    cfg, _ = method_config(parse_args(ibot_args()))
     method = IBOTMethod(cfg, torch.device("cpu"))
     assert method.pools() == [(2, 1), (2, 1), (8, 4)]
     cands = multicrop_candidates(cfg, torch.Generator().manual_seed(0))
@@ -115,7 +164,7 @@ def test_ibot_candidates_and_selector_are_the_training_loops():
 
 def test_ibot_overhead_smoke(tmp_path, capsys):
     out = tmp_path / "ibot.json"
-    main(ibot_args("--repeats", "1", "--warmup", "0", "--resolutions", "1.0", "0.5", "--output", str(out)))
+    main(ibot_args(*SMOKE, "--output", str(out)))
     res = json.loads(out.read_text())
     check_rows(res, [1.0, 0.5])
     assert res["arch"] == "vit_tiny/4" and res["method"] == "ibot"
@@ -128,15 +177,20 @@ def test_ibot_overhead_smoke(tmp_path, capsys):
     assert "ibot vit_tiny/4" in table and "no iBOT factor in the paper" in table
 
 
-def test_ibot_needs_a_vit():
-    with pytest.raises(SystemExit):
-        parse_args(["--method", "ibot", "--arch", "resnet18"])
-    with pytest.raises(SystemExit):
-        parse_args(["--method", "ibot", "--image-size", "30", "--patch-size", "4"])
+def test_ibot_needs_a_vit(capsys):
+    assert "model.arch=resnet18" in refused(capsys, ["--method", "ibot", "--arch", "resnet18"])
+    assert "bench.image_size=30" in refused(capsys, ["--method", "ibot", "--image-size", "30"])
 
 
 def test_gpu_default_out_dim_is_each_methods_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parse_args only: nothing runs on a GPU
-    assert parse_args(["--method", "ibot", "--device", "cuda", "--image-size", "32"]).out_dim == 8192
-    assert parse_args(["--method", "dino", "--device", "cuda", "--image-size", "32"]).out_dim == 65536
+    assert parse_args(["--method", "ibot", "--device", "cuda", "--image-size", "32"])["model"]["out_dim"] == 8192
+    assert parse_args(["--method", "dino", "--device", "cuda", "--image-size", "32"])["model"]["out_dim"] == 65536
+    assert parse_args(["--method", "simsiam"])["run"]["device"] == "cuda"  # auto: the GPU
     parse_args(["--method", "simsiam", "--device", "cuda"])  # no prototypes: must not fail
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "run.device=cuda" in refused(capsys, ["--device", "cuda"])
+    assert parse_args([])["run"]["device"] == "cpu"

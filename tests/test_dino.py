@@ -1,9 +1,10 @@
 """DINO: the loss against a direct loop, combination scores against brute force,
 the cap, a selection that leaves the centre and the teacher alone, reduced-size
 selection for ViT and ResNet, the reused teacher outputs, schedules, head,
-clipping, and short runs (exact resume with the centre, k-NN of the teacher)."""
+clipping, the loss module's state (centre buffer, checkpointed), a schedule that
+sets nothing on the method, and short runs (exact resume with the centre, k-NN
+of the teacher)."""
 import copy
-import json
 import math
 import random
 
@@ -14,24 +15,19 @@ from PIL import Image
 from common import checkpoint as ckpt_io
 from common.augment import P
 from common.hvs import HardViewSelector
+from common.method import StepInfo
 from common.multicrop import ema_update, multicrop_pools
 from common.schedules import cosine_schedule, linear_warmup
 from common.train import run
-from dino.loss import combination_scores, cross_entropy_table, dino_loss, updated_center
+from dino.loss import DINOLoss, combination_scores, cross_entropy_table, dino_loss, updated_center
 from dino.method import DINOMethod, clip_each_gradient
 from dino.model import DINOHead
-from tests.conftest import tiny_cfg
-from tests.test_train import cli, read_log
+from tests.helpers import (VIT, assert_exact_resume, assert_knn_evaluates, assert_schedule_sets_no_attribute,
+                           assert_state_round_trips, cli, dino_cfg, multicrop_candidates, read_log)
 
-VIT = ["model.arch=vit_tiny", "model.patch_size=4", "model.drop_path=0.1", "model.depth=2"]
 RESNET = ["model.arch=resnet18", "model.cifar_stem=true"]
-
-
-def dino_cfg(out, data_dir, *overrides, arch=VIT):
-    return tiny_cfg(DINOMethod, out, data_dir, *arch, "model.out_dim=32", "model.head_hidden=32",
-                    "model.head_bottleneck=16", "augment.global_size=16", "augment.local_size=8",
-                    "augment.n_local=2", "hvs.local_candidates=4", "optim.warmup_epochs=0",
-                    "optim.momentum_teacher=0.9", "augment.blur_p=[1.0,0.1,0.5]", *overrides)
+#: what the loop hands to the hooks (the values of a method's ``schedule``), here with a non-default temperature
+STEP = StepInfo(0, 0, 4, {"lr": 1e-4, "wd": 0.04, "momentum": 0.9, "teacher_temp": 0.05})
 
 
 def direct_dino_loss(student, teacher, center, st, tt):
@@ -95,17 +91,8 @@ def tiny_method(tmp_path, image_root):
     torch.manual_seed(0)
     cfg = dino_cfg(tmp_path, image_root, "hvs.enabled=true")
     method = DINOMethod(cfg, torch.device("cpu"))
-    method.center = torch.randn(1, 32) * 0.1  # a non-trivial centre
+    method.loss.center.copy_(torch.randn(1, 32) * 0.1)  # a non-trivial centre
     return method
-
-
-def multicrop_candidates(method, B=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = method.cfg["augment"]
-    n_global = method.cfg["hvs"]["global_candidates"]
-    return ([torch.randn(B, 3, a["global_size"], a["global_size"], generator=g) for _ in range(n_global)]
-            + [torch.randn(B, 3, a["local_size"], a["local_size"], generator=g)
-               for _ in range(method.cfg["hvs"]["local_candidates"])])
 
 
 def test_method_scores_match_a_forward_per_combination(tiny_method):
@@ -117,11 +104,11 @@ def test_method_scores_match_a_forward_per_combination(tiny_method):
     combos = selector.combinations(torch.Generator().manual_seed(0))
     model.eval()  # no stochastic depth, so that separate forwards are comparable
     with torch.no_grad():
-        scores = m.combination_scores(m.candidate_outputs(model, cands), combos)
+        scores = m.combination_scores(m.candidate_outputs(model, cands, STEP), combos, STEP)
         for c, row in enumerate(combos.tolist()):
             views = [cands[k] for k in row]
             student_out, teacher_out = model(views, 2)
-            expected = dino_loss(student_out, teacher_out, m.center, m.student_temp, m.teacher_temp,
+            expected = dino_loss(student_out, teacher_out, m.loss.center, m.loss.student_temp, STEP["teacher_temp"],
                                  len(views), 2, reduce=False)
             assert torch.allclose(scores[:, c], expected, atol=1e-4), row
 
@@ -152,12 +139,12 @@ def test_cap_draws_a_full_random_subset():
 def test_selection_changes_neither_centre_nor_teacher(tiny_method):
     m, model = tiny_method, tiny_method.model
     model.train()
-    center, state = m.center.clone(), copy.deepcopy(model.state_dict())
+    center, state = m.loss.center.clone(), copy.deepcopy(model.state_dict())
     selector = HardViewSelector(m.pools(), max_combinations=16)
-    sel = selector(multicrop_candidates(m), model, lambda c: m.candidate_outputs(model, c),
-                   m.combination_scores, torch.Generator().manual_seed(0))
+    sel = selector(multicrop_candidates(m), model, lambda c: m.candidate_outputs(model, c, STEP),
+                   lambda o, combos: m.combination_scores(o, combos, STEP), torch.Generator().manual_seed(0))
     assert sel.scores.shape == (3, 16) and len(sel.views) == 4
-    assert torch.equal(m.center, center)
+    assert torch.equal(m.loss.center, center)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(mod.training for mod in model.modules())  # stochastic depth back on for training
 
@@ -173,7 +160,7 @@ def test_reused_teacher_outputs_give_the_identical_step(tmp_path, image_root, gl
     torch.manual_seed(0)
     m = DINOMethod(dino_cfg(tmp_path, image_root, "hvs.enabled=true", f"hvs.global_candidates={global_candidates}"),
                    torch.device("cpu"))
-    m.center = torch.randn(1, 32) * 0.1
+    m.loss.center.copy_(torch.randn(1, 32) * 0.1)
     assert m.reuse_teacher
     other = copy.deepcopy(m)
     other.reuse_teacher = False
@@ -182,13 +169,13 @@ def test_reused_teacher_outputs_give_the_identical_step(tmp_path, image_root, gl
     results = []
     for method in (m, other):
         method.model.train()
-        sel = selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c),
-                       method.combination_scores, torch.Generator().manual_seed(0))
+        sel = selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c, STEP),
+                       lambda o, combos: method.combination_scores(o, combos, STEP), torch.Generator().manual_seed(0))
         torch.manual_seed(7)  # the same stochastic-depth draws in both training forwards
-        loss, _ = method.training_loss(method.model, sel.views, sel)
+        loss, _ = method.training_loss(method.model, sel.views, sel, STEP)
         loss.backward()
         grads = [p.grad.clone() for p in method.model.student.parameters() if p.grad is not None]
-        results.append((sel.indices, loss.detach(), method.center.clone(), grads))
+        results.append((sel.indices, loss.detach(), method.loss.center.clone(), grads))
     (ia, la, ca, ga), (ib, lb, cb, gb) = results
     assert torch.equal(ia, ib) and len(ga) == len(gb)
     if global_candidates == 2:
@@ -224,10 +211,10 @@ def test_reduced_resolution_selection(tmp_path, image_root, arch, resolution, si
                     lambda mod, args: seen["select" if self._selecting else "train"].add(tuple(args[0].shape[-2:])))
             self._selecting = False
 
-        def candidate_outputs(self, module, candidates):
+        def candidate_outputs(self, module, candidates, step):
             self._selecting = True
             try:
-                return super().candidate_outputs(module, candidates)
+                return super().candidate_outputs(module, candidates, step)
             finally:
                 self._selecting = False
 
@@ -244,6 +231,59 @@ def test_schedules_follow_dino():
     got = [cosine_schedule(s, total, base, final, warmup) for s in range(total)]
     assert got == pytest.approx(warm + decay, abs=1e-12)
     assert [linear_warmup(e, 3, 0.04, 0.07) for e in range(5)] == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
+
+
+def test_loss_module_wraps_the_pure_loss_and_owns_the_centre():
+    g = torch.Generator().manual_seed(4)
+    loss = DINOLoss(6, student_temp=0.2, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                    warmup_teacher_temp_epochs=3, center_momentum=0.8)
+    assert list(loss.state_dict()) == ["center"] and dict(loss.named_buffers())["center"] is loss.center
+    loss.center.copy_(torch.randn(1, 6, generator=g))
+    student, teacher = torch.randn(4 * 3, 6, generator=g), torch.randn(2 * 3, 6, generator=g)
+    assert torch.equal(loss(student, teacher, 0.05, 4, 2), dino_loss(student, teacher, loss.center, 0.2, 0.05, 4, 2))
+    expected = updated_center(loss.center, teacher, 0.8)
+    buffer = loss.center
+    loss.update_center(teacher)
+    assert loss.center is buffer and torch.equal(loss.center, expected)  # in place: still the registered buffer
+    temps = [loss.temperatures(e)["teacher_temp"] for e in range(5)]
+    assert temps == [linear_warmup(e, 3, 0.04, 0.07) for e in range(5)]
+
+
+def test_centre_round_trips_through_the_method_state(tmp_path, image_root):
+    assert_state_round_trips(lambda: DINOMethod(dino_cfg(tmp_path, image_root), torch.device("cpu")), ["center"])
+
+
+def test_schedule_returns_the_values_and_sets_no_attribute(tmp_path, image_root):
+    m = DINOMethod(dino_cfg(tmp_path, image_root, "train.epochs=3", "loss.warmup_teacher_temp_epochs=3",
+                            "loss.teacher_temp=0.07"), torch.device("cpu"))
+    values = assert_schedule_sets_no_attribute(m)
+    assert [v["teacher_temp"] for v in values[::4]] == pytest.approx([0.04, 0.055, 0.07])
+    assert values[0]["momentum"] == pytest.approx(0.9) and values[-1]["momentum"] > values[0]["momentum"]
+
+
+def test_hooks_read_the_step(tiny_method):
+    """The teacher temperature of the scores and the loss, the EMA momentum and
+    the frozen last layer come from the step handed to the hook."""
+    m, model = tiny_method, tiny_method.model
+    model.eval()
+    cands = multicrop_candidates(m)
+    combos = HardViewSelector(m.pools(), max_combinations=4).combinations(torch.Generator().manual_seed(0))
+    other = StepInfo(1, 0, 4, {**STEP.values, "teacher_temp": 0.07, "momentum": 0.5})
+    with torch.no_grad():
+        outputs = m.candidate_outputs(model, cands, STEP)
+        a, b = m.combination_scores(outputs, combos, STEP), m.combination_scores(outputs, combos, other)
+        table = cross_entropy_table(outputs["teacher"], outputs["student"], m.loss.center,
+                                    m.loss.student_temp, 0.07)
+    assert torch.equal(b, combination_scores(table, combos, 2)) and not torch.equal(a, b)
+    teacher = copy.deepcopy(model.teacher)
+    m.after_step(other)
+    expected = [0.5 * t + 0.5 * s for t, s in zip(teacher.parameters(), model.student.parameters())]
+    assert all(torch.allclose(p, e) for p, e in zip(model.teacher.parameters(), expected))
+    last = model.student.head.last_layer.parametrizations.weight.original1
+    for step, frozen in ((StepInfo(0, 0, 4, STEP.values), True), (StepInfo(1, 0, 4, STEP.values), False)):
+        last.grad = torch.ones_like(last)
+        m.before_optimizer_step(model, step)
+        assert (last.grad is None) == frozen
 
 
 def test_head_prototypes_have_unit_norm():
@@ -282,6 +322,7 @@ def test_last_layer_frozen_in_the_first_epoch(tmp_path, image_root):
     assert not torch.equal(after["student.head.mlp.0.weight"], init["student.head.mlp.0.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 4])  # inside the first epoch (4 steps), and at its end
 def test_exact_resume_with_centre(tmp_path, image_root, stop):
     args = ("train.epochs=2", "hvs.enabled=true", "hvs.max_combinations=8", "optim.warmup_epochs=1",
@@ -289,6 +330,7 @@ def test_exact_resume_with_centre(tmp_path, image_root, stop):
     assert_exact_resume(lambda out, *o: dino_cfg(out, image_root, *o), DINOMethod, tmp_path, args, stop, ["center"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hvs", ["false", "true"])
 def test_short_run_evaluates_with_knn_on_the_teacher(tmp_path, image_root, hvs):
     out = tmp_path / "r"
@@ -306,6 +348,7 @@ def test_short_run_evaluates_with_knn_on_the_teacher(tmp_path, image_root, hvs):
     assert_knn_evaluates(out / "checkpoint.pth", tmp_path)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_hvs(tmp_path, image_root):
     out = tmp_path / "ddp"
     r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dino.main",
@@ -324,7 +367,8 @@ def test_multicrop_errors(tmp_path, image_root):
         DINOMethod(dino_cfg(tmp_path, image_root, "hvs.global_candidates=3"), torch.device("cpu")).pools()
     with pytest.raises(ValueError, match="hvs.local_candidates=1 must be at least augment.n_local=2"):
         DINOMethod(dino_cfg(tmp_path, image_root, "hvs.local_candidates=1"), torch.device("cpu")).pools()
-    with pytest.raises(ValueError, match="3 probabilities"):
+    # caught by the config (a list of 3) or by the multi-crop transform
+    with pytest.raises(ValueError, match=r"augment.blur_p=\[0.5, 0.5\].* 3 (probabilities|values)"):
         DINOMethod(dino_cfg(tmp_path, image_root, "augment.blur_p=[0.5,0.5]"), torch.device("cpu")).view_transform(False)
 
 
@@ -365,31 +409,3 @@ def test_selection_stats_compare_with_the_baseline_views():
     assert stats["sel_score"] == 1.0 and stats["sel_iou"] == 1.0
 
 
-def assert_exact_resume(make_cfg, method_cls, tmp_path, args, stop, state_keys, steps=8):
-    """A run stopped after ``stop`` steps and resumed ends bitwise equal to an
-    uninterrupted run: weights, the method's state ``state_keys`` (non-zero) and
-    the logged losses.  ``make_cfg(out, *overrides)`` builds the config."""
-    from common import checkpoint as ckpt_io
-    from common.train import run
-
-    run(make_cfg(tmp_path / "a", *args), method_cls)
-    b = tmp_path / "b"
-    run(make_cfg(b, *args, f"run.stop_after_steps={stop}"), method_cls)
-    run(make_cfg(b, *args), method_cls)
-    sa, sb = ckpt_io.load(tmp_path / "a" / "checkpoint.pth"), ckpt_io.load(b / "checkpoint.pth")
-    assert sa["step"] == sb["step"] == steps
-    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
-    for key in state_keys:
-        assert torch.equal(sa["method_state"][key], sb["method_state"][key])
-        assert sa["method_state"][key].abs().sum() > 0
-    la, lb = (read_log(out) for out in (tmp_path / "a", b))
-    assert [(r["step"], r["loss"]) for r in la] == [(r["step"], r["loss"]) for r in lb]
-
-
-def assert_knn_evaluates(checkpoint, tmp_path):
-    """``python -m eval.knn`` runs on the checkpoint and writes a sane result."""
-    r = cli("-m", "eval.knn", "--checkpoint", str(checkpoint), "--ks", "1", "3",
-            "--num-workers", "0", "--output", str(tmp_path / "knn.json"))
-    assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "knn.json").read_text())
-    assert res["n_train"] == 32 and 0 <= res["knn"]["3"]["top1"] <= 100

@@ -52,6 +52,7 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     assert model(torch.randn(2, 3, 16, 16)).shape == (1, 2, 5)
 
 
+@pytest.mark.slow
 def test_finetuning_trains_and_reports(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints["simsiam"]
     res = main(["--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "ft"), "optim.lr=0.064", "train.epochs=4",
@@ -65,6 +66,7 @@ def test_finetuning_trains_and_reports(tiny_checkpoints, tmp_path):
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["top1"] == res["top1"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_checkpoints, tmp_path):
     """Stopped inside an epoch and resumed, the run ends with the weights and
     logs of an uninterrupted one (seeded augmentations, RandAugment included,
@@ -80,6 +82,7 @@ def test_resume_is_exact(tiny_checkpoints, tmp_path):
     assert whole["train_loss"] == resumed["train_loss"] and whole["history"] == resumed["history"]
 
 
+@pytest.mark.slow
 def test_errors(tiny_checkpoints, tmp_path):
     with pytest.raises(SystemExit):  # imagefolder is in neither table
         main(["--checkpoint", str(tiny_checkpoints["simsiam"]), "--output-dir", str(tmp_path / "e"), *TINY])

@@ -1,5 +1,6 @@
 """common/gather.py: a two-process gloo run, each rank holding half the batch,
 gives the single-process loss, gradients and HVS scores of the whole batch."""
+import pytest
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,7 @@ def test_gather_is_identity_in_one_process():
     assert gather_with_grad(x) is x
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback, not whatever the hostname resolves to
     mp.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)

@@ -1,9 +1,12 @@
 """iBOT: the patch loss against a direct loop, the [CLS] loss against DINO's,
 block masks (ratio, aspect, unmasked crops), the mask token, selection scores
 against a forward per combination, masks that travel with the selected
-candidates (also at reduced resolution), the reused teacher tokens, and short
-runs (exact resume with both centres, k-NN of the teacher, torchrun)."""
+candidates (also at reduced resolution), masks that follow the step handed to
+the hooks, the reused teacher tokens, the loss module's state (both centres),
+DINO's forward signature, and short runs (exact resume with both centres, k-NN
+of the teacher, torchrun)."""
 import copy
+import inspect
 import math
 import random
 
@@ -13,20 +16,26 @@ import torch
 from common import checkpoint as ckpt_io
 from common.backbones import build_vit, vit_tokens
 from common.hvs import HardViewSelector
+from common.method import StepInfo
 from common.train import run
-from dino.loss import dino_loss
-from ibot.loss import ibot_loss, patch_loss
+from dino.loss import dino_loss, updated_center
+from dino.model import DINO
+from ibot.loss import IBOTLoss, ibot_loss, patch_loss
 from ibot.masking import MaskGenerator, block_mask, resize_masks
 from ibot.method import IBOTMethod
-from tests.conftest import tiny_cfg
-from tests.test_dino import assert_exact_resume, assert_knn_evaluates, multicrop_candidates
-from tests.test_train import cli, read_log
+from ibot.model import IBOT
+from tests.helpers import (assert_exact_resume, assert_knn_evaluates, assert_schedule_sets_no_attribute, tiny_cfg,
+                             assert_state_round_trips, multicrop_candidates)
+from tests.helpers import cli, read_log
 
 TINY = ["model.arch=vit_tiny", "model.patch_size=4", "model.drop_path=0.1", "model.depth=2",
         "model.out_dim=32", "model.head_hidden=32", "model.head_bottleneck=16", "augment.global_size=16",
         "augment.local_size=8", "augment.n_local=2", "hvs.local_candidates=4", "optim.warmup_epochs=0",
         "optim.momentum_teacher=0.9", "augment.blur_p=[1.0,0.1,0.5]"]
 CPU = torch.device("cpu")
+#: what the loop hands to the hooks (the values of a method's ``schedule``), with non-default temperatures
+STEP = StepInfo(0, 0, 4, {"lr": 1e-4, "wd": 0.04, "momentum": 0.9, "teacher_temp": 0.05,
+                          "teacher_patch_temp": 0.06})
 
 
 def ibot_cfg(out, data_dir, *overrides):
@@ -152,9 +161,8 @@ def tiny_method(tmp_path, image_root):
     torch.manual_seed(0)
     method = IBOTMethod(ibot_cfg(tmp_path, image_root, "hvs.enabled=true", "mask.ratio=[0.5]",
                                  "mask.ratio_var=[0.2]"), CPU)
-    method.center = torch.randn(1, 32) * 0.1  # non-trivial centres
-    method.patch_center = torch.randn(1, 32) * 0.1
-    method.teacher_temp, method.teacher_patch_temp = 0.05, 0.06
+    method.loss.center.copy_(torch.randn(1, 32) * 0.1)  # non-trivial centres
+    method.loss.patch_center.copy_(torch.randn(1, 32) * 0.1)
     return method
 
 
@@ -167,24 +175,25 @@ def test_method_scores_match_a_forward_per_combination(tiny_method):
     combos = HardViewSelector(m.pools(), max_combinations=12).combinations(torch.Generator().manual_seed(0))
     model.eval()  # no stochastic depth, so that separate forwards are comparable
     with torch.no_grad():
-        outputs = m.candidate_outputs(model, cands)
-        scores = m.combination_scores(outputs, combos)
+        outputs = m.candidate_outputs(model, cands, STEP)
+        scores = m.combination_scores(outputs, combos, STEP)
         assert outputs["masks"].shape == (4, 3, 4, 4) and outputs["masks"].any()
         assert (outputs["patch"] > 0).any()
         for c, row in enumerate(combos.tolist()):
             views = [cands[k] for k in row]
             masks = torch.cat([outputs["masks"][row[0]], outputs["masks"][row[1]]])
-            out = model(views, masks)
-            expected, _, _ = ibot_loss(*out[:2], *out[2:], masks, m.center, m.patch_center, m.student_temp,
-                                       m.teacher_temp, m.teacher_patch_temp, len(views), reduce=False)
+            out = model(views, 2, masks=masks)
+            expected, _, _ = ibot_loss(*out[:2], *out[2:], masks, m.loss.center, m.loss.patch_center,
+                                       m.loss.student_temp, STEP["teacher_temp"], STEP["teacher_patch_temp"],
+                                       len(views), reduce=False)
             assert torch.allclose(scores[:, c], expected, atol=1e-4), row
 
 
-def select(method, cands, resolution=1.0, seed=0):
+def select(method, cands, resolution=1.0, seed=0, step=STEP):
     selector = HardViewSelector(method.pools(), max_combinations=16, resolution=resolution,
                                 size_multiple=method.size_multiple)
-    return selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c),
-                    method.combination_scores, torch.Generator().manual_seed(seed))
+    return selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c, step),
+                    lambda o, combos: method.combination_scores(o, combos, step), torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("resolution", [1.0, 0.5])
@@ -204,7 +213,7 @@ def test_selected_global_views_keep_their_own_masks(tiny_method, resolution):
     full = sel.outputs["masks"]  # [4 global candidates, B, 4, 4]
     (selection_masks,) = seen["select"]
     assert torch.equal(selection_masks, resize_masks(full.flatten(0, 1), (4, 4) if resolution == 1 else (2, 2)))
-    m.training_loss(m.model, sel.views, sel)
+    m.training_loss(m.model, sel.views, sel, STEP)
     (train_masks,) = seen["train"]
     assert train_masks.shape == (12, 4, 4)  # the full-size patch grid
     for s in range(2):
@@ -217,11 +226,11 @@ def test_selected_global_views_keep_their_own_masks(tiny_method, resolution):
 def test_selection_changes_no_state(tiny_method):
     m, model = tiny_method, tiny_method.model
     model.train()
-    centres = (m.center.clone(), m.patch_center.clone())
+    centres = (m.loss.center.clone(), m.loss.patch_center.clone())
     state = copy.deepcopy(model.state_dict())
     sel = select(m, multicrop_candidates(m))
     assert sel.scores.shape == (3, 16) and len(sel.views) == 4
-    assert torch.equal(m.center, centres[0]) and torch.equal(m.patch_center, centres[1])
+    assert torch.equal(m.loss.center, centres[0]) and torch.equal(m.loss.patch_center, centres[1])
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(mod.training for mod in model.modules())
 
@@ -231,7 +240,7 @@ def test_reused_teacher_tokens_give_the_identical_step(tmp_path, image_root):
     training one, so reusing its tokens changes nothing, bitwise."""
     torch.manual_seed(0)
     m = IBOTMethod(ibot_cfg(tmp_path, image_root, "hvs.enabled=true", "hvs.global_candidates=2"), CPU)
-    m.center = torch.randn(1, 32) * 0.1
+    m.loss.center.copy_(torch.randn(1, 32) * 0.1)
     assert m.reuse_teacher
     other = copy.deepcopy(m)
     other.reuse_teacher = False
@@ -242,10 +251,10 @@ def test_reused_teacher_tokens_give_the_identical_step(tmp_path, image_root):
         torch.manual_seed(5)  # the same masks
         sel = select(method, cands)
         torch.manual_seed(7)  # the same stochastic-depth draws in both training forwards
-        loss, _ = method.training_loss(method.model, sel.views, sel)
+        loss, _ = method.training_loss(method.model, sel.views, sel, STEP)
         loss.backward()
         grads = [p.grad.clone() for p in method.model.student.parameters() if p.grad is not None]
-        results.append((loss.detach(), method.center.clone(), method.patch_center.clone(), grads))
+        results.append((loss.detach(), method.loss.center.clone(), method.loss.patch_center.clone(), grads))
     (la, ca, pa, ga), (lb, cb, pb, gb) = results
     assert torch.equal(la, lb) and torch.equal(ca, cb) and torch.equal(pa, pb)
     assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
@@ -259,6 +268,67 @@ def test_patch_temperature_warms_up_after_the_mask_start(tmp_path, image_root):
     temps = [m.schedule(opt, e, 0, 4)["teacher_patch_temp"] for e in range(7)]
     assert temps == pytest.approx([0.04, 0.04, 0.04, 0.055, 0.07, 0.07, 0.07])
     assert m.schedule(opt, 1, 0, 4)["teacher_temp"] == pytest.approx(0.055)  # [CLS]: from epoch 0
+    assert [m.loss.temperatures(e)["teacher_patch_temp"] for e in range(7)] == temps  # the loss module's schedule
+
+
+def test_schedule_sets_no_attribute(tmp_path, image_root):
+    m = IBOTMethod(ibot_cfg(tmp_path, image_root, "train.epochs=3", "mask.start_epoch=1"), CPU)
+    assert all("teacher_patch_temp" in v for v in assert_schedule_sets_no_attribute(m))
+
+
+def test_masks_follow_the_step_passed(tmp_path, image_root):
+    """Masks start at ``mask.start_epoch`` of the step handed to the hook,
+    whatever ``schedule`` was last called with."""
+    torch.manual_seed(0)
+    m = IBOTMethod(ibot_cfg(tmp_path, image_root, "hvs.enabled=true", "mask.ratio=[0.5]", "mask.ratio_var=[0.2]",
+                            "mask.start_epoch=1", "train.epochs=3"), CPU)
+    opt = m.build_optimizer(8)
+    cands = multicrop_candidates(m)
+    before, after = (StepInfo(e, 0, 4, m.schedule(opt, e, 0, 4)) for e in (0, 1))
+    m.schedule(opt, 2, 0, 4)  # the last schedule called: masked
+    with torch.no_grad():
+        assert not m.candidate_outputs(m.model, cands, before)["masks"].any()
+        assert m.candidate_outputs(m.model, cands, after)["masks"].any()
+    m.schedule(opt, 0, 0, 4)  # the last schedule called: unmasked
+    views = cands[:1] + cands[2:3] + cands[4:6]  # no selection: the loss draws the masks
+    assert m.training_loss(m.model, views, None, after)[1]["mask_ratio"] > 0
+    assert m.training_loss(m.model, views, None, before)[1]["mask_ratio"] == 0
+    assert not m.draw_masks(6, 0).any() and m.draw_masks(6, 1).any()
+
+
+def test_loss_module_owns_both_centres(tmp_path, image_root):
+    g = torch.Generator().manual_seed(3)
+    loss = IBOTLoss(5, center_momentum=0.8, patch_center_momentum=0.7)
+    assert sorted(loss.state_dict()) == ["center", "patch_center"]
+    cls, patch = torch.randn(6, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    expected = updated_center(loss.center, cls, 0.8), updated_center(loss.patch_center, patch.mean(1), 0.7)
+    buffers = loss.center, loss.patch_center
+    loss.update_centers(cls, patch)
+    assert loss.center is buffers[0] and loss.patch_center is buffers[1]
+    assert torch.equal(loss.center, expected[0]) and torch.equal(loss.patch_center, expected[1])
+    assert_state_round_trips(lambda: IBOTMethod(ibot_cfg(tmp_path, image_root), CPU), ["center", "patch_center"])
+
+
+def test_forward_keeps_dinos_signature(tiny_method):
+    """IBOT.forward takes DINO's parameters, in order, with their defaults; the
+    masks are keyword-only (optional), so a caller of DINO's forward can call it."""
+    dino, ibot = inspect.signature(DINO.forward).parameters, inspect.signature(IBOT.forward).parameters
+    assert list(ibot.values())[:len(dino)] == list(dino.values())
+    extra = list(ibot.values())[len(dino):]
+    assert [p.name for p in extra] == ["masks"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in extra)
+    model = tiny_method.model.eval()
+    views = multicrop_candidates(tiny_method, B=2)[::2][:4]  # 2 global (16 px), 2 local (8 px)
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    masks[:, 1, 2] = True
+    with torch.no_grad():
+        unmasked = model(views, 2)
+        masked = model(views, 2, None, masks=masks)
+        no_mask = model(views, 2, masks=torch.zeros_like(masks))
+        reused = model(views, 2, model.teacher.tokens(views[:2]), masks=masks)
+    assert unmasked[1].shape == (4, 16, 32) and masked[1].shape == (4, 32)  # all patches / the masked ones
+    assert torch.equal(unmasked[0], no_mask[0]) and not torch.allclose(unmasked[0], masked[0])
+    assert all(torch.equal(x, y) for x, y in zip(masked, reused))
 
 
 def test_mask_token_is_trained_with_weight_decay_as_ibots(tmp_path, image_root):
@@ -279,6 +349,7 @@ def test_ibot_config_errors(tmp_path, image_root):
 
 
 # --- runs -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 4])  # inside the first epoch (4 steps), and at its end
 def test_exact_resume_with_both_centres(tmp_path, image_root, stop):
     args = ("train.epochs=2", "hvs.enabled=true", "hvs.max_combinations=8", "loss.warmup_teacher_temp_epochs=2")
@@ -286,6 +357,7 @@ def test_exact_resume_with_both_centres(tmp_path, image_root, stop):
                         ["center", "patch_center"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hvs", ["false", "true"])
 def test_short_run_evaluates_with_knn(tmp_path, image_root, hvs):
     out = tmp_path / "r"
@@ -305,6 +377,7 @@ def test_short_run_evaluates_with_knn(tmp_path, image_root, hvs):
     assert_knn_evaluates(out / "checkpoint.pth", tmp_path)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_hvs(tmp_path, image_root):
     out = tmp_path / "ddp"
     r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ibot.main",

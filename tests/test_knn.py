@@ -1,14 +1,12 @@
 """Tests of the weighted k-NN evaluation (eval/knn.py)."""
 import json
 import math
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from eval import knn
 from eval.knn import extract_features, main, weighted_knn
 
 
@@ -179,7 +177,7 @@ def test_extract_features_reports_progress(capsys):
 
 
 # ---------------------------------------------------------------------------
-# command line, with stand-ins for the checkpoint and data modules
+# command line, with stand-ins for the checkpoint and the data
 # ---------------------------------------------------------------------------
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     centres = 5 * torch.eye(3, 48)
@@ -200,27 +198,69 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
 
     def load_backbone(path, which="auto"):
         calls["which"] = which
-        info = {"method": "simsiam", "arch": "tiny", "dataset": "cifar10", "image_size": 4, "data_dir": None}
+        info = {"method": "simsiam", "arch": "tiny", "dataset": "cifar10", "image_size": 4, "data_dir": "/ckpt"}
         return nn.Flatten(), info
 
     def build_dataset(name, split, data_dir=None, transform=None, download=False):
-        calls.setdefault("datasets", []).append((name, split))
+        calls.setdefault("datasets", []).append((name, split, data_dir))
         return Clusters(60 if split == "train" else 21, seed=int(split == "train"))
 
-    fake_ckpt = types.ModuleType("common.checkpoint")
-    fake_ckpt.load_backbone, fake_ckpt.CheckpointError = load_backbone, type("CheckpointError", (Exception,), {})
-    fake_data = types.ModuleType("common.data")
-    fake_data.build_dataset, fake_data.DataError = build_dataset, type("DataError", (Exception,), {})
-    fake_data.subset_indices = lambda targets, n, seed: list(range(n))
-    monkeypatch.setitem(sys.modules, "common.checkpoint", fake_ckpt)
-    monkeypatch.setitem(sys.modules, "common.data", fake_data)
+    monkeypatch.setattr(knn, "load_backbone", load_backbone)
+    monkeypatch.setattr(knn, "build_dataset", build_dataset)
+    monkeypatch.setattr(knn, "subset_indices", lambda targets, n, seed: list(range(n)))
+    monkeypatch.delenv("HVS_DATA_DIR", raising=False)
 
     out = tmp_path / "res" / "knn.json"
-    main(["--checkpoint", "ckpt.pth", "--which", "teacher", "--ks", "1", "5", "--test-subset", "9",
-          "--device", "cpu", "--num-workers", "0", "--output", str(out)])
-    assert calls == {"which": "teacher", "datasets": [("cifar10", "train"), ("cifar10", "val")]}
+    main(["--checkpoint", "ckpt.pth", "--which", "teacher", "knn.ks=[1,5]", "data.test_subset=9",
+          "run.device=cpu", "data.num_workers=0", "--output", str(out)])
+    # no --data-dir and no HVS_DATA_DIR: the checkpoint's data root
+    assert calls == {"which": "teacher", "datasets": [("cifar10", "train", "/ckpt"), ("cifar10", "val", "/ckpt")]}
     assert "k=5  top1 100.00  top5 100.00" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["checkpoint"] == "ckpt.pth" and report["dataset"] == "cifar10"
     assert (report["n_train"], report["n_test"], report["temperature"]) == (60, 9, 0.07)
     assert report["knn"] == {"1": {"top1": 100.0, "top5": 100.0}, "5": {"top1": 100.0, "top5": 100.0}}
+    assert report["config"]["knn"]["ks"] == [1, 5] and report["config"]["run"]["device"] == "cpu"
+
+    # a YAML layer, then key=value, then the shortcut flags; $HVS_DATA_DIR before the checkpoint's root
+    (tmp_path / "knn.yaml").write_text("knn:\n  ks: [2]\n  temperature: 0.5\n")
+    monkeypatch.setenv("HVS_DATA_DIR", "/env")
+    calls.clear()
+    report = main(["--config", str(tmp_path / "knn.yaml"), "--checkpoint", "ckpt.pth", "knn.ks=3",
+                   "run.device=cpu", "data.num_workers=0"])
+    assert calls["datasets"][0] == ("cifar10", "train", "/env")
+    assert list(report["knn"]) == ["3"] and report["temperature"] == 0.5
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["knn.ks=[0]"], "knn.ks"),
+    (["knn.ks=[10,2.5]"], "knn.ks"),
+    (["knn.ks=[]"], "knn.ks"),
+    (["knn.temperature=-1"], "knn.temperature"),
+    (["knn.batch_size=0"], "knn.batch_size"),
+    (["--which", "best"], "eval.which"),
+    (["knn.k=5"], "knn.k"),
+])
+def test_cli_refuses_bad_values_before_loading_anything(bad, key, monkeypatch, capsys):
+    monkeypatch.setattr(knn, "load_backbone", lambda *a, **k: pytest.fail("loaded a checkpoint"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", "ckpt.pth", *bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval.knn: error:") and key in err[0], err
+
+
+def test_cli_needs_a_checkpoint(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["knn.ks=[1]"])
+    assert exc.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_cli_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for key, spec in knn.KNN_SPEC.items():
+        assert f"{key} = {spec['default']!r}" in out, key
+    assert "--checkpoint" in out and "--output" in out

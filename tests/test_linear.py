@@ -15,7 +15,7 @@ from common.config import resolve
 from eval.engine import TensorBatches, Trainer, epoch_results, topk_correct
 from eval.linear import (LINEAR_SPEC, PROTOCOLS, FrozenFeatures, LinearHeads, build_optimizer, check_unchanged,
                          main, make_schedule)
-from tests.test_train import cli
+from tests.helpers import cli
 
 FAST = ["data.num_workers=0", "train.batch_size=8", "run.log_every=1000"]
 
@@ -45,6 +45,7 @@ def gaussian_classes(n, g, separation):
     return x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["dino", "simsiam", "simclr"])
 def test_probe_reaches_the_bayes_accuracy_of_a_toy_problem(protocol):
     # Bayes-optimal accuracy of N(-1, 1) vs N(+1, 1): Phi(1) = 84.13 %.  Each
@@ -192,6 +193,7 @@ def test_seeded_augmentations_depend_on_epoch_and_index_only():
 # ---------------------------------------------------------------------------
 # the command line on pretrained checkpoints
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_probe_leaves_the_backbone_unchanged(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints["simsiam"]
     before = ckpt_io.fingerprint(ckpt_io.load_backbone(ckpt)[0])
@@ -205,6 +207,7 @@ def test_probe_leaves_the_backbone_unchanged(tiny_checkpoints, tmp_path):
     assert saved["top1"] == res["top1"] and len(saved["history"]) == 2
 
 
+@pytest.mark.slow
 def test_fast_and_full_modes_agree(tiny_checkpoints, tmp_path):
     """Without augmentation the full mode trains on the same features, batch by
     batch, as the fast mode with one learning rate."""
@@ -219,6 +222,7 @@ def test_fast_and_full_modes_agree(tiny_checkpoints, tmp_path):
     assert (tmp_path / "fast" / "features.pt").exists()
 
 
+@pytest.mark.slow
 def test_fast_sweep_chooses_the_rate_on_held_out_training_images(tiny_checkpoints, tmp_path):
     res = main(["--checkpoint", str(tiny_checkpoints["simsiam"]), "--output-dir", str(tmp_path / "s"),
                 "mode=fast", "fast.lr_factors=[0.01,1.0,100.0]", "fast.holdout=0.25", "train.epochs=5", *FAST])
@@ -228,6 +232,7 @@ def test_fast_sweep_chooses_the_rate_on_held_out_training_images(tiny_checkpoint
     assert res["n_train"] == 32 and len(res["history"]) == 5  # the chosen rate retrained on all 32 images
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(tiny_checkpoints, tmp_path):
     r = cli("-m", "eval.linear")
     assert r.returncode == 2 and "no checkpoint given" in r.stderr
@@ -242,6 +247,7 @@ def test_errors_name_the_problem(tiny_checkpoints, tmp_path):
     assert r.returncode == 2 and "no teacher" in r.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_checkpoint(tiny_checkpoints, tmp_path):
     out = str(tmp_path / "shared")
     main(["--checkpoint", str(tiny_checkpoints["dino"]), "--output-dir", out, "train.epochs=1",
@@ -251,6 +257,7 @@ def test_resume_refuses_another_checkpoint(tiny_checkpoints, tmp_path):
               "features.n_last_blocks=1", *FAST])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_checkpoints, tmp_path):
     """DDP over two gloo processes (each half of every batch, test counts summed)
     gives the one-process result: 32 training images, batches of 8."""

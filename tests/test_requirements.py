@@ -1,5 +1,6 @@
 """requirements.txt and environment.yml pin the same packages; the README's
 test command is what CI runs."""
+import re
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,19 @@ def test_requirements_match_environment():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(req) == sorted(pip)
+
+
+def test_every_requirement_is_imported():
+    """No package is listed that nothing imports (scikit-learn was)."""
+    module = {"pillow": "PIL", "pyyaml": "yaml"}  # distribution name -> import name, where they differ
+    sources = "\n".join(p.read_text(errors="ignore") for p in ROOT.rglob("*.py")  # the repository's own code
+                         if not any(d.startswith(".") or d in ("venv", "site-packages")
+                                    for d in p.relative_to(ROOT).parts))
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name = re.split(r"[<>=!~ ]", line.strip())[0].lower()
+            mod = module.get(name, name.replace("-", "_"))
+            assert re.search(rf"^\s*(import|from) {mod}\b", sources, re.M), f"{name} is listed but never imported"
 
 
 def test_ci_runs_the_readme_test_command():

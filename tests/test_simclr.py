@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.hvs import HardViewSelector, pair_combinations
+from common.method import StepInfo
 from common.train import run
 from simclr.loss import nt_xent, pair_scores
 from simclr.method import SimCLRMethod
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,9 @@ def test_selector_picks_the_brute_force_hardest_pair(tmp_path):
     method = SimCLRMethod(tiny_simclr_cfg(tmp_path, tmp_path), torch.device("cpu"))
     g = torch.Generator().manual_seed(2)
     candidates = [torch.randn(8, 16, generator=g) for _ in range(4)]  # stand-ins for projections
-    sel = HardViewSelector([(4, 2)])(candidates, nn.Identity(), torch.stack, method.combination_scores)
+    step = StepInfo(0, 0, 1, {"lr": 0.0})
+    sel = HardViewSelector([(4, 2)])(candidates, nn.Identity(), torch.stack,
+                                     lambda outputs, combos: method.combination_scores(outputs, combos, step))
     brute = torch.stack([nt_xent(candidates[k], candidates[l], 0.5, reduce=False)
                          for k, l in pair_combinations(4).tolist()], dim=1)
     assert torch.equal(sel.choice, brute.argmax(1))
@@ -106,6 +109,45 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
     assert all(a >= b for a, b in zip(lrs[8:], lrs[9:]))
 
 
+def test_schedule_is_bitwise_the_warmup_then_cosine(tmp_path):
+    """The schedule (now ``common.schedules.cosine_schedule`` with
+    ``warmup_shape="ratio"``) gives exactly, to the bit, SimCLR's formula:
+    lr * step / warmup during the warm-up, then lr * 0.5 * (1 + cos(pi * (step -
+    warmup) / (total - warmup)))."""
+    method = SimCLRMethod(tiny_simclr_cfg(tmp_path, tmp_path), torch.device("cpu"))
+    cfg = method.cfg
+    for batch in (256, 4096, 1000):
+        opt = method.build_optimizer(batch)
+        init_lr = 0.3 * batch / 256
+        for epochs, warmup_epochs, iters in ((10, 2, 4), (100, 10, 7), (3, 1, 5), (3, 0, 3), (2, 2, 3)):
+            cfg["train"]["epochs"], cfg["optim"]["warmup_epochs"] = epochs, warmup_epochs
+            warmup, total = round(warmup_epochs * iters), epochs * iters
+            for e in range(epochs):
+                for i in range(iters):
+                    s = e * iters + i
+                    if s < warmup:
+                        old = init_lr * s / warmup
+                    else:
+                        old = init_lr * 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+                    assert method.schedule(opt, e, i, iters) == {"lr": old}
+                    assert [g["lr"] for g in opt.param_groups] == [old, old]  # float equality
+
+
+def test_candidate_outputs_are_one_forward_per_candidate(tmp_path):
+    method = SimCLRMethod(tiny_simclr_cfg(tmp_path, tmp_path), torch.device("cpu"))
+    method.model.eval()  # BatchNorm on running statistics: one forward equals a forward per candidate
+    g = torch.Generator().manual_seed(4)
+    candidates = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(3)]
+    step = StepInfo(0, 0, 1, {"lr": 0.0})
+    with torch.no_grad():
+        z = method.candidate_outputs(method.model, candidates, step)
+        assert z.shape == (3, 2, 16)
+        for v, x in enumerate(candidates):
+            assert torch.allclose(z[v], method.model.embed(x), atol=1e-5)
+    loss, stats = method.training_loss(method.model, candidates[:2], None, step)
+    assert loss.ndim == 0 and stats == {}
+
+
 def read_steps(out):
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r for r in rows if r["type"] == "step"]
@@ -120,6 +162,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hvs", [False, True])
 def test_short_run_and_knn(tmp_path, image_root, hvs, one_thread):
     out = tmp_path / "run"
@@ -132,7 +175,7 @@ def test_short_run_and_knn(tmp_path, image_root, hvs, one_thread):
         assert max(r["sel_changed"] for r in steps) > 0
         assert all(r["sel_score"] >= r["sel_score_all"] - 1e-6 for r in steps)
     r = subprocess.run([sys.executable, "-m", "eval.knn", "--checkpoint", str(out / "checkpoint.pth"),
-                        "--ks", "1", "3", "--num-workers", "0", "--output", str(tmp_path / "knn.json")],
+                        "knn.ks=[1,3]", "data.num_workers=0", "--output", str(tmp_path / "knn.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -145,7 +188,7 @@ def test_overhead_benchmark_knows_simclr(tmp_path, capsys, one_thread):
     from bench.overhead import main as bench_main
 
     res = bench_main(["--method", "simclr", "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
-                      "--repeats", "1", "--warmup", "0", "--resolutions", "1.0", "--device", "cpu",
+                      "bench.repeats=1", "bench.warmup=0", "bench.resolutions=[1.0]", "--device", "cpu",
                       "--output", str(tmp_path / "overhead.json")])
     assert res["method"] == "simclr" and res["rows"][0]["paper_factor"] is None
     assert math.isfinite(res["rows"][0]["factor"]) and "—" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import math
 import torch
 
 from common.config import COMMON_SPEC, resolve
+from common.method import StepInfo
 from simsiam.loss import negative_cosine, pair_scores, simsiam_loss
 from simsiam.method import SimSiamMethod
 
@@ -63,3 +64,38 @@ def test_optimizer_recipe():
     lrs = [g["lr"] for g in opt.param_groups]
     assert math.isclose(lrs[0], 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert math.isclose(lrs[1], 0.1)  # fixed predictor lr
+
+
+def test_lr_schedule_is_bitwise_the_cosine_per_epoch():
+    """The schedule (now ``common.schedules.cosine_schedule``) gives exactly, to
+    the bit, SimSiam's formula init_lr * 0.5 * (1 + cos(pi * epoch / epochs))."""
+    cfg, m = make()
+    for batch in (256, 512, 100, 4096):
+        opt = m.build_optimizer(batch)
+        init_lr = 0.05 * batch / 256
+        for epochs in (1, 3, 10, 100, 800):
+            cfg["train"]["epochs"] = epochs
+            for epoch in range(epochs):
+                old = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+                assert m.schedule(opt, epoch, 3, 7) == {"lr": old}
+                assert [g["lr"] for g in opt.param_groups] == [old, init_lr]  # float equality
+
+
+def test_hooks_take_the_step():
+    """PairMethod's candidate_outputs: (p, z) of every candidate, [V, B, ...],
+    from one forward; the scores and the loss take the StepInfo."""
+    _, m = make(["model.cifar_stem=true", "model.proj_hidden=32", "model.dim=32", "model.pred_dim=8"])
+    m.model.eval()  # BatchNorm on running statistics: one forward equals a forward per candidate
+    g = torch.Generator().manual_seed(3)
+    candidates = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
+    step = StepInfo(0, 0, 1, {"lr": 0.1})
+    with torch.no_grad():
+        p, z = m.candidate_outputs(m.model, candidates, step)
+        assert p.shape == z.shape == (4, 2, 32)
+        for v, x in enumerate(candidates):
+            pv, zv = m.model.embed(x)
+            assert torch.allclose(p[v], pv, atol=1e-5) and torch.allclose(z[v], zv, atol=1e-5)
+        pairs = torch.tensor([[0, 1], [2, 3]])
+        assert torch.equal(m.combination_scores((p, z), pairs, step), pair_scores(p, z, pairs))
+    loss, stats = m.training_loss(m.model, candidates[:2], None, step)
+    assert loss.ndim == 0 and stats == {}

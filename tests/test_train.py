@@ -1,9 +1,5 @@
 """Training runs end to end: HVS changes the views, resume is exact, errors are clear."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +9,8 @@ from common import checkpoint as ckpt_io
 from common.config import ConfigError
 from common.train import run
 from simsiam.method import SimSiamMethod
-from tests.conftest import tiny_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+from tests.helpers import tiny_cfg
+from tests.helpers import cli, read_log
 
 
 def test_hvs_run_selects_other_views(tmp_path, image_root):
@@ -42,6 +33,7 @@ def weights(out):
     return ckpt_io.load(out / "checkpoint.pth")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [4, 6])  # an epoch boundary, and inside an epoch
 def test_exact_resume(tmp_path, image_root, stop):
     args = ("train.epochs=2", "hvs.enabled=true", "hvs.max_combinations=4")
@@ -56,7 +48,7 @@ def test_exact_resume(tmp_path, image_root, stop):
 
 
 def test_config_changes_are_named():
-    from common.train import config_changes
+    from common.runtime import config_changes
 
     old = {"train": {"epochs": 2, "batch_size": 8}, "run": {"stop_after_steps": 4}}
     new = {"train": {"epochs": 4, "batch_size": 8}, "run": {"stop_after_steps": 0}}
@@ -84,7 +76,7 @@ def test_untrusted_or_foreign_checkpoint_is_refused(tmp_path):
     with pytest.raises(ckpt_io.CheckpointError, match="weights_only"):
         ckpt_io.load(tmp_path / "evil.pth")
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
-    with pytest.raises(ckpt_io.CheckpointError, match="not a checkpoint of this repository"):
+    with pytest.raises(ckpt_io.CheckpointError, match="not a pretraining checkpoint of this repository"):
         ckpt_io.load(tmp_path / "other.pth")
     with pytest.raises(ckpt_io.CheckpointError, match="does not exist"):
         ckpt_io.load(tmp_path / "missing.pth")
@@ -115,11 +107,7 @@ def test_config_errors(tmp_path, image_root):
         tiny_cfg(SimSiamMethod, tmp_path, image_root, "train.epochs=many")
 
 
-def cli(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
-
+@pytest.mark.slow
 def test_cli_errors_name_the_problem(tmp_path):
     r = cli("-m", "simsiam.main", "--output-dir", str(tmp_path / "x"), "data.dataset=cifar10",
             env={"HVS_DATA_DIR": str(tmp_path / "nowhere")})
@@ -132,17 +120,19 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert r.returncode == 2 and "hvs.resolution" in r.stderr
 
 
+@pytest.mark.slow
 def test_knn_reads_a_training_checkpoint(tmp_path, image_root):
     out = tmp_path / "r"
     run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1"), SimSiamMethod)
-    r = cli("-m", "eval.knn", "--checkpoint", str(out / "checkpoint.pth"), "--ks", "1", "3",
-            "--num-workers", "0", "--output", str(tmp_path / "knn.json"))
+    r = cli("-m", "eval.knn", "--checkpoint", str(out / "checkpoint.pth"), "knn.ks=[1,3]",
+            "data.num_workers=0", "--output", str(tmp_path / "knn.json"))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "knn.json").read_text())
     assert res["n_train"] == 32 and res["n_test"] == 16
     assert 0 <= res["knn"]["3"]["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, image_root):
     out = tmp_path / "ddp"
     r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
