@@ -28,6 +28,7 @@ def check_rows(res, resolutions):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
 
 
+@pytest.mark.slow
 def test_overhead_smoke(tmp_path):
     out = tmp_path / "sub" / "overhead.json"
     main(["--arch", "resnet18", "model.cifar_stem=true", "--image-size", "16", "--batch-size", "4",
@@ -72,6 +73,7 @@ def test_dino_selector_is_built_as_the_training_loop_builds_it():
     assert len(sel.all_combos) == 2 * 2 * 70 and len(sel.combinations(torch.Generator())) == 128
 
 
+@pytest.mark.slow
 def test_dino_overhead_smoke(tmp_path):
     out = tmp_path / "dino.json"
     main(dino_args(*SMOKE, "--output", str(out)))

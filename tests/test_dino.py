@@ -194,6 +194,7 @@ def test_reuse_only_where_exact(tmp_path, image_root):
     assert not DINOMethod(dino_cfg(tmp_path, image_root, "hvs.reuse_teacher=false"), cpu).reuse_teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,resolution,sizes", [
     (VIT, 0.5, {(8, 8), (4, 4)}), (VIT, 0.75, {(12, 12), (4, 4)}),  # 6 px rounds down to a patch multiple
     (RESNET, 0.5, {(8, 8), (4, 4)}), (RESNET, 0.25, {(4, 4), (2, 2)}),

@@ -30,6 +30,7 @@ def finite_weights(path):
 
 
 # --- data that can be lost ------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every", [4, 1])
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_root, log_every):
     out = tmp_path / "r"
@@ -81,6 +82,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     RunDir(out).open().close()  # the OS released the lock with the process
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_at_start(tmp_path, image_root):
     out = tmp_path / "r"
     out.mkdir()

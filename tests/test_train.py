@@ -13,6 +13,7 @@ from tests.helpers import tiny_cfg
 from tests.helpers import cli, read_log
 
 
+@pytest.mark.slow
 def test_hvs_run_selects_other_views(tmp_path, image_root):
     out = tmp_path / "hvs"
     run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "hvs.enabled=true"), SimSiamMethod)
@@ -55,6 +56,7 @@ def test_config_changes_are_named():
     assert config_changes(old, new) == ["train.epochs: 2 -> 4"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_architecture_or_method(tmp_path, image_root):
     out = tmp_path / "r"
     run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "run.max_steps_per_epoch=1"), SimSiamMethod)
