@@ -16,6 +16,7 @@ import copy
 import difflib
 import math
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -236,12 +237,19 @@ def keys_help(spec: dict) -> str:
 SHORTCUTS = {"--output-dir": "run.output_dir", "--data-dir": "data.data_dir"}
 
 
+def entry_point() -> str | None:
+    """How the running program was started, e.g. ``python -m simsiam.main``
+    (argparse would say ``main.py``); None outside ``python -m``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else None
+
+
 def build_parser(spec: dict, description: str, shortcuts: dict = SHORTCUTS) -> argparse.ArgumentParser:
     """``--config`` (YAML, repeatable), one flag per entry of ``shortcuts``
     (``--flag`` -> config key, with that key's help) and ``key=value``
     overrides; the epilog lists every key with its default."""
     parser = argparse.ArgumentParser(
-        description=description, epilog=keys_help(spec),
+        prog=entry_point(), description=description, epilog=keys_help(spec),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="YAML file from configs/ (its keys override the defaults); "
