@@ -138,6 +138,8 @@ def _check(key, value, spec):
     key if it is of another type, not among the choices or out of range."""
     kind = spec["type"]
     if value is None:
+        if kind == "str" and spec["default"] is not None:
+            return ""  # key= on the command line: the empty string
         if spec["default"] is None or kind == "any":
             return value
         raise ConfigError(f"config {key}: a value is needed (default {spec['default']!r})")

@@ -242,3 +242,10 @@ def test_checkpoint_paths_that_are_not_checkpoints(tmp_path):
     (tmp_path / "cut.pth").write_bytes((tmp_path / "cut.pth").read_bytes()[:200])
     with pytest.raises(ckpt_io.CheckpointError, match="truncated or damaged"):
         ckpt_io.load(tmp_path / "cut.pth")
+
+
+def test_an_empty_override_of_a_string_key_is_the_empty_string():
+    from eval.finetune import FINETUNE_SPEC
+    assert resolve(FINETUNE_SPEC, None, ["augment.auto_augment="])["augment"]["auto_augment"] == ""
+    with pytest.raises(ConfigError, match="train.epochs: a value is needed"):
+        resolve(COMMON_SPEC, None, ["train.epochs="])
