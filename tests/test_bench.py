@@ -164,6 +164,7 @@ def test_ibot_candidates_and_selector_are_the_training_loops():
     assert sel.max_combinations == 128 and sel.size_multiple == 4 and sel.pools == method.pools()
 
 
+@pytest.mark.slow
 def test_ibot_overhead_smoke(tmp_path, capsys):
     out = tmp_path / "ibot.json"
     main(ibot_args(*SMOKE, "--output", str(out)))

@@ -95,6 +95,7 @@ def tiny_method(tmp_path, image_root):
     return method
 
 
+@pytest.mark.slow
 def test_method_scores_match_a_forward_per_combination(tiny_method):
     """The table-based scores against running the networks and the loss on every
     combination's views separately."""
@@ -311,6 +312,7 @@ def test_clipping_is_per_parameter_and_ema():
     assert all(torch.allclose(p, e) for p, e in zip(t.parameters(), expected))
 
 
+@pytest.mark.slow
 def test_last_layer_frozen_in_the_first_epoch(tmp_path, image_root):
     cfg = dino_cfg(tmp_path / "f", image_root, "train.epochs=2", "run.max_steps_per_epoch=1",
                    "optim.freeze_last_layer=1", "run.stop_after_steps=1")

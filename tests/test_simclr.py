@@ -133,6 +133,7 @@ def test_schedule_is_bitwise_the_warmup_then_cosine(tmp_path):
                     assert [g["lr"] for g in opt.param_groups] == [old, old]  # float equality
 
 
+@pytest.mark.slow
 def test_candidate_outputs_are_one_forward_per_candidate(tmp_path):
     method = SimCLRMethod(tiny_simclr_cfg(tmp_path, tmp_path), torch.device("cpu"))
     method.model.eval()  # BatchNorm on running statistics: one forward equals a forward per candidate
@@ -184,6 +185,7 @@ def test_short_run_and_knn(tmp_path, image_root, hvs, one_thread):
     assert 0 <= res["knn"]["3"]["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_knows_simclr(tmp_path, capsys, one_thread):
     from bench.overhead import main as bench_main
 
