@@ -246,7 +246,11 @@ class EpochSampler(Sampler):
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor is finite (one host synchronisation)."""
     flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-    return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+    if not flags:
+        return True
+    devices = {f.device for f in flags}
+    flags = flags if len(devices) == 1 else [f.cpu() for f in flags]
+    return bool(torch.stack(flags).all())  # one synchronisation, not one per tensor
 
 
 class DivergenceGuard:
