@@ -3,9 +3,10 @@
 # seed, pretrain the baseline and HVS (same seed) and evaluate both with the
 # weighted k-NN and the method's linear probe (Table 1), transfer the Table 2
 # methods to other datasets with a linear probe and finetuning (Table 2), draw
-# the attention maps of the ViT methods (Appendix J), and write
-# results/summary.md with our numbers beside the paper's.  Re-running resumes
-# unfinished runs and skips finished evaluations.
+# the attention maps of the ViT methods (Appendix J), fine-tune the ResNets for
+# detection with Detectron2 (Tables 3 and 7), and write results/summary.md
+# with our numbers beside the paper's.  Re-running resumes unfinished runs and
+# skips finished evaluations.
 #
 #   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~40 min
 #   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only
@@ -16,7 +17,8 @@
 # config after it: dino_resnet runs `python -m dino.main --config
 # configs/dino_resnet_<profile config>.yaml` and writes dino_resnet_*_knn.json.
 #
-# Several nodes: TORCHRUN_ARGS="--nnodes 4 --rdzv-backend c10d --rdzv-endpoint host:29400"
+# Several nodes: TORCHRUN_ARGS="--nnodes 4 --rdzv-backend c10d --rdzv-endpoint host:29400"; detection
+# takes Detectron2's: DETECTION_LAUNCH="--num-machines 4 --machine-rank R --dist-url tcp://host:29500"
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,16 +45,24 @@ usage: bash run_all.sh [options]
   --methods "simsiam simclr dino ibot"  method tokens to run (default: these four); one of
                       simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT)
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
-  --evals "knn linear transfer attention"   evaluations to run (default: all four)
+  --evals "knn linear transfer attention detection"   evaluations to run (default: the first four, and
+                      detection in the paper profile, and in the others when Detectron2 is importable)
       knn        weighted k-NN on the pretraining dataset (Table 1)
       linear     the method's linear probe on the pretraining dataset (Table 1); small profile: fast
                  mode (configs/linear_small.yaml), gpu: the full protocol, paper: the protocol
       transfer   linear probe and finetuning on the transfer datasets (Table 2), for the methods
                  of --transfer-methods
       attention  attention maps of the ViT methods, HVS above the baseline (Appendix J)
+      detection  fine-tune the ResNets of --detection-methods for detection with Detectron2 (Tables 3
+                 and 7; needs Detectron2, see the README); small/gpu profiles: Faster R-CNN with the
+                 ResNet-18 on the raccoon set (detection/configs/voc_small.yaml, 150 steps of batch 2,
+                 ~5 min per checkpoint on 2 cores: ~10 min for SimSiam's baseline and HVS); paper:
+                 VOC07+12 (48k steps) and COCO (90k steps) with R50-C4, as the paper
   --transfer "D ..."  transfer datasets (default: small, gpu: tiny-imagenet-100; gpu-tin: cifar10;
                       paper: cifar10 cifar100 flowers102 inat21 food101)
   --transfer-methods "simsiam dino"   method tokens transferred (default: these two, as Table 2)
+  --detection-methods "simsiam dino_resnet"   ResNet method tokens fine-tuned for detection (default:
+                      these two, as Table 3; only those also in --methods run)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
   Extra arguments after -- are passed to every training run as config overrides.
@@ -60,8 +70,8 @@ EOF
 }
 
 PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino ibot"; PAPER_EPOCHS=100
-RESULTS=results; RUNS=runs; EXTRA=(); EVALS="knn linear transfer attention"; TRANSFER=default
-TRANSFER_METHODS="simsiam dino"
+RESULTS=results; RUNS=runs; EXTRA=(); EVALS=default; TRANSFER=default
+TRANSFER_METHODS="simsiam dino"; DETECTION_METHODS="simsiam dino_resnet"
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE="$2"; shift 2;;
@@ -73,6 +83,7 @@ while [ $# -gt 0 ]; do
     --evals) EVALS="$2"; shift 2;;
     --transfer) TRANSFER="$2"; shift 2;;
     --transfer-methods) TRANSFER_METHODS="$2"; shift 2;;
+    --detection-methods) DETECTION_METHODS="$2"; shift 2;;
     --results) RESULTS="$2"; shift 2;;
     --runs) RUNS="$2"; shift 2;;
     -h|--help) usage; exit 0;;
@@ -93,28 +104,38 @@ case "$PROFILE" in
   small)   CFG=small;              KNN=(data.train_subset=1500 data.test_subset=1000)
            LIN=(--config configs/linear_small.yaml); FT=(--config configs/finetune_small.yaml)
            T1=(data.train_subset=1500 data.test_subset=1000); TR=(data.train_subset=5000 data.test_subset=2000)
-           TRANSFER_DEFAULT="tiny-imagenet-100"
+           TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
            SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (1 epoch, configs/finetune_small.yaml)";;
   gpu)     CFG=cifar10_gpu;        KNN=()
            LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
-           TRANSFER_DEFAULT="tiny-imagenet-100"
+           TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
            SCALE="GPU profile: CIFAR-10 (50k images, 32 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/4 with 32/16 px global/local crops, batch 256; iBOT's ViT-tiny/4 with 2 x 32 px + 10 x 16 px crops, batch 256; k-NN on the full test set; linear probe: the method's full protocol; transfer to Tiny-ImageNet-100 at 32 px (configs/finetune_gpu.yaml)";;
   gpu-tin) CFG=tiny_imagenet_gpu;  KNN=()
            LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
-           TRANSFER_DEFAULT="cifar10"
+           TRANSFER_DEFAULT="cifar10"; DETECTION=(raccoon:voc_small)
            SCALE="GPU profile: Tiny-ImageNet-100 (50k images, 64 px), 100 epochs; ResNet-18 (CIFAR stem), batch 512 (SimSiam, SimCLR) / 256 (DINO-ResNet); DINO's ViT-tiny/8 with 64/32 px global/local crops, batch 256; iBOT's ViT-tiny/8 with 2 x 64 px + 10 x 32 px crops, batch 256; linear probe: the method's full protocol; transfer to CIFAR-10 at 64 px (configs/finetune_gpu.yaml)";;
   paper)   CFG=paper;              KNN=()
            LIN=(); FT=(); T1=(); TR=()
            TRANSFER_DEFAULT="cifar10 cifar100 flowers102 inat21 food101"
+           DETECTION=(voc:voc_R_50_C4_48k coco:coco_R_50_C4_90k)
            SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512; iBOT's ViT-S/16 with 2 x 224 px + 10 x 96 px crops (8,192 shared prototypes), batch 512; linear probe: the method's protocol; transfer at 224 px with Tables 11 and 12";;
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 [ "$TRANSFER" = default ] && TRANSFER="$TRANSFER_DEFAULT"
 [ "$TRANSFER" = none ] && TRANSFER=""
+HAVE_D2=false; python -c "import detectron2" 2>/dev/null && HAVE_D2=true
+if [ "$EVALS" = default ]; then
+  EVALS="knn linear transfer attention"
+  if [ "$PROFILE" = paper ] || $HAVE_D2; then EVALS="$EVALS detection"; fi
+fi
 for e in $EVALS; do
-  case "$e" in knn|linear|transfer|attention) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention)" >&2; exit 2;; esac
+  case "$e" in knn|linear|transfer|attention|detection) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention, detection)" >&2; exit 2;; esac
 done
 has() { [[ " $EVALS " == *" $1 "* ]]; }
+if has detection && ! $HAVE_D2; then
+  echo "run_all.sh: --evals detection needs Detectron2, which is not importable: install it (README, 'Detection'), or leave detection out of --evals" >&2
+  exit 2
+fi
 # a result is (re)computed when missing or older than the checkpoint it evaluates
 stale() { [ ! -f "$1" ] || [ "$2" -nt "$1" ]; }
 
@@ -132,6 +153,9 @@ for method in $METHODS; do
   entry="${method%%_*}"
   [ -f "$entry/main.py" ] || { echo "run_all.sh: method token '$method' names no entry point ($entry/main.py does not exist)" >&2; exit 2; }
   [ -f "configs/${method}_${CFG}.yaml" ] || { echo "run_all.sh: no config configs/${method}_${CFG}.yaml for method $method (profile $PROFILE)" >&2; exit 2; }
+  if has detection && [[ " $DETECTION_METHODS " == *" $method "* ]] && grep -qE "^\s*arch: vit" "configs/${method}_${CFG}.yaml"; then
+    echo "run_all.sh: --detection-methods names $method, a ViT: detection transfer takes a ResNet (the paper's rows are RN50)" >&2; exit 2
+  fi
 done
 OUT="$RESULTS/$PROFILE"
 mkdir -p "$OUT"
@@ -168,6 +192,19 @@ for method in $METHODS; do
             "${LAUNCH[@]}" eval.finetune --checkpoint "$ckpt" --dataset "$dataset" ${FT[@]+"${FT[@]}"} \
               ${TR[@]+"${TR[@]}"} "run.seed=$seed" --output-dir "$run_dir/eval/finetune_$dataset" \
               --output "${stem}_finetune-$dataset.json"
+          fi
+        done
+      fi
+      if has detection && [[ " $DETECTION_METHODS " == *" $method "* ]]; then
+        for pair in "${DETECTION[@]}"; do
+          dataset="${pair%%:*}"; det_cfg="detection/configs/${pair#*:}.yaml"; det_dir="$run_dir/detection_$dataset"
+          if stale "${stem}_detection-$dataset.json" "$ckpt"; then
+            echo "=== detection: $method $variant seed $seed -> $dataset ($det_cfg)" >&2
+            # a detection run of an older pretraining checkpoint starts over; an interrupted one resumes
+            if [ -f "$det_dir/backbone.pkl" ] && [ "$ckpt" -nt "$det_dir/backbone.pkl" ]; then rm -rf "$det_dir"; fi
+            python -m detection.train_net --config-file "$det_cfg" --checkpoint "$ckpt" --data-dir "$DATA_DIR" \
+              --num-gpus "$(( GPUS > 0 ? GPUS : 1 ))" ${DETECTION_LAUNCH:-} --resume \
+              --output "${stem}_detection-$dataset.json" SEED "$seed" OUTPUT_DIR "$det_dir"
           fi
         done
       fi

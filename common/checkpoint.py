@@ -33,17 +33,17 @@ def _disk_full(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "write" in str(err) and "inline_container" in str(err)
 
 
-def save_atomic(obj, path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over
-    ``path``: a crash leaves either the old or the new checkpoint, never half.
-    A full disk is reported as such (:class:`CheckpointError`), the old file
-    left in place."""
+def save_atomic(obj, path, dump=None) -> None:
+    """Write ``obj`` with ``dump(obj, file)`` (default ``torch.save``) to a
+    temporary file in the same folder, fsync, then rename over ``path``: a
+    crash leaves either the old or the new checkpoint, never half.  A full disk
+    is reported as such (:class:`CheckpointError`), the old file left in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +56,16 @@ def save_atomic(obj, path) -> None:
                                   f"its file system); the previous {path.name} is left as it was. "
                                   "Free some space and re-run to resume") from None
         raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a small text file (a results JSON, a pointer to the last
+    checkpoint) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:

@@ -244,7 +244,7 @@ def _split_folder(base: Path, split: str, tried: list[Path]) -> Path | None:
     return None
 
 
-def _extract_once(archive: Path, name: str, cache: Path) -> Path:
+def extract_once(archive: Path, name: str, cache: Path) -> Path:
     """Extract ``archive`` into ``cache/name`` unless already there; return that folder.
 
     Extraction goes to a temporary folder in ``cache`` which is then renamed into
@@ -315,7 +315,7 @@ def build_dataset(name: str, split: str, data_dir: str | None = None,
     archive = root / f"{name}.tar.gz"
     tried.append(archive)
     if archive.is_file():
-        extracted = _extract_once(archive, name, cache_root(cache_dir))
+        extracted = extract_once(archive, name, cache_root(cache_dir))
         if folder := _split_folder(extracted, split, tried):
             return _image_folder(folder, split, transform)
         if ds := _find_torchvision(name, split, (extracted,), tried, transform):

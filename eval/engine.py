@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -450,10 +449,7 @@ def write_results(cfg: dict, results: dict) -> None:
     out = Path(cfg["run"]["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     for path in {out / "results.json", Path(cfg["eval"]["output"])}:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        ckpt_io.write_text_atomic(path, text)
 
 
 @contextmanager

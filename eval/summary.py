@@ -7,9 +7,11 @@ Reads the evaluation files of one profile, ``<results>/<token>_<baseline|hvs>_s<
 * ``linear``: ``eval.linear`` on the pretraining dataset (Table 1, linear);
 * ``linear-<dataset>`` and ``finetune-<dataset>``: ``eval.linear`` and
   ``eval.finetune`` on a transfer dataset (Table 2, "Lin." and "F.T.");
+* ``detection-<dataset>``: ``detection.train_net --output`` (Tables 3 and 7:
+  box AP, AP50, AP75 of a VOC-layout set, and mask AP of COCO);
 
 and the paper's figures from ``configs/paper_numbers.csv`` (the project's copy
-of Tables 1, 2, 4 and 7), and writes ``<results>/summary.md``.  Each of our
+of Tables 1, 2, 4 and 7; Table 3's AP50 are Table 7's), and writes ``<results>/summary.md``.  Each of our
 results stands beside the paper's row of the same method, protocol and
 backbone family, taken from the architecture in the file (our ResNets beside
 RN50, our ViTs beside ViT-S/16).  A transfer dataset of ours that the paper
@@ -35,12 +37,15 @@ NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet"
 DEFAULT_FAMILY = {"simsiam": "resnet", "simclr": "resnet", "dino": "vit", "dino_resnet": "resnet", "ibot": "vit"}
 #: the token may hold underscores (dino_resnet); the shortest one that leaves a valid tail is taken
 FILE = re.compile(r"(?P<method>[a-z0-9]+(?:_[a-z0-9]+)*?)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_"
-                  r"(?P<eval>knn|linear|finetune)(?:-(?P<dataset>[a-z0-9-]+))?\.json$")
+                  r"(?P<eval>knn|linear|finetune|detection)(?:-(?P<dataset>[a-z0-9-]+))?\.json$")
 #: our dataset names -> the paper's (Table 2's columns)
 PAPER_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "flowers102": "Flowers102", "inat21": "iNat21",
                   "inat21-mini": "iNat21", "food101": "Food101", "imagenet": "ImageNet"}
 #: protocol names in the files -> in the table
 SHOWN = {"knn": "k-NN", "linear": "linear", "finetune": "F.T."}
+#: (part, metric) of a detection results file -> the paper's protocol name (Table 7)
+DET_METRICS = {("box", "AP"): "det_AP", ("box", "AP50"): "det_AP50", ("box", "AP75"): "det_AP75",
+               ("mask", "AP"): "mask_AP", ("mask", "AP50"): "mask_AP50", ("mask", "AP75"): "mask_AP75"}
 
 #: Table 1's long-schedule column is 300 epochs, except SimCLR's 200.
 LONG_EPOCHS = {"SimCLR": "200"}
@@ -55,7 +60,7 @@ def paper_rows(table="1", epochs="100"):
         for r in csv.DictReader(f):
             wanted = LONG_EPOCHS.get(r["method"], epochs) if epochs == "300" else epochs
             if r["table"] == table and r["epochs"] == wanted:
-                extra = (r["dataset"],) if table == "2" else ()
+                extra = (r["dataset"],) if table in ("2", "7") else ()
                 rows[(r["method"], r["protocol"])].append((r["arch"], *extra, float(r["baseline"]), float(r["hvs"])))
     return rows
 
@@ -108,7 +113,7 @@ def collect(results: Path, k: str) -> list:
     groups = {}
     for path in sorted(results.glob("*.json")):
         m = FILE.match(path.name)
-        if not m:
+        if not m or m["eval"] == "detection":
             continue
         top1, report = read_top1(path, m["eval"], k)
         key = (m["method"], report.get("arch"), m["eval"], m["dataset"])
@@ -189,6 +194,50 @@ def table2(found: list, paper: dict) -> list:
     return lines
 
 
+def collect_detection(results: Path) -> tuple[list, list]:
+    """Our detection results, one :class:`Ours` per (token, architecture,
+    metric, dataset) with the metric in ``top1``, and one note per
+    (dataset, config) on the scale they ran at."""
+    groups, notes = {}, {}
+    for path in sorted(results.glob("*_detection-*.json")):
+        m = FILE.match(path.name)
+        if not m:
+            continue
+        report = json.loads(path.read_text())
+        for (part, metric), protocol in DET_METRICS.items():
+            if metric not in report.get(part, {}):
+                continue
+            key = (m["method"], report.get("arch"), protocol, m["dataset"])
+            if key not in groups:
+                groups[key] = Ours(*key)
+            groups[key].top1[m["variant"]][int(m["seed"])] = float(report[part][metric])
+        notes[(m["dataset"], report.get("config"))] = (
+            f"{m['dataset']}: `{report.get('config')}`, {report.get('iterations')} steps of batch "
+            f"{report.get('ims_per_batch')}, test short side {report.get('min_size_test')} px")
+    found = sorted(groups.values(), key=lambda g: (g.name, g.token, g.dataset or "", list(DET_METRICS.values())
+                                                     .index(g.eval)))
+    return found, [notes[k] for k in sorted(notes, key=str)]
+
+
+def table_detection(found: list, paper: dict) -> list:
+    """Detection rows beside the paper's Table 7 row (Table 3's AP50 are its
+    AP50 columns) of the same method, metric and task: box metrics of a
+    VOC-layout set beside VOC07+12, mask metrics beside COCO."""
+    lines = ["| Method | Metric | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Seeds | "
+             "Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in found:
+        task = "COCO" if g.dataset.startswith("coco") else "VOC07+12"
+        rows = [r for r in paper.get((g.name, g.eval), []) if family(r[0]) == g.family and r[1] == task]
+        head = f"| {g.name} | {g.eval} | {our_cells(g, dataset_cell=True)}"
+        if rows:
+            arch, dataset, pb, ph = rows[0]
+            lines.append(f"{head} | {arch} | {dataset} | {paper_cells(pb, ph)} |")
+        else:
+            lines.append(f"{head} | — | (no Table 7 row) | — | — | — |")
+    return lines
+
+
 def protocol_notes(found: list) -> str:
     notes = sorted({(g.name, p, mode) for g in found if g.eval == "linear" for p, mode in g.notes if p})
     if not notes:
@@ -223,6 +272,14 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
                   "Lin.: linear probe on the frozen backbone; F.T.: end-to-end finetuning; top-1 of the last "
                   "epoch on the transfer dataset's test split.", ""]
         lines += table2(transfer, paper_rows("2", "100"))
+    detection, det_notes = collect_detection(results)
+    if detection:
+        lines += ["", "## Tables 3 and 7: detection transfer (paper: ImageNet-pretrained RN50, 100 epochs; "
+                  "Faster R-CNN R50-C4 on VOC07+12, Mask R-CNN R50-C4 on COCO)", "",
+                  "Box (det_) and mask (mask_) AP on the test split after fine-tuning end to end with Detectron2 "
+                  "(`detection/train_net.py`); Table 3 is the AP50 rows.  Our scale: " + "; ".join(det_notes)
+                  + ".", ""]
+        lines += table_detection(detection, paper_rows("7", "100"))
     attention = sorted(p.name for p in results.glob("*_attention.png"))
     if attention:
         lines += ["", "## Attention maps (Appendix J)", "",

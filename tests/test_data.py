@@ -94,7 +94,7 @@ def test_lost_extraction_race_uses_winner(tmp_path, monkeypatch):
         real_rename(a, b)
 
     monkeypatch.setattr(data.os, "rename", rename_after_winner)
-    assert data._extract_once(archive, "tiny", cache) == cache / "tiny"
+    assert data.extract_once(archive, "tiny", cache) == cache / "tiny"
     assert [p.name for p in cache.iterdir()] == ["tiny"]
 
 

@@ -212,3 +212,35 @@ def test_transfer_rows_sit_beside_table_2(tmp_path):
     [simclr] = rows(tmp_path, "| SimCLR | Lin.")
     assert simclr[9] == "(no Table 2 row)"
     assert "[dino_s0_attention.png](dino_s0_attention.png)" in (tmp_path / "summary.md").read_text()
+
+
+def write_detection(folder, name, box, mask=None, arch="resnet18", **fields):
+    """A detection result as ``detection.train_net --output`` writes it."""
+    report = {"task": "detection", "arch": arch, "box": dict(zip(("AP", "AP50", "AP75"), box)),
+              "config": "detection/configs/voc_small.yaml", "iterations": 200, "ims_per_batch": 2,
+              "min_size_test": 64, **fields}
+    if mask:
+        report["mask"] = dict(zip(("AP", "AP50", "AP75"), mask))
+    (folder / name).write_text(json.dumps(report))
+
+
+def test_detection_rows_sit_beside_table_7(tmp_path):
+    write(tmp_path, "simsiam_baseline_s0_knn.json", 40.0)
+    write_detection(tmp_path, "simsiam_baseline_s0_detection-raccoon.json", (20.0, 50.0, 10.0))
+    write_detection(tmp_path, "simsiam_hvs_s0_detection-raccoon.json", (21.0, 52.5, 9.0))
+    write_detection(tmp_path, "dino_resnet_baseline_s0_detection-coco.json", (30.0, 50.0, 31.0),
+                    mask=(25.0, 45.0, 26.0), config="detection/configs/coco_R_50_C4_90k.yaml")
+    assert FILE.match("dino_resnet_hvs_s2_detection-coco.json")["method"] == "dino_resnet"
+    main(["--results", str(tmp_path), "--scale", "s"])
+    text = (tmp_path / "summary.md").read_text()
+    assert "Tables 3 and 7" in text and "raccoon: `detection/configs/voc_small.yaml`, 200 steps of batch 2" in text
+    [ap50] = rows(tmp_path, "| SimSiam | det_AP50")
+    assert ap50[2:8] == ["resnet18", "raccoon", "50.00", "52.50", "+2.50", "1"]
+    assert ap50[8:] == ["RN50", "VOC07+12", "78.46", "79.06", "+0.60"]  # Table 3's AP50 = Table 7's
+    [ap75] = rows(tmp_path, "| SimSiam | det_AP75")
+    assert ap75[5:7] == ["9.00", "-1.00"] and ap75[10:] == ["56.88", "57.55", "+0.67"]
+    # COCO: mask AP beside Table 7's COCO row; box AP has no paper row; no HVS file: "not run"
+    [mask] = rows(tmp_path, "| DINO | mask_AP |")
+    assert mask[4:6] == ["25.00", "—"] and mask[8:] == ["RN50", "COCO", "30.25", "30.02", "-0.23"]
+    [box] = rows(tmp_path, "| DINO | det_AP |")
+    assert box[9] == "(no Table 7 row)"

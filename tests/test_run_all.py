@@ -1,0 +1,40 @@
+"""run_all.sh refuses what it cannot run before starting anything: detection
+without Detectron2, detection of a ViT method, an unknown evaluation."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def run_all(tmp_path, *args, detectron2: bool):
+    """``bash run_all.sh *args`` with a stand-in ``detectron2`` package first
+    on the path: one that imports, or one that fails to."""
+    fake = tmp_path / "fake" / "detectron2"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("" if detectron2 else "raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent),
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), "--data-dir", str(tmp_path), "--runs",
+                           str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_detection_without_detectron2_is_refused(tmp_path):
+    p = run_all(tmp_path, "--evals", "knn detection", detectron2=False)
+    assert p.returncode == 2 and "needs Detectron2, which is not importable" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_detection_of_a_vit_method_is_refused(tmp_path):
+    p = run_all(tmp_path, "--methods", "dino", "--detection-methods", "dino", "--evals", "detection",
+                detectron2=True)
+    assert p.returncode == 2 and "names dino, a ViT" in p.stderr
+
+
+@pytest.mark.parametrize("evals", ["knn segmentation"])
+def test_unknown_evaluation_is_refused(tmp_path, evals):
+    p = run_all(tmp_path, "--evals", evals, detectron2=True)
+    assert p.returncode == 2 and "unknown evaluation 'segmentation'" in p.stderr
