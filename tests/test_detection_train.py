@@ -182,8 +182,10 @@ def test_few_steps_train_evaluate_and_resume(tmp_path, capsys, tiny_checkpoints)
     common = ["--config-file", SMALL, "--checkpoint", tiny_checkpoints["simsiam"], "--data-dir", data,
               "--output", results, "TEST.PRECISE_BN.NUM_ITER", "1", "SOLVER.CHECKPOINT_PERIOD", "2",
               "SOLVER.WARMUP_ITERS", "2", "OUTPUT_DIR", out]
-    code, err = run_cli(capsys, *common, "SOLVER.MAX_ITER", "4")
+    code, err = run_cli(capsys, *common, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2")
     assert code == 0, err
+    # evaluated after steps 2 and 4 (periodic, and at the end)
+    assert (out / "log.txt").read_text().count("Evaluation results for raccoon_test in csv format") == 2
     report = json.loads(results.read_text())
     assert report["dataset"] == "raccoon_test" and report["arch"] == "resnet18" and report["iterations"] == 4
     assert set(report["box"]) == {"AP", "AP50", "AP75"}
