@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.config import ConfigError, setting, build_parser, overrides_of, resolve
+from common.config import COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve
 from common.augment import SeededDataset, eval_transform
 from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
 from common.logs import JsonLog, Progress, fmt_time
@@ -59,11 +59,8 @@ EVAL_SPEC = {
     "run.output_dir": setting("", "folder for config.yaml, log.jsonl, checkpoint.pth and results.json "
                                 "(default: <checkpoint folder>/eval/<evaluation>_<dataset>)"),
     "run.seed": setting(0, "seed of the head initialisation, data order and augmentations", range="[0, inf)"),
-    "run.device": setting("auto", "auto (cuda if available), cpu or cuda", ["auto", "cpu", "cuda"]),
     "run.log_every": setting(50, "write a JSON line and a console progress line every K steps", range="[1, inf)"),
     "run.eval_every": setting(1, "test every K epochs (the last epoch always)", range="[1, inf)"),
-    "run.ckpt_every_steps": setting(0, "also checkpoint every K steps inside an epoch (0: only at epoch ends)", range="[0, inf)"),
-    "run.stop_after_steps": setting(0, "checkpoint and exit after K steps, as if preempted (0: run to the end); re-run to resume", range="[0, inf)"),
     "data.dataset": setting("", "dataset to train and test on: cifar10, cifar100, tiny-imagenet-100, imagenet, imagefolder, "
                               "flowers102, food101, inat21, inat21-mini (default: the checkpoint's pretraining dataset)"),
     "data.data_dir": setting(None, "data root (default: env HVS_DATA_DIR, else the checkpoint's)"),
@@ -75,8 +72,8 @@ EVAL_SPEC = {
     "data.download": setting(False, "let torchvision download the dataset where a network exists"),
     "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
     "train.batch_size": setting(256, "global batch size (split evenly over ranks)", range="[1, inf)"),
-    "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; off on CPU",
-                       ["auto", "bf16", "fp16", "off"]),
+    # the same meaning as in pretraining: one declaration
+    **{key: COMMON_SPEC[key] for key in ("run.device", "run.ckpt_every_steps", "run.stop_after_steps", "train.amp")},
 }
 
 #: command-line flags that stand for config keys
