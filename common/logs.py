@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ class JsonLog:
         self.path, self.enabled = Path(path), enabled
         if enabled and resume_step is not None and self.path.exists():
             keep = [json.dumps(r) for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(r + "\n" for r in keep))
-            os.replace(tmp, self.path)
+            from common.checkpoint import write_text_atomic
+
+            write_text_atomic(self.path, "".join(r + "\n" for r in keep))
 
     def write(self, **row) -> None:
         if self.enabled:

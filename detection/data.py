@@ -22,7 +22,6 @@ A VOC set may also be an archive ``<folder>.tar.gz`` in the data root (e.g.
 """
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -176,10 +175,3 @@ def register_all(names, data_dir: str | None) -> None:
         if not DatasetCatalog.get(name):
             raise DataError(f"detection dataset {name!r} is empty")
 
-
-def describe(name: str) -> str:
-    """A dataset's location for logs: its folder or annotation file."""
-    from detectron2.data import MetadataCatalog
-
-    meta = MetadataCatalog.get(name)
-    return getattr(meta, "dirname", None) or getattr(meta, "json_file", None) or os.fspath(name)

@@ -158,14 +158,14 @@ def build_trainer_class():
     return Trainer
 
 
-def results_of(cfg, raw: dict, seconds: float, iterations: int, source: dict | None) -> dict:
+def results_of(cfg, config_file: str, raw: dict, seconds: float, iterations: int, source: dict | None) -> dict:
     """The results file: box (and mask) AP of the test set, and what produced them."""
     from detectron2.data import MetadataCatalog
 
     raw = raw or {}
     if len(cfg.DATASETS.TEST) == 1:
         raw = {cfg.DATASETS.TEST[0]: raw}
-    out = {"task": "detection", "config": cfg.get("CONFIG_FILE", None), "iterations": cfg.SOLVER.MAX_ITER,
+    out = {"task": "detection", "config": config_file, "iterations": cfg.SOLVER.MAX_ITER,
            "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
            "min_size_test": cfg.INPUT.MIN_SIZE_TEST, "weights": cfg.MODEL.WEIGHTS,
            "seconds": round(seconds, 1),
@@ -215,8 +215,7 @@ def main(args):
     weights = cfg.MODEL.WEIGHTS
     if weights.endswith(".pkl") and Path(weights).is_file():
         source = load_pkl(weights).get("hvs")
-    results = results_of(cfg, raw, seconds, max(0, trainer.iter + 1 - start_iter), source)
-    results["config"] = args.config_file
+    results = results_of(cfg, args.config_file, raw, seconds, max(0, trainer.iter + 1 - start_iter), source)
     text = json.dumps(results, indent=2)
     ckpt_io.write_text_atomic(Path(cfg.OUTPUT_DIR) / "results.json", text)
     if args.output:
