@@ -53,6 +53,11 @@ usage: bash run_all.sh [options]
       transfer   linear probe and finetuning on the transfer datasets (Table 2), for the methods
                  of --transfer-methods
       attention  attention maps of the ViT methods, HVS above the baseline (Appendix J)
+      analysis   the paper's Section 5 (not in the default): IoU of the selected views, fANOVA and
+                 predictability from every HVS run's selection log (analysis/), and the runs of the
+                 experiments: easy selection, N = 8 views and static colour (SimSiam), the manual IoU
+                 policies (--iou-policies; SimSiam and DINO) and the STN adversary (--stn-modes; DINO),
+                 each with a linear probe
       detection  fine-tune the ResNets of --detection-methods for detection with Detectron2 (Tables 3
                  and 7; needs Detectron2, see the README); small/gpu profiles: Faster R-CNN with the
                  ResNet-18 on the raccoon set (detection/configs/voc_small.yaml, 150 steps of batch 2,
@@ -63,6 +68,11 @@ usage: bash run_all.sh [options]
   --transfer-methods "simsiam dino"   method tokens transferred (default: these two, as Table 2)
   --detection-methods "simsiam dino_resnet"   ResNet method tokens fine-tuned for detection (default:
                       these two, as Table 3; only those also in --methods run)
+  --iou-policies "..."  Table 5's manual IoU policies run with --evals analysis, for SimSiam and DINO
+                      (configs/analysis/<policy>.yaml; default small: "iou_0.30-0.35 iou_0.30-0.35_alt
+                      iou_0.40-0.60", other profiles: all six of the table)
+  --stn-modes "..."   Table 6's STN modes run with --evals analysis when DINO is in --methods (default
+                      small: "translation-scale-sym translation-scale affine", other profiles: all six)
   --results DIR       results folder (default results)
   --runs DIR          checkpoints folder (default runs)
   Extra arguments after -- are passed to every training run as config overrides.
@@ -71,7 +81,7 @@ EOF
 
 PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino ibot"; PAPER_EPOCHS=100
 RESULTS=results; RUNS=runs; EXTRA=(); EVALS=default; TRANSFER=default
-TRANSFER_METHODS="simsiam dino"; DETECTION_METHODS="simsiam dino_resnet"
+TRANSFER_METHODS="simsiam dino"; DETECTION_METHODS="simsiam dino_resnet"; IOU_POLICIES=default; STN_MODES=default
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE="$2"; shift 2;;
@@ -84,6 +94,8 @@ while [ $# -gt 0 ]; do
     --transfer) TRANSFER="$2"; shift 2;;
     --transfer-methods) TRANSFER_METHODS="$2"; shift 2;;
     --detection-methods) DETECTION_METHODS="$2"; shift 2;;
+    --iou-policies) IOU_POLICIES="$2"; shift 2;;
+    --stn-modes) STN_MODES="$2"; shift 2;;
     --results) RESULTS="$2"; shift 2;;
     --runs) RUNS="$2"; shift 2;;
     -h|--help) usage; exit 0;;
@@ -122,6 +134,23 @@ case "$PROFILE" in
   *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 [ "$TRANSFER" = default ] && TRANSFER="$TRANSFER_DEFAULT"
+ALL_POLICIES="iou_0.30-0.35 iou_0.30-0.35_alt iou_0.40-0.60 iou_0.40-0.60_alt iou_0.10-0.80 iou_1.00-0.10"
+ALL_STN="translation-scale-sym translation-scale rotation-translation rotation-translation-scale rotation-translation-scale-sym affine"
+if [ "$PROFILE" = small ]; then
+  [ "$IOU_POLICIES" = default ] && IOU_POLICIES="iou_0.30-0.35 iou_0.30-0.35_alt iou_0.40-0.60"
+  [ "$STN_MODES" = default ] && STN_MODES="translation-scale-sym translation-scale affine"
+  STN_CFG=small
+else
+  [ "$IOU_POLICIES" = default ] && IOU_POLICIES="$ALL_POLICIES"
+  [ "$STN_MODES" = default ] && STN_MODES="$ALL_STN"
+  STN_CFG=cifar10_gpu  # Table 6 is DINO ViT-tiny on CIFAR-10 whatever the profile
+fi
+for policy in $IOU_POLICIES; do
+  [ -f "configs/analysis/$policy.yaml" ] || { echo "run_all.sh: unknown IoU policy '$policy' (one of: $ALL_POLICIES)" >&2; exit 2; }
+done
+for mode in $STN_MODES; do
+  [[ " $ALL_STN " == *" $mode "* ]] || { echo "run_all.sh: unknown STN mode '$mode' (one of: $ALL_STN)" >&2; exit 2; }
+done
 [ "$TRANSFER" = none ] && TRANSFER=""
 HAVE_D2=false; python -c "import detectron2" 2>/dev/null && HAVE_D2=true
 if [ "$EVALS" = default ]; then
@@ -129,7 +158,7 @@ if [ "$EVALS" = default ]; then
   if [ "$PROFILE" = paper ] || $HAVE_D2; then EVALS="$EVALS detection"; fi
 fi
 for e in $EVALS; do
-  case "$e" in knn|linear|transfer|attention|detection) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention, detection)" >&2; exit 2;; esac
+  case "$e" in knn|linear|transfer|attention|detection|analysis) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention, detection, analysis)" >&2; exit 2;; esac
 done
 has() { [[ " $EVALS " == *" $1 "* ]]; }
 if has detection && ! $HAVE_D2; then
@@ -159,6 +188,43 @@ for method in $METHODS; do
 done
 OUT="$RESULTS/$PROFILE"
 mkdir -p "$OUT"
+# variant_run TOKEN VARIANT SEED MODULE ARGS...: pretrain a variant (ARGS: its configs) and probe it
+variant_run() {
+  local method="$1" variant="$2" seed="$3" entry="$4"; shift 4
+  local run_dir="$RUNS/$PROFILE/${method}_${variant}_s${seed}" stem="$OUT/${method}_${variant}_s${seed}"
+  echo "=== analysis: $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
+  "${LAUNCH[@]}" "$entry" "$@" --output-dir "$run_dir" "run.seed=$seed" ${EXTRA[@]+"${EXTRA[@]}"}
+  probe "$method" "$variant" "$seed"
+  training_summary "$method" "$variant" "$seed"
+}
+# probe TOKEN VARIANT SEED: Table 1's linear probe of a run, unless done
+probe() {
+  local run_dir="$RUNS/$PROFILE/${1}_${2}_s${3}" stem="$OUT/${1}_${2}_s${3}"
+  if stale "${stem}_linear.json" "$run_dir/checkpoint.pth"; then
+    echo "=== linear probe: $1 $2 seed $3" >&2
+    "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$run_dir/checkpoint.pth" ${LIN[@]+"${LIN[@]}"} ${T1[@]+"${T1[@]}"} \
+      "run.seed=$3" --output-dir "$run_dir/eval/linear" --output "${stem}_linear.json"
+  fi
+}
+# the end of a run's training log (loss, collapse measure) as <stem>_train.json
+training_summary() {
+  local run_dir="$RUNS/$PROFILE/${1}_${2}_s${3}" stem="$OUT/${1}_${2}_s${3}"
+  if stale "${stem}_train.json" "$run_dir/checkpoint.pth"; then
+    python -m analysis.collapse --run "$run_dir" --output "${stem}_train.json"
+  fi
+}
+# analyse_run RUN BASELINE_RUN DEST scores|none: IoU of the selected views against the baseline's, and
+# fANOVA of the pair metrics where the log has scores
+analyse_run() {
+  local run_dir="$1" base_dir="$2" dest="$3" scores="$4"
+  mkdir -p "$dest"
+  if stale "$dest/iou.json" "$run_dir/checkpoint.pth"; then
+    python -m analysis.iou --run "$run_dir" --baseline "$base_dir" --output "$dest"
+  fi
+  if [ "$scores" = scores ] && stale "$dest/importance.json" "$run_dir/checkpoint.pth"; then
+    python -m analysis.importance --run "$run_dir" --output "$dest"
+  fi
+}
 for method in $METHODS; do
   entry="${method%%_*}"
   config="configs/${method}_${CFG}.yaml"
@@ -174,11 +240,7 @@ for method in $METHODS; do
       if has knn && stale "${stem}_knn.json" "$ckpt"; then
         python -m eval.knn --checkpoint "$ckpt" ${KNN[@]+"${KNN[@]}"} --output "${stem}_knn.json"
       fi
-      if has linear && stale "${stem}_linear.json" "$ckpt"; then
-        echo "=== linear probe: $method $variant seed $seed" >&2
-        "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$ckpt" ${LIN[@]+"${LIN[@]}"} ${T1[@]+"${T1[@]}"} \
-          "run.seed=$seed" --output-dir "$run_dir/eval/linear" --output "${stem}_linear.json"
-      fi
+      if has linear; then probe "$method" "$variant" "$seed"; fi
       if has transfer && [[ " $TRANSFER_METHODS " == *" $method "* ]]; then
         for dataset in $TRANSFER; do
           if stale "${stem}_linear-$dataset.json" "$ckpt"; then
@@ -221,6 +283,53 @@ for method in $METHODS; do
     fi
   done
 done
+
+# ----------------------------------------------------------------------------
+# Section 5 (--evals analysis): the analyses of the selection logs, then the runs of the experiments
+# that change how views are made, each probed linearly as Table 1
+# ----------------------------------------------------------------------------
+if has analysis; then
+  for method in $METHODS; do
+    entry="${method%%_*}"; config="configs/${method}_${CFG}.yaml"
+    hvs_runs=()
+    for seed in $SEEDS; do
+      base_dir="$RUNS/$PROFILE/${method}_baseline_s${seed}"
+      hvs_runs+=("$RUNS/$PROFILE/${method}_hvs_s${seed}")
+      analyse_run "${hvs_runs[-1]}" "$base_dir" "$OUT/analysis/${method}_hvs_s${seed}" scores
+      for variant in baseline hvs; do  # the rows the experiments stand beside
+        training_summary "$method" "$variant" "$seed"
+        if [ "$method" = simsiam ] || [ "$method" = dino ]; then probe "$method" "$variant" "$seed"; fi
+      done
+      if [ "$method" = simsiam ]; then  # Appendix F.2 (easy), Fig. 7 (N = 8), Fig. 4 right (static colour)
+        for variant in easy n_views_8 static_color; do
+          variant_run "$method" "$variant" "$seed" "$entry.main" --config "$config" --config "configs/analysis/$variant.yaml"
+        done
+        analyse_run "$RUNS/$PROFILE/${method}_static_color_s${seed}" "$base_dir" \
+          "$OUT/analysis/${method}_static_color_s${seed}" none
+      fi
+      if [ "$method" = simsiam ] || [ "$method" = dino ]; then  # Table 5
+        for policy in $IOU_POLICIES; do
+          variant_run "$method" "$policy" "$seed" "$entry.main" --config "$config" --config "configs/analysis/$policy.yaml"
+        done
+      fi
+      if [ "$method" = dino ]; then  # Table 6; its baseline: DINO ViT-tiny on CIFAR-10 with random crops
+        if [ "$STN_CFG" = "$CFG" ]; then  # the same run as DINO's baseline
+          cp "$OUT/dino_baseline_s${seed}_linear.json" "$OUT/dino_stn-baseline_s${seed}_linear.json"
+        else
+          variant_run dino stn-baseline "$seed" dino.main --config "configs/dino_${STN_CFG}.yaml"
+        fi
+        for mode in $STN_MODES; do
+          variant_run dino "stn-$mode" "$seed" dino.stn --config "configs/dino_stn_${STN_CFG}.yaml" "stn.mode=$mode"
+        done
+      fi
+    done
+    dest="$OUT/analysis/${method}_hvs"
+    if stale "$dest/predict.json" "${hvs_runs[-1]}/checkpoint.pth"; then
+      mkdir -p "$dest"
+      python -m analysis.predict --run "${hvs_runs[@]}" --output "$dest"
+    fi
+  done
+fi
 
 python -m eval.summary --results "$OUT" --scale "$SCALE (seeds: $SEEDS)" --paper-epochs "$PAPER_EPOCHS" > /dev/null
 cp "$OUT/summary.md" "$RESULTS/summary.md"

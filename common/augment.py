@@ -24,16 +24,19 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
+from common.config import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Columns of the per-view parameter rows.  Crop boxes are in pixels of the
 #: original image; colour-jitter factors are neutral (1, 1, 1, 0) and its order
-#: is -1 when jitter was not applied; ``blur_sigma`` is 0 when not blurred.
+#: is -1 when jitter was not applied; ``blur_sigma`` is 0 when not blurred;
+#: ``draws`` counts the pairs the IoU policy drew (:class:`IoUPolicy`; 0 without).
 PARAM_NAMES = (
     "img_w", "img_h", "crop_x", "crop_y", "crop_w", "crop_h", "flip",
     "jitter", "brightness", "contrast", "saturation", "hue",
-    "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize",
+    "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize", "draws",
 )
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -119,45 +122,129 @@ def recipe_from_cfg(a: dict) -> ViewRecipe:
                       jitter_p=a["jitter_p"], gray_p=a["gray_p"], blur_p=a["blur_p"], blur_sigma=a["blur_sigma"])
 
 
-def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random):
-    """Draw one augmented view; return (normalised tensor [3,S,S], params row)."""
+def draw_geometry(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None):
+    """Crop (``box`` = (x, y, w, h) in pixels, or a random-resized crop drawn
+    here), resize and maybe flip: (PIL view, params row with the geometry)."""
     row = [0.0] * len(PARAM_NAMES)
     W, H = img.size
     row[P["img_w"]], row[P["img_h"]] = W, H
-    x, y, w, h = sample_crop(rng, W, H, recipe.scale, recipe.ratio)
+    x, y, w, h = box if box is not None else sample_crop(rng, W, H, recipe.scale, recipe.ratio)
     row[P["crop_x"]], row[P["crop_y"]], row[P["crop_w"]], row[P["crop_h"]] = x, y, w, h
     # crop, then resize (torchvision's resized_crop): a box given to resize() would filter with pixels outside it
     out = img.crop((x, y, x + w, y + h)).resize((recipe.size, recipe.size), RESAMPLE[recipe.interpolation])
     if rng.random() < recipe.flip_p:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         row[P["flip"]] = 1
-    row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = 1, 1, 1, 0
-    for k in range(4):
-        row[P[f"order{k}"]] = -1
+    return out, row
+
+
+def draw_colour(recipe: ViewRecipe, rng: random.Random):
+    """The colour distortion of one view: ``(jitter, gray)``, ``jitter`` being
+    ``(factors, order)`` (brightness, contrast, saturation, hue factors and the
+    order the four operations run in) or None when not applied."""
+    jitter = None
     if rng.random() < recipe.jitter_p:
         b, c, s, hue = recipe.jitter
         factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
                    rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
         order = list(range(4))
         rng.shuffle(order)
+        jitter = (factors, order)
+    return jitter, rng.random() < recipe.gray_p
+
+
+def draw_finish(recipe: ViewRecipe, rng: random.Random):
+    """Blur sigma (0: no blur) and solarisation flag of one view."""
+    sigma = rng.uniform(*recipe.blur_sigma) if rng.random() < recipe.blur_p else 0.0
+    return sigma, rng.random() < recipe.solarize_p
+
+
+def render(view: Image.Image, recipe: ViewRecipe, row: list, colour, finish) -> torch.Tensor:
+    """Apply a drawn colour distortion and finish to a geometric view, record
+    them in ``row`` (in place), return the normalised tensor [3, S, S]."""
+    jitter, gray = colour
+    row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = 1, 1, 1, 0
+    for k in range(4):
+        row[P[f"order{k}"]] = -1
+    row[P["jitter"]] = 0
+    if jitter is not None:
+        factors, order = jitter
         ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
         for k, op_index in enumerate(order):
-            out = ops[op_index](out, factors[op_index])
+            view = ops[op_index](view, factors[op_index])
             row[P[f"order{k}"]] = op_index
         row[P["jitter"]] = 1
         row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = factors
-    if rng.random() < recipe.gray_p:
-        out = out.convert("L").convert("RGB")
-        row[P["gray"]] = 1
-    if rng.random() < recipe.blur_p:
-        sigma = rng.uniform(*recipe.blur_sigma)
-        out = out.filter(ImageFilter.GaussianBlur(radius=sigma))
-        row[P["blur_sigma"]] = sigma
-    if rng.random() < recipe.solarize_p:
-        out = TF.solarize(out, 128)
-        row[P["solarize"]] = 1
-    tensor = TF.normalize(TF.to_tensor(out), recipe.mean, recipe.std)
+    row[P["gray"]] = int(gray)
+    if gray:
+        view = view.convert("L").convert("RGB")
+    sigma, solarize = finish
+    row[P["blur_sigma"]] = sigma
+    if sigma:
+        view = view.filter(ImageFilter.GaussianBlur(radius=sigma))
+    row[P["solarize"]] = int(solarize)
+    if solarize:
+        view = TF.solarize(view, 128)
+    return TF.normalize(TF.to_tensor(view), recipe.mean, recipe.std)
+
+
+def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None):
+    """Draw one augmented view (crop, flip, colour jitter, grayscale, blur,
+    solarisation, in this order); return (normalised tensor [3,S,S], params row).
+    ``box``: a crop box chosen beforehand (the IoU policy)."""
+    view, row = draw_geometry(img, recipe, rng, box)
+    tensor = render(view, recipe, row, draw_colour(recipe, rng), draw_finish(recipe, rng))
     return tensor, row
+
+
+def pair_iou(a, b) -> float:
+    """IoU of two crop boxes (x, y, w, h)."""
+    rows = torch.zeros(2, len(PARAM_NAMES), dtype=torch.float64)
+    for r, box in zip(rows, (a, b)):
+        r[P["crop_x"]], r[P["crop_y"]], r[P["crop_w"]], r[P["crop_h"]] = (float(v) for v in box)
+    return float(box_iou(rows[0], rows[1]))
+
+
+class IoUPolicyError(ConfigError):
+    """The IoU policy found no pair of views in its range within its draws."""
+
+
+@dataclass
+class IoUPolicy:
+    """The manual IoU policy of the paper's Section 5.2 (Table 5): the crops of
+    the first two views (SimSiam's pair; DINO's two global crops) are drawn
+    again, together, until their IoU is at most the threshold of the step, which
+    goes linearly from ``start`` (first step) to ``end`` (last step): the paper
+    fitted 0.30 -> 0.35 to the IoU HVS selects, and also ran 0.4 -> 0.6,
+    0.1 -> 0.8 and the inverse schedule 1.0 -> 0.1.  With ``alternate`` the
+    policy applies on even steps only and the standard augmentation on odd
+    steps.  At most ``max_draws`` pairs are drawn per image; then
+    :class:`IoUPolicyError`."""
+
+    start: float = 0.3
+    end: float = 0.35
+    total_steps: int = 1
+    alternate: bool = False
+    max_draws: int = 1000
+
+    def threshold(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.total_steps - 1))
+        return self.start + (self.end - self.start) * progress
+
+    def active(self, step: int) -> bool:
+        return not (self.alternate and step % 2 == 1)
+
+    def draw_boxes(self, rng: random.Random, width: int, height: int, recipes, step: int):
+        """Crop boxes of the first two views, and the number of pairs drawn."""
+        limit = self.threshold(step)
+        for draws in range(1, self.max_draws + 1):
+            boxes = [sample_crop(rng, width, height, r.scale, r.ratio) for r in recipes]
+            if pair_iou(*boxes) <= limit:
+                return boxes, draws
+        raise IoUPolicyError(
+            f"IoU policy: no pair of crops (scales {recipes[0].scale} and {recipes[1].scale}) of a {width}x{height} "
+            f"image with IoU <= {limit:.3f} (step {step}) in {self.max_draws} draws: the range cannot be reached; "
+            "raise iou_policy.start/end or iou_policy.max_draws")
 
 
 @dataclass
@@ -165,20 +252,57 @@ class MultiViewTransform:
     """Draws ``n`` candidate views for every crop slot, in slot order.
 
     ``slots`` is a list of ``(recipe, n)``; SimSiam uses one slot with N
-    candidates (N = 2 without HVS), DINO a global and a local slot."""
+    candidates (N = 2 without HVS), DINO a global and a local slot.
+
+    Options (the analyses of the paper's Section 5):
+
+    - ``static_color`` (Fig. 4 right): one colour distortion (jitter and
+      grayscale, drawn with the first slot's recipe) per image, shared by all
+      candidates, which the selector scores; every candidate is also rendered
+      with a colour distortion of its own, and those renderings are what the
+      chosen views are trained on.  Returns ``2V`` views: the V shared-colour
+      candidates, then the V own-colour renderings (same crops, flips, blur);
+      the params rows are those of the shared-colour candidates.
+    - ``policy``: an :class:`IoUPolicy` for the first two views; needs the step
+      (``__call__(..., step=)``, see :class:`MultiViewDataset`).  Column
+      ``draws`` of those two views records how many pairs were drawn (0 when
+      the policy is off or skipped this step).
+    """
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])
+    static_color: bool = False
+    policy: IoUPolicy | None = None
 
-    def __call__(self, img: Image.Image, rng: random.Random):
+    def recipes(self) -> list:
+        """The recipe of every view, in order."""
+        return [recipe for recipe, n in self.slots for _ in range(n)]
+
+    def __call__(self, img: Image.Image, rng: random.Random, step: int | None = None):
         if img.mode != "RGB":
             img = img.convert("RGB")
-        views, rows = [], []
-        for recipe, n in self.slots:
-            for _ in range(n):
-                v, r = draw_view(img, recipe, rng)
-                views.append(v)
-                rows.append(r)
-        return views, torch.tensor(rows, dtype=torch.float32)
+        recipes = self.recipes()
+        boxes, draws = {}, 0
+        if self.policy is not None:
+            if step is None:
+                raise RuntimeError("the IoU policy needs the training step of every sample (EpochSampler.tag_steps)")
+            if len(recipes) < 2:
+                raise ValueError("the IoU policy needs at least two views per image")
+            if self.policy.active(step):
+                pair, draws = self.policy.draw_boxes(rng, *img.size, recipes[:2], step)
+                boxes = dict(enumerate(pair))
+        shared = draw_colour(recipes[0], rng) if self.static_color else None
+        views, renders, rows = [], [], []
+        for k, recipe in enumerate(recipes):
+            base, row = draw_geometry(img, recipe, rng, boxes.get(k))
+            colour = draw_colour(recipe, rng)
+            finish = draw_finish(recipe, rng)
+            if shared is not None:
+                renders.append(render(base.copy(), recipe, list(row), colour, finish))
+                colour = shared
+            views.append(render(base, recipe, row, colour, finish))
+            row[P["draws"]] = draws if k < 2 else 0
+            rows.append(row)
+        return views + renders, torch.tensor(rows, dtype=torch.float32)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -205,12 +329,15 @@ class EpochSeededDataset(Dataset):
 
 class MultiViewDataset(EpochSeededDataset):
     """``(views, params [V, len(PARAM_NAMES)], label, index)`` drawn by a
-    :class:`MultiViewTransform` from a :class:`random.Random` of the sample's seed."""
+    :class:`MultiViewTransform` from a :class:`random.Random` of the sample's seed.
+    The key is an index, or ``(index, training step)`` where the transform
+    depends on the step (an :class:`IoUPolicy`; see ``EpochSampler.tag_steps``)."""
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, step = key if isinstance(key, tuple) else (key, None)
         img, label = self.base[index]
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
-        views, params = self.transform(img, rng)
+        views, params = self.transform(img, rng, step=step)
         return views, params, label, index
 
 

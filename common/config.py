@@ -85,6 +85,12 @@ COMMON_SPEC = {
     "hvs.max_combinations": setting(0, "compare at most K combinations, a random subset each step (0: all)", range="[0, inf)"),
     "hvs.resolution": setting(1.0, "fraction of the view size used for the selection forward (1.0, 0.75, 0.5, 0.25)", range="(0, 1]"),
     "hvs.bn_mode": setting("batch", "BatchNorm in the selection forward: batch (batch stats, running stats restored), batch_update (authors' code), running (eval-mode BN)", ["batch", "batch_update", "running"]),
+    "hvs.static_color": setting(False, "one colour jitter per image shared by all candidates during the selection; the chosen views are trained with colour jitter of their own (paper Fig. 4 right)"),
+    "iou_policy.enabled": setting(False, "manual IoU policy instead of HVS (paper Table 5): redraw the first two views' crops (the pair; DINO's global crops) until their IoU <= a threshold scheduled over training"),
+    "iou_policy.start": setting(0.3, "IoU threshold at the first step (paper: 0.3, 0.4, 0.1, 1.0)", range="[0, 1]"),
+    "iou_policy.end": setting(0.35, "IoU threshold at the last step, linear in between (paper: 0.35, 0.6, 0.8, 0.1)", range="[0, 1]"),
+    "iou_policy.alternate": setting(False, "apply the policy on even steps only, the standard augmentation on odd steps"),
+    "iou_policy.max_draws": setting(1000, "pairs drawn per image at most before the run stops with an error", range="[1, inf)"),
 }
 
 

@@ -83,6 +83,7 @@ class Selection:
     outputs: Any = None    # what candidate_outputs returned (None in random mode); a method may
     #                        reuse parts of it in its training step where that is exact
     resolution: float = 1.0  # fraction of the candidates' size that ``outputs`` were computed at
+    rendered: bool = False   # the views were gathered from other renderings than ``outputs`` saw
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
@@ -225,13 +226,17 @@ class HardViewSelector:
 
     def __call__(self, candidates: Sequence[torch.Tensor], model: nn.Module,
                  candidate_outputs: Callable, combination_scores: Callable,
-                 generator: Optional[torch.Generator] = None) -> Selection:
+                 generator: Optional[torch.Generator] = None,
+                 renders: Optional[Sequence[torch.Tensor]] = None) -> Selection:
         """Select training views from ``candidates`` (V tensors [B, ...]).
 
         ``model`` is only used to put its BatchNorm layers in the selection mode;
         ``candidate_outputs(candidates)`` runs the forward, ``combination_scores``
         turns its outputs into scores [B, C].  ``generator`` (CPU) drives the cap
-        subset and the random mode."""
+        subset and the random mode.  ``renders``: other renderings of the same
+        candidates (V tensors) to train on instead of ``candidates`` (static
+        colour augmentation: the candidates share one colour jitter, the
+        renderings have their own)."""
         if len(candidates) != self.num_candidates:
             raise ValueError(f"the selector expects {self.num_candidates} candidate views per "
                              f"sample (pools {self.pools}), the loader gave {len(candidates)}")
@@ -250,6 +255,8 @@ class HardViewSelector:
                                    f"expected {(B, len(combos))}")
             choice = self.choose(scores)  # stays on the device: no synchronisation
         indices = combos[choice]
-        views = self.gather(candidates, indices)
+        if renders is not None and len(renders) != len(candidates):
+            raise ValueError(f"{len(renders)} renderings for {len(candidates)} candidates")
+        views = self.gather(candidates if renders is None else renders, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores,
-                         outputs=outputs, resolution=self.resolution)
+                         outputs=outputs, resolution=self.resolution, rendered=renders is not None)

@@ -80,13 +80,22 @@ class SelectionLog:
 
         step [n], index [n, B], params [n, B, V, P], combos [n, C, S],
         scores [n, B, C], choice [n, B]   (+ param_names)
-    """
+
+    Runs without a selection (the baseline, the IoU policy) log the parameters
+    of the views they train on, with one combination (all V views, in order),
+    chosen by every sample, and NaN scores."""
 
     def __init__(self, folder, rank: int, param_names):
         self.folder, self.rank, self.param_names = Path(folder), rank, list(param_names)
         self.rows: list = []
 
     def add(self, step, index, params, selection) -> None:
+        if selection is None:
+            V = params.shape[1]
+            self.rows.append({"step": step, "index": index.numpy(), "params": params.numpy(),
+                              "combos": np.arange(V)[None], "choice": np.zeros(len(index), np.int64),
+                              "scores": np.full((len(index), 1), np.nan, np.float32)})
+            return
         scores = selection.scores
         self.rows.append({
             "step": step, "index": index.numpy(), "params": params.numpy(),

@@ -8,3 +8,13 @@ def precise(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the precision a loss is computed in: float64 stays float64,
     anything else (float16, bfloat16 under autocast, float32) becomes float32."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+@torch.no_grad()
+def collapse_std(x: torch.Tensor) -> torch.Tensor:
+    """SimSiam's collapse measure (Chen & He 2021, Fig. 2): the standard
+    deviation over the batch of the L2-normalised outputs ``x`` [B, d],
+    averaged over the d channels.  About 1/sqrt(d) for outputs spread over the
+    sphere, 0 for collapsed (constant) outputs.  Logged by every method as
+    ``out_std`` (Appendix F.2: easy selection collapses)."""
+    return torch.nn.functional.normalize(precise(x.detach()), dim=1).std(dim=0).mean()

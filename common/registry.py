@@ -6,6 +6,7 @@ METHODS = {
     "simsiam": "simsiam.method:SimSiamMethod",
     "simclr": "simclr.method:SimCLRMethod",
     "dino": "dino.method:DINOMethod",
+    "dino_stn": "dino.stn:STNDINOMethod",
     "ibot": "ibot.method:IBOTMethod",
 }
 

@@ -211,7 +211,9 @@ class EpochSampler(Sampler):
     seen and the last batch of a rank may be smaller (the permutation is padded
     with its own start so that every rank gets as many samples).
     ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
-    (resuming a run stopped inside an epoch)."""
+    (resuming a run stopped inside an epoch).  With ``tag_steps`` it yields
+    ``(index, training step)`` pairs, the step counted with ``steps_per_epoch``
+    steps per epoch (for transforms that change over training)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  drop_last: bool = True):
@@ -224,6 +226,7 @@ class EpochSampler(Sampler):
             self.per_rank = math.ceil(n / world)
             self.batches = math.ceil(self.per_rank / batch_size)
         self.epoch, self.skip = 0, 0
+        self.tag_steps, self.steps_per_epoch = False, self.batches
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
@@ -233,8 +236,11 @@ class EpochSampler(Sampler):
         perm = torch.randperm(self.n, generator=g)
         total = self.per_rank * self.world
         perm = perm[:total] if self.drop_last else torch.cat([perm, perm[: total - self.n]])
-        mine = perm[self.rank:: self.world]
-        return iter(mine[self.skip * self.bs:].tolist())
+        mine = perm[self.rank:: self.world][self.skip * self.bs:].tolist()
+        if not self.tag_steps:
+            return iter(mine)
+        first = self.epoch * self.steps_per_epoch + self.skip
+        return iter((index, first + k // self.bs) for k, index in enumerate(mine))
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.skip * self.bs)
@@ -323,13 +329,25 @@ def check_same_shapes(path, saved: dict, built: dict, saved_cfg: dict, cfg: dict
 USER_ERRORS = (DataError, ckpt_io.CheckpointError, ConfigError, RunError, LogError)
 
 
+def one_line(err: Exception) -> str:
+    """The message of ``err``; for an error raised in a DataLoader worker (which
+    PyTorch re-raises with the worker's traceback in the message) the original
+    message only."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def exit_on_error(name: str, body, extra_errors=()):
     """Run ``body()``; a user-fixable error ends the process with one line
     naming the problem (exit status 2), a divergence with status 3."""
     try:
         return body()
     except (*USER_ERRORS, *extra_errors) as err:
-        print(f"{name}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER)
     except Diverged as err:
         print(f"{name}: error: {err}", file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.augment import PARAM_NAMES, MultiViewDataset, box_iou
-from common.config import COMMON_SPEC, ConfigError, parse_args
+from common.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou
+from common.config import COMMON_SPEC, ConfigError, entry_point, parse_args
 from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
@@ -38,13 +38,31 @@ def build_train_data(cfg: dict, method, per_rank_batch: int):
     base = build_dataset(d["dataset"], "train", d["data_dir"], download=d["download"])
     if d["subset"]:
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
-    dataset = MultiViewDataset(base, method.view_transform(cfg["hvs"]["enabled"]), seed=cfg["run"]["seed"])
+    dataset = MultiViewDataset(base, view_transform(cfg, method), seed=cfg["run"]["seed"])
     if len(dataset) < per_rank_batch * dist.world():
         raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(dataset)} images, "
                         f"fewer than one global batch of train.batch_size={per_rank_batch * dist.world()}: "
                         "lower train.batch_size or raise data.subset")
     sampler = EpochSampler(len(dataset), per_rank_batch, cfg["run"]["seed"], dist.rank(), dist.world())
     return dataset, sampler
+
+
+def view_transform(cfg: dict, method):
+    """The method's multi-view transform with the options of the analyses
+    (static colour, the IoU policy), checked against HVS being on or off."""
+    hvs_on, p = cfg["hvs"]["enabled"], cfg["iou_policy"]
+    transform = method.view_transform(hvs_on)
+    if cfg["hvs"]["static_color"]:
+        if not hvs_on or cfg["hvs"]["mode"] == "random":
+            raise ConfigError("hvs.static_color=true shares the colour jitter of the candidates during the selection: "
+                              "it needs hvs.enabled=true and hvs.mode hard or easy")
+        transform.static_color = True
+    if p["enabled"]:
+        if hvs_on:
+            raise ConfigError("iou_policy.enabled=true replaces hard view selection (paper Table 5): "
+                              "set hvs.enabled=false")
+        transform.policy = IoUPolicy(p["start"], p["end"], alternate=p["alternate"], max_draws=p["max_draws"])
+    return transform
 
 
 def base_root(dataset) -> str:
@@ -103,11 +121,12 @@ class StepContext:
             torch.cuda.synchronize()
 
 
-def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, time_selection=False):
+def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, time_selection=False, renders=None):
     """One optimisation step: [selection ->] the method's loss on the chosen views
     -> backward -> clip -> step -> method hooks.  Returns (loss, stats, selection,
     selection seconds); with ``time_selection`` the selection is timed between
-    CUDA synchronisations (otherwise no synchronisation is added)."""
+    CUDA synchronisations (otherwise no synchronisation is added).  ``renders``:
+    the candidates' own-colour renderings, trained on (``hvs.static_color``)."""
     method, model = ctx.method, ctx.model
     sel, sel_time = None, 0.0
     with ctx.autocast():
@@ -117,7 +136,8 @@ def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, tim
                 ctx.sync()
             t0 = time.perf_counter()
             sel = ctx.selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
-                               lambda outputs, combos: method.combination_scores(outputs, combos, step), generator)
+                               lambda outputs, combos: method.combination_scores(outputs, combos, step), generator,
+                               renders)
             if time_selection:
                 ctx.sync()
             sel_time, views = time.perf_counter() - t0, sel.views
@@ -159,6 +179,10 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     iters = sampler.batches
     if cfg["run"]["max_steps_per_epoch"]:
         iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
+    policy = dataset.transform.policy
+    if policy is not None:  # the schedule runs over the training steps, which the samples are tagged with
+        policy.total_steps = int(cfg["train"]["epochs"]) * iters
+        sampler.tag_steps, sampler.steps_per_epoch = True, iters
 
     model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
@@ -235,6 +259,11 @@ def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, s
     r.t_interval, r.last_logged = now, r.step
     if sel is not None:
         row.update(sel_time=sel_time, **selection_stats(sel, params, r.selector.all_combos[0]))
+    if r.dataset.transform.policy is not None:
+        policy = r.dataset.transform.policy
+        row.update(iou_threshold=policy.threshold(r.step - 1), iou_policy_on=policy.active(r.step - 1),
+                   policy_draws=params[:, 0, P["draws"]].mean().item(),
+                   policy_iou=box_iou(params[:, 0], params[:, 1]).mean().item())
     r.log.write(**row)
     r.progress.print(r.step, f"epoch {epoch + 1}/{r.epochs} it {it + 1}/{r.iters} loss {loss_value:.4f} "
                              f"lr {sched.get('lr', 0):.4g}" + (f" sel {sel_time:.3f}s" if sel else ""))
@@ -258,18 +287,21 @@ def train_one_epoch(r: Run, epoch: int) -> None:
         if it >= r.iters:
             break
         candidates = [c.to(r.device, non_blocking=True) for c in candidates]
+        renders = None
+        if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
+            candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]
         sched = r.method.schedule(r.optimizer, epoch, it, r.iters)
         timed = r.step % r.log_every == 0
         gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode
         torch.manual_seed(step_seed(seed, r.step) + 1)  # stochastic depth etc.: resume is exact
         loss, stats, sel, sel_time = train_step(r.ctx, candidates, StepInfo(epoch, it, r.iters, sched), gen,
-                                                time_selection=timed)
+                                                time_selection=timed, renders=renders)
         r.step += 1
         r.guard.update(loss, r.step)  # no host synchronisation
         epoch_loss += loss.detach()
         epoch_n += 1
 
-        if sel is not None and r.sel_every and (r.step - 1) % r.sel_every == 0:
+        if r.sel_every and (r.step - 1) % r.sel_every == 0:
             r.sel_log.add(r.step - 1, index, params, sel)
         if timed:
             log_step(r, epoch, it, loss, stats, sched, sel, sel_time, params)
@@ -321,4 +353,4 @@ def main(method_cls, argv=None) -> None:
     spec = {**COMMON_SPEC, **method_cls.spec}
     cfg = parse_args(spec, method_cls.__doc__ or method_cls.name, argv)
     cfg["method"] = method_cls.name
-    exit_on_error(f"python -m {method_cls.name}.main", lambda: run(cfg, method_cls))
+    exit_on_error(entry_point() or f"python -m {method_cls.name}.main", lambda: run(cfg, method_cls))

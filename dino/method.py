@@ -37,6 +37,7 @@ from common.backbones import build_backbone, is_vit
 from common.config import setting
 from common.method import SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
+from common.numerics import collapse_std
 from common.schedules import cosine_schedule
 from dino.loss import DINOLoss
 from dino.model import DINO, DINOHead
@@ -191,16 +192,17 @@ class DINOMethod(SSLMethod):
 
     def can_reuse_teacher(self, selection) -> bool:
         """Whether the selection's teacher outputs are those of the training step
-        (full-size crops, ``hvs.reuse_teacher``, no BatchNorm in the teacher)."""
+        (full-size crops of the same rendering, ``hvs.reuse_teacher``, no
+        BatchNorm in the teacher)."""
         return (self.reuse_teacher and selection is not None and selection.outputs is not None
-                and selection.resolution == 1.0)
+                and selection.resolution == 1.0 and not selection.rendered)
 
     def training_loss(self, model, views, selection, step: StepInfo):
         reuse = self.chosen_globals(selection, "teacher") if self.can_reuse_teacher(selection) else None
         student_out, teacher_out = model(views, N_GLOBAL, reuse)
         loss = self.loss(student_out, teacher_out, step["teacher_temp"], n_student=len(views), n_teacher=N_GLOBAL)
         self.loss.update_center(teacher_out)
-        return loss, {}
+        return loss, {"out_std": collapse_std(teacher_out)}
 
     def state_dict(self):
         """The loss module's buffers (the centre; iBOT: both centres), on the CPU."""

@@ -92,9 +92,10 @@ LINEAR_SPEC = {
 
 
 def auto_protocol(ckpt: dict) -> str:
-    """The pretraining method's own protocol: DINO's for DINO and iBOT (iBOT
-    evaluates as DINO does), SimSiam's and SimCLR's for theirs."""
-    return {"dino": "dino", "ibot": "dino", "simsiam": "simsiam", "simclr": "simclr"}[ckpt["method"]]
+    """The pretraining method's own protocol: DINO's for DINO, DINO with the STN
+    adversary and iBOT (iBOT evaluates as DINO does), SimSiam's and SimCLR's for theirs."""
+    return {"dino": "dino", "dino_stn": "dino", "ibot": "dino", "simsiam": "simsiam",
+            "simclr": "simclr"}[ckpt["method"]]
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Reads the evaluation files of one profile, ``<results>/<token>_<baseline|hvs>_s<
   ``eval.finetune`` on a transfer dataset (Table 2, "Lin." and "F.T.");
 * ``detection-<dataset>``: ``detection.train_net --output`` (Tables 3 and 7:
   box AP, AP50, AP75 of a VOC-layout set, and mask AP of COCO);
+* the files of ``run_all.sh --evals analysis``, for the Section 5 part
+  (:mod:`analysis.section5`);
 
 and the paper's figures from ``configs/paper_numbers.csv`` (the project's copy
 of Tables 1, 2, 4 and 7; Table 3's AP50 are Table 7's), and writes ``<results>/summary.md``.  Each of our
@@ -285,6 +287,9 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
         lines += ["", "## Attention maps (Appendix J)", "",
                   "Last-block [CLS] attention per head, HVS above the baseline: "
                   + ", ".join(f"[{name}]({name})" for name in attention) + "."]
+    from analysis.section5 import render as section5  # the analyses of run_all.sh --evals analysis
+
+    lines += section5(results)
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,7 @@ from common.backbones import VITS
 from common.config import setting
 from common.method import StepInfo
 from common.multicrop import N_GLOBAL, multicrop_spec
+from common.numerics import collapse_std
 from dino.method import DINOMethod
 from ibot.loss import IBOTLoss
 from ibot.masking import MaskGenerator, resize_masks
@@ -128,4 +129,5 @@ class IBOTMethod(DINOMethod):
                                      step["teacher_temp"], step["teacher_patch_temp"], n_student=len(views),
                                      n_global=N_GLOBAL)
         self.loss.update_centers(teacher_cls, teacher_patch)
-        return loss, {"loss_cls": cls.detach(), "loss_patch": patch.detach(), "mask_ratio": masks.float().mean()}
+        return loss, {"loss_cls": cls.detach(), "loss_patch": patch.detach(), "mask_ratio": masks.float().mean(),
+                      "out_std": collapse_std(teacher_cls)}

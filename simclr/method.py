@@ -35,6 +35,7 @@ from timm.optim import Lars
 from common.augment import augment_spec
 from common.config import setting
 from common.method import PairMethod
+from common.numerics import collapse_std
 from common.schedules import cosine_schedule
 from simclr.loss import nt_xent, pair_scores
 from simclr.model import SimCLR
@@ -95,4 +96,4 @@ class SimCLRMethod(PairMethod):
     # --- training -----------------------------------------------------------------
     def training_loss(self, model, views, selection, step):
         z1, z2 = model(views[0], views[1])
-        return nt_xent(z1, z2, self.temperature), {}
+        return nt_xent(z1, z2, self.temperature), {"out_std": collapse_std(z1)}

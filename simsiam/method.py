@@ -9,6 +9,7 @@ import torch
 from common.augment import augment_spec
 from common.config import setting
 from common.method import PairMethod
+from common.numerics import collapse_std
 from common.schedules import cosine_schedule
 from simsiam.loss import pair_scores, simsiam_loss
 from simsiam.model import SimSiam
@@ -59,4 +60,4 @@ class SimSiamMethod(PairMethod):
     # --- training -----------------------------------------------------------------
     def training_loss(self, model, views, selection, step):
         p1, p2, z1, z2 = model(views[0], views[1])
-        return simsiam_loss(p1, p2, z1, z2), {}
+        return simsiam_loss(p1, p2, z1, z2), {"out_std": collapse_std(z1)}

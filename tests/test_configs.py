@@ -7,12 +7,18 @@ import pytest
 import torch
 
 from common.config import COMMON_SPEC, resolve
-from common.registry import get_method
+from common.registry import METHODS, get_method
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 EVALUATIONS = ("linear", "finetune")
 CONFIGS = [p for p in ALL if p.stem.split("_")[0] not in EVALUATIONS]
 EVAL_CONFIGS = [p for p in ALL if p.stem.split("_")[0] in EVALUATIONS]
+
+
+def method_of(path: Path):
+    """The method a config file is named after: the longest registered name
+    that starts its name (``dino_stn_small`` -> dino_stn, ``dino_resnet_small`` -> dino)."""
+    return get_method(max((m for m in METHODS if path.stem.startswith(m + "_")), key=len))
 
 
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=[p.stem for p in EVAL_CONFIGS])
@@ -32,14 +38,14 @@ BUILDS = [pytest.param(p, id=p.stem, marks=() if p.stem.endswith("_small") else 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_resolves(path):
-    method_cls = get_method(path.stem.split("_")[0])
+    method_cls = method_of(path)
     cfg = resolve({**COMMON_SPEC, **method_cls.spec}, str(path), [])
     assert cfg["run"]["output_dir"].startswith("runs/") and cfg["train"]["batch_size"] >= 1
 
 
 @pytest.mark.parametrize("path", BUILDS)
 def test_config_resolves_and_builds(path):
-    method_cls = get_method(path.stem.split("_")[0])
+    method_cls = method_of(path)
     cfg = resolve({**COMMON_SPEC, **method_cls.spec}, str(path), [])
     cfg["method"] = method_cls.name
     assert cfg["run"]["output_dir"].startswith("runs/")

@@ -327,7 +327,10 @@ def test_forward_keeps_dinos_signature(tiny_method):
         no_mask = model(views, 2, masks=torch.zeros_like(masks))
         reused = model(views, 2, model.teacher.tokens(views[:2]), masks=masks)
     assert unmasked[1].shape == (4, 16, 32) and masked[1].shape == (4, 32)  # all patches / the masked ones
-    assert torch.equal(unmasked[0], no_mask[0]) and not torch.allclose(unmasked[0], masked[0])
+    # the head sees [cls + all patches] without masks and [cls] with an empty mask: BLAS may round
+    # batches of different sizes differently, so equal up to float rounding
+    torch.testing.assert_close(unmasked[0], no_mask[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unmasked[0], masked[0], rtol=1e-3, atol=1e-4)
     assert all(torch.equal(x, y) for x, y in zip(masked, reused))
 
 

@@ -38,3 +38,23 @@ def test_detection_of_a_vit_method_is_refused(tmp_path):
 def test_unknown_evaluation_is_refused(tmp_path, evals):
     p = run_all(tmp_path, "--evals", evals, detectron2=True)
     assert p.returncode == 2 and "unknown evaluation 'segmentation'" in p.stderr
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--iou-policies", "iou_0.5-0.9", "unknown IoU policy 'iou_0.5-0.9'"),
+    ("--stn-modes", "shear", "unknown STN mode 'shear'"),
+])
+def test_unknown_analysis_rows_are_refused(tmp_path, option, value, message):
+    p = run_all(tmp_path, "--evals", "analysis", option, value, detectron2=True)
+    assert p.returncode == 2 and message in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_table5_policy_has_a_config():
+    """run_all.sh's policy list and configs/analysis/ name the same six policies of Table 5."""
+    from analysis.section5 import PAPER_TABLE5
+
+    text = (ROOT / "run_all.sh").read_text()
+    listed = text.split('ALL_POLICIES="')[1].split('"')[0].split()
+    assert sorted(listed) == sorted(PAPER_TABLE5)
+    assert all((ROOT / "configs" / "analysis" / f"{p}.yaml").is_file() for p in listed)
