@@ -188,12 +188,19 @@ for method in $METHODS; do
 done
 OUT="$RESULTS/$PROFILE"
 mkdir -p "$OUT"
+FAILED_ROWS=()  # analysis runs that could not run: reported at the end
 # variant_run TOKEN VARIANT SEED MODULE ARGS...: pretrain a variant (ARGS: its configs) and probe it
 variant_run() {
   local method="$1" variant="$2" seed="$3" entry="$4"; shift 4
   local run_dir="$RUNS/$PROFILE/${method}_${variant}_s${seed}" stem="$OUT/${method}_${variant}_s${seed}"
   echo "=== analysis: $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
-  "${LAUNCH[@]}" "$entry" "$@" --output-dir "$run_dir" "run.seed=$seed" ${EXTRA[@]+"${EXTRA[@]}"}
+  local rc=0
+  "${LAUNCH[@]}" "$entry" "$@" --output-dir "$run_dir" "run.seed=$seed" ${EXTRA[@]+"${EXTRA[@]}"} || rc=$?
+  if [ "$rc" -ne 0 ]; then  # e.g. an IoU range the crops cannot reach: the row stays empty, the rest runs
+    echo "=== analysis: $method $variant seed $seed could not run (exit status $rc, its error is above)" >&2
+    FAILED_ROWS+=("$method $variant seed $seed (exit status $rc)")
+    return 0
+  fi
   probe "$method" "$variant" "$seed"
   training_summary "$method" "$variant" "$seed"
 }
@@ -335,3 +342,8 @@ python -m eval.summary --results "$OUT" --scale "$SCALE (seeds: $SEEDS)" --paper
 cp "$OUT/summary.md" "$RESULTS/summary.md"
 echo "wrote $RESULTS/summary.md" >&2
 cat "$RESULTS/summary.md"
+if [ "${#FAILED_ROWS[@]}" -gt 0 ]; then
+  printf 'run_all.sh: these analysis runs could not run, their rows are empty:\n' >&2
+  printf '  %s\n' "${FAILED_ROWS[@]}" >&2
+  exit 1
+fi

@@ -198,11 +198,11 @@ def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None
 
 
 def pair_iou(a, b) -> float:
-    """IoU of two crop boxes (x, y, w, h)."""
-    rows = torch.zeros(2, len(PARAM_NAMES), dtype=torch.float64)
-    for r, box in zip(rows, (a, b)):
-        r[P["crop_x"]], r[P["crop_y"]], r[P["crop_w"]], r[P["crop_h"]] = (float(v) for v in box)
-    return float(box_iou(rows[0], rows[1]))
+    """IoU of two crop boxes (x, y, w, h): :func:`box_iou` for one pair, in
+    plain Python (the IoU policy calls it for every pair it draws)."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+    return inter / (aw * ah + bw * bh - inter)
 
 
 class IoUPolicyError(ConfigError):

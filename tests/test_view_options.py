@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.augment import (P, IoUPolicy, IoUPolicyError, MultiViewDataset, MultiViewTransform, ViewRecipe,
+from common.augment import (P, PARAM_NAMES, IoUPolicy, IoUPolicyError, MultiViewDataset, MultiViewTransform, ViewRecipe,
                             box_iou, pair_iou)
 from common.config import ConfigError, load_yaml
 from common.hvs import HardViewSelector
@@ -31,6 +31,13 @@ def test_pair_iou_by_hand():
     assert pair_iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
     assert pair_iou((0, 0, 10, 10), (20, 20, 5, 5)) == 0.0
     assert pair_iou((2, 3, 4, 5), (2, 3, 4, 5)) == 1.0
+    rng = random.Random(0)
+    for _ in range(200):  # the same as box_iou on param rows
+        boxes = [(rng.randint(0, 20), rng.randint(0, 20), rng.randint(1, 20), rng.randint(1, 20)) for _ in range(2)]
+        rows = torch.zeros(2, len(PARAM_NAMES))
+        for row, box in zip(rows, boxes):
+            row[[P["crop_x"], P["crop_y"], P["crop_w"], P["crop_h"]]] = torch.tensor(box, dtype=torch.float32)
+        assert pair_iou(*boxes) == pytest.approx(box_iou(rows[0], rows[1]).item(), rel=1e-6)
 
 
 def test_threshold_goes_linearly_from_start_to_end():
@@ -234,3 +241,27 @@ def test_one_line_strips_worker_tracebacks():
                          "call last):\n  File x\ncommon.augment.IoUPolicyError: IoU policy: no pair\n")
     assert one_line(err) == "IoU policy: no pair"
     assert one_line(ValueError("plain")) == "plain"
+
+
+@pytest.mark.slow
+def test_multicrop_runs_with_static_colour_and_the_policy_on_the_global_crops(tmp_path, image_root):
+    """DINO: static colour shares one colour over every candidate (global and local) and trains on the
+    renderings (the teacher's selection outputs are not reused); the IoU policy holds the global crops."""
+    from dino.method import DINOMethod
+    from tests.helpers import dino_cfg
+
+    static = tmp_path / "static"
+    run(dino_cfg(static, image_root, "train.epochs=1", "hvs.enabled=true", "hvs.static_color=true"), DINOMethod)
+    (npz,) = (static / "selection").glob("*.npz")
+    params = np.load(npz)["params"]  # [steps, B, 2 + 2 + 4 candidates, P]
+    assert params.shape[2] == 8
+    assert (params[..., P["brightness"]] == params[..., :1, P["brightness"]]).all()
+    assert all(np.isfinite(r["loss"]) for r in read_log(static) if r["type"] == "step")
+
+    policy = tmp_path / "policy"
+    run(dino_cfg(policy, image_root, "train.epochs=1", "iou_policy.enabled=true", "iou_policy.start=0.4",
+                 "iou_policy.end=0.4"), DINOMethod)
+    (npz,) = (policy / "selection").glob("*.npz")
+    params = torch.from_numpy(np.load(npz)["params"])  # baseline: 2 global crops, then 2 local crops
+    assert params.shape[2] == 4 and (box_iou(params[:, :, 0], params[:, :, 1]) <= 0.4 + 1e-6).all()
+    assert (params[:, :, :2, P["draws"]] >= 1).all() and (params[:, :, 2:, P["draws"]] == 0).all()
