@@ -237,7 +237,7 @@ def benchmark(cfg: dict) -> dict:
             "arch": method.arch(mcfg), "cifar_stem": cfg["model"]["cifar_stem"], "image_size": b["image_size"],
             "batch_size": batch_size, "setting": entry.setting(mcfg), "pools": method.pools(),
             "max_combinations": mcfg["hvs"]["max_combinations"],
-            "combinations": len(any_selector.all_combos) if any_selector else None,
+            "combinations": any_selector.num_combinations if any_selector else None,
             "amp": cfg["train"]["amp"] if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
             "threads": torch.get_num_threads(), "warmup": b["warmup"], "repeats": b["repeats"],
             "baseline_step_s": base, "baseline_step_times": times[None], "rows": rows,

@@ -28,8 +28,10 @@ the method's, and ``combination_scores`` must not update them.
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -45,6 +47,41 @@ MODES = ("hard", "easy", "random")
 #:  - ``running``: BatchNorm layers in eval mode, using the running statistics.
 BN_MODES = ("batch", "batch_update", "running")
 RESOLUTIONS = (1.0, 0.75, 0.5, 0.25)
+#: precision of the selection forward: ``auto`` (bf16 where the device supports it, else fp32)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision_setting(default: str, measured: str):
+    """The ``hvs.precision`` config key with a method's default and why (``bench/precision.py``)."""
+    from common.config import setting
+
+    return setting(default, "precision of the selection forward and scoring: fp32, bf16, fp16 (GPU) or auto "
+                   f"(bf16 where the device computes it natively, else fp32); scores are compared in fp32. {measured}",
+                   list(PRECISIONS))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: a GPU that supports it, or
+    a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def selection_dtype(precision: str, device: torch.device):
+    """The autocast dtype of the selection forward (None: fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"hvs.precision={precision!r} is not one of {PRECISIONS}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("hvs.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
+    return DTYPES.get(precision)
 
 
 def pair_combinations(n: int) -> torch.Tensor:
@@ -69,6 +106,94 @@ def pool_combinations(pools: Sequence[tuple]) -> torch.Tensor:
         offset += n
     rows = [sum(parts, ()) for parts in itertools.product(*per_pool)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def num_pool_combinations(pools: Sequence[tuple]) -> int:
+    """``len(pool_combinations(pools))`` without enumerating: the product over
+    pools of C(n, k), as an exact Python int (it may exceed 2**63)."""
+    total = 1
+    for n, k in pools:
+        if not 1 <= k <= n:
+            raise ValueError(f"a pool of {n} candidates cannot fill {k} slots")
+        total *= math.comb(n, k)
+    return total
+
+
+def unrank_combinations(pools: Sequence[tuple], ranks: Sequence[int]) -> list:
+    """Rows ``ranks`` of :func:`pool_combinations` (a list of lists of candidate
+    indices), computed without enumerating the table: row r of the table is
+    ``unrank_combinations(pools, [r])[0]``.
+
+    A rank is first split in mixed radix over the pools (the last pool varies
+    fastest, as in ``itertools.product``), then each pool's index is turned
+    into its k-subset of ``range(n)`` in the lexicographic order of
+    ``itertools.combinations`` (combinatorial number system).  Exact for ranks
+    of any size (Python ints)."""
+    sizes = [math.comb(n, k) for n, k in pools]  # validates like num_pool_combinations
+    total = num_pool_combinations(pools)
+    offsets = [sum(n for n, _ in pools[:p]) for p in range(len(pools))]
+    # binom[m][j] = C(m, j): the number of k-subsets whose next element is x is C(n - x - 1, j - 1)
+    n_max = max((n for n, _ in pools), default=0)
+    binom = [[math.comb(m, j) for j in range(n_max + 1)] for m in range(n_max + 1)]
+    rows = []
+    for rank in ranks:
+        rank = int(rank)
+        if not 0 <= rank < total:
+            raise IndexError(f"combination rank {rank} is outside [0, {total})")
+        index = [0] * len(pools)
+        for p in reversed(range(len(pools))):
+            rank, index[p] = divmod(rank, sizes[p])
+        row = []
+        for (n, k), r, offset in zip(pools, index, offsets):
+            x = 0
+            for j in range(k, 0, -1):  # j slots of this pool still to fill
+                while r >= binom[n - x - 1][j - 1]:  # skip every subset whose next element is x
+                    r -= binom[n - x - 1][j - 1]
+                    x += 1
+                row.append(offset + x)
+                x += 1
+        rows.append(row)
+    return rows
+
+
+#: random words are drawn in blocks of this many 62-bit integers (a fixed size, so that
+#: the numbers a draw consumes from the generator depend on nothing but its arguments)
+_RANDOM_BLOCK = 256
+
+
+def sample_ranks(total: int, count: int, generator: Optional[torch.Generator] = None) -> list:
+    """``count`` distinct integers from ``[0, total)``, every subset of that size
+    equally likely, returned sorted (R. Floyd's sampler: ``count`` draws, no
+    table of ``total`` entries).  ``total`` may exceed 2**63: the draws are
+    exact Python ints assembled from 62-bit words of ``torch.randint`` on
+    ``generator`` (uniform below a bound by rejection), so the result depends
+    only on the generator's state."""
+    total, count = int(total), int(count)
+    if not 0 < count <= total:
+        raise ValueError(f"cannot draw {count} distinct ranks from [0, {total})")
+    words: list = []
+
+    def below(bound: int) -> int:  # uniform in [0, bound)
+        bits = (bound - 1).bit_length()
+        if bits == 0:
+            return 0
+        n_words, mask = -(-bits // 62), (1 << bits) - 1
+        while True:  # accepts with probability > 1/2
+            while len(words) < n_words:
+                block = torch.randint(0, 1 << 62, (_RANDOM_BLOCK,), generator=generator, dtype=torch.long)
+                words[:0] = reversed(block.tolist())  # consumed from the end, in drawing order
+            value = 0
+            for _ in range(n_words):
+                value = (value << 62) | words.pop()
+            value &= mask
+            if value < bound:
+                return value
+
+    chosen: set = set()
+    for j in range(total - count, total):
+        t = below(j + 1)
+        chosen.add(j if t in chosen else t)
+    return sorted(chosen)
 
 
 @dataclass
@@ -165,19 +290,26 @@ class HardViewSelector:
             setting for SimSiam/SimCLR (4 views, all 6 pairs compared).
         mode: ``hard`` (argmax), ``easy`` (argmin) or ``random``.
         max_combinations: compare at most this many combinations, a random subset
-            drawn afresh every step (0: all).  Never yields an empty selection.
+            drawn afresh every step (0: all): uniform over the combinations,
+            without replacement, in enumeration order, drawn directly (the full
+            table is not built, so memory and start-up do not grow with the
+            number of candidates).  Never yields an empty selection.
         resolution: fraction of each candidate's size used for the selection
             forward only; training always uses the full-size candidates.
         bn_mode: see :data:`BN_MODES`.
         size_multiple: reduced sizes are rounded to a multiple of this (a ViT's
             patch size).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the
+            device supports it): the selection forward and scoring run under
+            autocast of that type; scores are compared in fp32.  Training is
+            not affected.
 
     Dropout and stochastic depth are off during the selection forward.
     Ties resolve to the first combination in enumeration order.
     """
 
     def __init__(self, pools=((4, 2),), mode="hard", max_combinations=0, resolution=1.0,
-                 bn_mode="batch", size_multiple=1):
+                 bn_mode="batch", size_multiple=1, precision="fp32"):
         if mode not in MODES:
             raise ValueError(f"hvs.mode={mode!r} is not one of {MODES}")
         if not 0.0 < float(resolution) <= 1.0:
@@ -187,10 +319,16 @@ class HardViewSelector:
         if bn_mode not in BN_MODES:
             raise ValueError(f"hvs.bn_mode={bn_mode!r} is not one of {BN_MODES}")
         self.pools = [tuple(p) for p in pools]
+        if precision not in PRECISIONS:
+            raise ValueError(f"hvs.precision={precision!r} is not one of {PRECISIONS}")
         self.mode, self.resolution, self.bn_mode = mode, float(resolution), bn_mode
+        self.precision = precision
         self.max_combinations = int(max_combinations)
         self.size_multiple = int(size_multiple)
-        self.all_combos = pool_combinations(self.pools)
+        #: the number of combinations (an exact Python int; validates the pools)
+        self.num_combinations = num_pool_combinations(self.pools)
+        # the full table [C, S]: built here only when every step compares all of it
+        self._table = pool_combinations(self.pools) if not self.capped else None
         # slot -> pool, so that candidates of one pool (same shape) are stacked together
         self.slot_pool = [p for p, (_, k) in enumerate(self.pools) for _ in range(k)]
         self.pool_start = [sum(n for n, _ in self.pools[:p]) for p in range(len(self.pools))]
@@ -199,13 +337,51 @@ class HardViewSelector:
     def num_candidates(self) -> int:
         return sum(n for n, _ in self.pools)
 
+    @property
+    def capped(self) -> bool:
+        """Whether each step compares a random subset rather than every combination."""
+        return 0 < self.max_combinations < self.num_combinations
+
+    @property
+    def all_combos(self) -> torch.Tensor:
+        """Every combination, LongTensor [C, S] in enumeration order (see
+        :func:`pool_combinations`).  With a cap it is built on first use and
+        kept: it can be large (iBOT's pools (2, 1), (2, 1), (20, 10): 739,024
+        rows, ~68 MiB and ~1 s; 2 x 2 x C(24, 12): 10.8 million rows), so prefer
+        :attr:`num_combinations`, :attr:`baseline_combo` or :meth:`combo`."""
+        if self._table is None:
+            self._table = pool_combinations(self.pools)
+        return self._table
+
+    @property
+    def enumerated(self) -> bool:
+        """Whether the full table of combinations has been built."""
+        return self._table is not None
+
+    def combo(self, rank: int) -> torch.Tensor:
+        """Row ``rank`` of :attr:`all_combos`, LongTensor [S], without building the table."""
+        if self._table is not None:
+            return self._table[rank]
+        return torch.tensor(unrank_combinations(self.pools, [rank])[0], dtype=torch.long)
+
+    @property
+    def baseline_combo(self) -> torch.Tensor:
+        """The combination the baseline trains on: the first candidates of every
+        pool (``all_combos[0]``), LongTensor [S]."""
+        return self.combo(0)
+
     def combinations(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The combinations compared this step (a random subset if capped)."""
-        total = len(self.all_combos)
-        if self.max_combinations == 0 or total <= self.max_combinations:
+        """The combinations compared this step: all of them, or with a cap a
+        random subset of ``max_combinations`` distinct rows (uniform, in
+        enumeration order, so ties resolve as over the full table), drawn as
+        ranks and unranked without building the table; it depends only on
+        ``generator``."""
+        if not self.capped:
             return self.all_combos
-        keep = torch.randperm(total, generator=generator)[: self.max_combinations].sort().values
-        return self.all_combos[keep]
+        ranks = sample_ranks(self.num_combinations, self.max_combinations, generator)
+        if self._table is not None:  # already built (e.g. by a caller of all_combos): same rows
+            return self._table[torch.tensor(ranks, dtype=torch.long)]
+        return torch.tensor(unrank_combinations(self.pools, ranks), dtype=torch.long)
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Row index per sample: argmax (hard) or argmin (easy); the random mode
@@ -247,7 +423,10 @@ class HardViewSelector:
             scores = outputs = None
         else:
             small = resize_views(candidates, self.resolution, self.size_multiple)
-            with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model):
+            dtype = selection_dtype(self.precision, device)
+            autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                        else torch.autocast(device.type, enabled=False))  # fp32, also inside training AMP
+            with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model), autocast:
                 outputs = candidate_outputs(small)
                 scores = combination_scores(outputs, combos).float()
             if scores.shape != (B, len(combos)):

@@ -13,6 +13,7 @@ from torch import nn
 from common.augment import MultiViewTransform, recipe_from_cfg
 from common.backbones import build_resnet
 from common.config import setting
+from common.hvs import precision_setting
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class PairMethod(SSLMethod):
     spec = {
         "model.arch": setting("resnet50", "torchvision ResNet backbone (resnet18/34/50/101)"),
         "model.cifar_stem": setting(False, "3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
+        "hvs.precision": precision_setting("auto", "Default auto: bf16 choices agreed with fp32 on 97.7 % "
+                                           "(SimSiam) and 99.2 % (SimCLR) of samples (bench/precision.py)."),
         "hvs.n_views": setting(4, "candidate views per image with HVS; every pair of them is compared (paper: 4)",
                                range="[2, inf)"),
     }

@@ -26,7 +26,7 @@ from common import dist
 from common.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou
 from common.config import COMMON_SPEC, ConfigError, entry_point, parse_args
 from common.data import DataError, build_dataset, subset_indices
-from common.hvs import HardViewSelector
+from common.hvs import HardViewSelector, selection_dtype
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
 from common.method import StepInfo
 from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, exit_on_error,
@@ -82,7 +82,7 @@ def make_loader(dataset, sampler, batch_size, num_workers, pin):
 def selection_stats(sel, params, baseline_row) -> dict:
     """Statistics of the chosen combinations for the step log (on CPU; logged
     steps only).  ``baseline_row`` [S] is the combination the baseline trains on
-    (the first candidates of every pool: ``HardViewSelector.all_combos[0]``)."""
+    (the first candidates of every pool: ``HardViewSelector.baseline_combo``)."""
     indices, combos = sel.indices.cpu(), sel.combos.cpu()
     out = {"sel_changed": (indices != baseline_row).any(1).float().mean().item()}
     if sel.scores is not None:
@@ -197,9 +197,13 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     selector = None
     if cfg["hvs"]["enabled"]:
         h = cfg["hvs"]
+        try:
+            selection_dtype(h["precision"], device)  # fp16 on a CPU is refused before anything runs
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
                                     resolution=h["resolution"], bn_mode=h["bn_mode"],
-                                    size_multiple=method.size_multiple)
+                                    size_multiple=method.size_multiple, precision=h["precision"])
     out = Path(cfg["run"]["output_dir"])
     return Run(cfg=cfg, device=device, method=method, model=model, optimizer=optimizer, scaler=scaler,
                dataset=dataset, sampler=sampler, per_rank=per_rank, iters=iters, epochs=int(cfg["train"]["epochs"]),
@@ -258,7 +262,7 @@ def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, s
            **{k: float(v) for k, v in stats.items()}}
     r.t_interval, r.last_logged = now, r.step
     if sel is not None:
-        row.update(sel_time=sel_time, **selection_stats(sel, params, r.selector.all_combos[0]))
+        row.update(sel_time=sel_time, **selection_stats(sel, params, r.selector.baseline_combo))
     if r.dataset.transform.policy is not None:
         policy = r.dataset.transform.policy
         row.update(iou_threshold=policy.threshold(r.step - 1), iou_policy_on=policy.active(r.step - 1),

@@ -12,11 +12,23 @@ training images (it is clamped), the top-k search is done once for the largest
 (``exp((sim - sim_max) / T)``), which scales all votes of a sample by the same
 factor and so avoids overflow for small temperatures.
 
+The neighbour search has two backends (``knn.backend``, ``--backend``), and
+only the search differs between them (:func:`neighbour_search`): ``torch``, a
+matmul of every chunk of test features against the whole bank and ``topk``;
+``faiss``, an exact inner-product index (``faiss.IndexFlatIP``; on the GPU
+where faiss-gpu is installed and the features are on a GPU, else on the CPU).
+Both find the same neighbours (up to the order of exactly tied similarities)
+and feed them to the same vote.  ``bench/knn_backends.py`` measures from which
+bank size faiss pays: on a 2-core CPU (faiss-cpu 1.15.1, k = 200, chunks of
+256 queries) it paid at none of 10k-500k bank features of 384 or 2048
+dimensions (3-10x slower than torch), so torch stays the default.
+
 Example (the configuration as every entry point's, ``common/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key)::
 
     python -m eval.knn --checkpoint runs/dino_cifar10/checkpoint.pth \\
         --output results/knn_dino_cifar10.json knn.ks=[10,20] data.train_subset=5000
+    python -m eval.knn --checkpoint runs/dino_cifar10/checkpoint.pth --backend faiss   # pip install faiss-cpu
 """
 from __future__ import annotations
 
@@ -69,12 +81,70 @@ def extract_features(model: nn.Module, loader, device, verbose: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------
+# Neighbour search: the one thing the backends do differently
+# ---------------------------------------------------------------------------
+#: the neighbour-search backends of :func:`weighted_knn` (``knn.backend``)
+BACKENDS = ("torch", "faiss")
+
+#: faiss-gpu selects at most this many neighbours per query (GPU_MAX_SELECTION_K)
+FAISS_GPU_MAX_K = 2048
+
+
+def import_faiss():
+    """The ``faiss`` module, or an ImportError that says how to install it."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError("k-NN backend 'faiss' needs the faiss package, which is not importable "
+                          f"({err}): pip install faiss-cpu (or faiss-gpu on a CUDA machine), "
+                          "or use the torch backend") from err
+    return faiss
+
+
+def neighbour_search(bank: Tensor, k: int, backend: str = "torch") -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """A function ``search(queries) -> (sims, idx)`` giving, for every row of
+    ``queries`` [m, D], the ``k`` rows of ``bank`` [n, D] (``k <= n``) of
+    highest inner product: both [m, k], most similar first, ``sims`` float32
+    and ``idx`` int64 on ``bank.device``.  Rows are expected L2-normalised
+    (inner product = cosine similarity).
+
+    ``torch``: ``(queries @ bank.T).topk(k)``.  ``faiss``: an exact
+    ``IndexFlatIP`` built once over the bank (a float32 copy of it), on the
+    bank's GPU where faiss has GPU support and ``k <= FAISS_GPU_MAX_K``, else
+    on the CPU; queries and results pass through host memory."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k={k} must lie in [1, {len(bank)}] (the bank's size)")
+    if backend == "torch":
+        return lambda queries: (queries @ bank.T).topk(k, dim=1)
+
+    faiss = import_faiss()
+    device = bank.device
+    index = faiss.IndexFlatIP(bank.shape[1])
+    if (device.type == "cuda" and k <= FAISS_GPU_MAX_K and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0):
+        resources = faiss.StandardGpuResources()  # kept alive by the closure below, as long as the index
+        index = faiss.index_cpu_to_gpu(resources, device.index if device.index is not None
+                                       else torch.cuda.current_device(), index)
+    index.add(bank.detach().float().cpu().contiguous().numpy())
+
+    def search(queries: Tensor) -> tuple[Tensor, Tensor]:
+        sims, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        return torch.from_numpy(sims).to(device), torch.from_numpy(idx).long().to(device)
+
+    search.index = index  # the faiss index, for inspection
+    return search
+
+
+# ---------------------------------------------------------------------------
 # Weighted k-NN classifier
 # ---------------------------------------------------------------------------
 @torch.no_grad()
 def weighted_knn(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
-                 num_classes: int | None = None, chunk_size: int = 256) -> dict[int, dict[str, float]]:
+                 num_classes: int | None = None, chunk_size: int = 256,
+                 backend: str = "torch") -> dict[int, dict[str, float]]:
     """DINO's weighted k-NN classifier; returns ``{k: {"top1": %, "top5": %}}``.
 
     Both feature sets are L2-normalised; for every test sample the ``k``
@@ -84,7 +154,9 @@ def weighted_knn(train_features: Tensor, train_labels: Tensor, test_features: Te
     larger than the training set is clamped to it but reported under the
     requested ``k``.  The computation runs on ``train_features.device``, over
     chunks of ``chunk_size`` test samples.  ``num_classes`` defaults to the
-    largest label (train or test) plus one.
+    largest label (train or test) plus one.  ``backend`` (``torch`` or
+    ``faiss``) is the neighbour search (:func:`neighbour_search`); the vote
+    is the same for both.
     """
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -106,11 +178,12 @@ def weighted_knn(train_features: Tensor, train_labels: Tensor, test_features: Te
     n_train, n_test = len(train), len(test)
     k_max = min(max(ks), n_train)
     top = min(5, num_classes)
+    search = neighbour_search(train, k_max, backend)
 
     correct = {k: torch.zeros(2, dtype=torch.long, device=device) for k in ks}
     for start in range(0, n_test, chunk_size):
         chunk, target = test[start:start + chunk_size], test_labels[start:start + chunk_size]
-        sims, idx = (chunk @ train.T).topk(k_max, dim=1)  # sorted, most similar first
+        sims, idx = search(chunk)  # sorted, most similar first
         neighbour_labels = train_labels[idx]
         weights = ((sims - sims[:, :1]) / temperature).exp()  # exp(sim / T) up to a per-row factor
         for k in ks:
@@ -134,15 +207,18 @@ KNN_SPEC = {
                                        "data.train_subset", "data.test_subset", "data.image_size",
                                        "data.num_workers", "run.device")},
     "eval.output": setting("", 'results JSON: {"checkpoint", "dataset", "n_train", "n_test", "temperature", '
-                               '"knn": {"<k>": {"top1", "top5"}}, ...} (default: printed only)'),
+                               '"backend", "knn": {"<k>": {"top1", "top5"}}, ...} (default: printed only)'),
     "knn.ks": setting([10, 20, 100, 200], "numbers of neighbours k, each reported (a list of whole numbers)",
                       range="[1, inf)"),
     "knn.temperature": setting(0.07, "temperature T of the vote weights exp(sim / T)", range="(0, inf)"),
     "knn.batch_size": setting(256, "batch size of the feature extraction", range="[1, inf)"),
+    "knn.backend": setting("torch", "neighbour search: torch (matmul + topk over the bank) or faiss (exact "
+                                    "IndexFlatIP; GPU with faiss-gpu and run.device=cuda; pip install faiss-cpu); "
+                                    "same neighbours, same vote", list(BACKENDS)),
 }
 
 #: the shortcut flags of the evaluations (eval/engine.py) that k-NN has keys for
-KNN_SHORTCUTS = {flag: key for flag, key in SHORTCUTS.items() if key in KNN_SPEC}
+KNN_SHORTCUTS = {**{flag: key for flag, key in SHORTCUTS.items() if key in KNN_SPEC}, "--backend": "knn.backend"}
 
 
 def parse_cli(spec: dict, prog: str, description: str, shortcuts: dict, argv=None, lists: dict | None = None,
@@ -192,6 +268,11 @@ def _finish_knn(cfg: dict) -> None:
     if not cfg["eval"]["checkpoint"]:
         raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint.pth of this repository)")
     resolve_device(cfg)
+    if cfg["knn"]["backend"] == "faiss":
+        try:
+            import_faiss()
+        except ImportError as err:
+            raise ConfigError(f"config knn.backend=faiss: {err}") from None
 
 
 def parse_knn_args(argv=None) -> dict:
@@ -229,8 +310,10 @@ def evaluate(cfg: dict) -> dict:
     # ---- features and k-NN ----
     train_x, train_y = extract_features(backbone, loaders["train"], device)
     test_x, test_y = extract_features(backbone, loaders["val"], device)
-    print(f"features: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}", file=sys.stderr)
-    results = weighted_knn(train_x.to(device), train_y, test_x, test_y, ks=k["ks"], temperature=k["temperature"])
+    print(f"features: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}; neighbour search: {k['backend']}",
+          file=sys.stderr)
+    results = weighted_knn(train_x.to(device), train_y, test_x, test_y, ks=k["ks"], temperature=k["temperature"],
+                           backend=k["backend"])
     for kk, r in results.items():
         print(f"k={kk}  top1 {r['top1']:.2f}  top5 {r['top5']:.2f}")
 
@@ -238,7 +321,7 @@ def evaluate(cfg: dict) -> dict:
               "arch": info.get("arch"), "hvs": info.get("hvs"), "epoch": info.get("epoch"),
               "which": info.get("which", e["which"]), "image_size": image_size,
               "n_train": len(train_y), "n_test": len(test_y), "temperature": k["temperature"],
-              "knn": {str(kk): r for kk, r in results.items()}, "config": cfg}
+              "backend": k["backend"], "knn": {str(kk): r for kk, r in results.items()}, "config": cfg}
     if e["output"]:
         os.makedirs(os.path.dirname(os.path.abspath(e["output"])), exist_ok=True)
         with open(e["output"], "w") as f:

@@ -1,0 +1,89 @@
+"""Reduced-precision selection (``hvs.precision``): the selection forward under
+autocast, scores compared in fp32, fp32 exactly as before."""
+import pytest
+import torch
+from torch import nn
+
+from common import hvs
+from common.config import ConfigError
+from common.hvs import HardViewSelector, selection_dtype
+from common.train import run
+from simsiam.method import SimSiamMethod
+from tests.helpers import tiny_cfg
+
+CPU = torch.device("cpu")
+
+
+class Probe(nn.Module):
+    """A linear map that records the dtype it computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.dtypes = []
+
+    def forward(self, x):
+        y = self.fc(x)
+        self.dtypes.append(y.dtype)
+        return y
+
+
+def select(precision, candidates, model):
+    selector = HardViewSelector([(len(candidates), 2)], precision=precision)
+
+    def scores(outputs, combos):  # negative cosine of every pair, per sample
+        z = torch.nn.functional.normalize(torch.stack(outputs), dim=-1)
+        return -(z[combos[:, 0]] * z[combos[:, 1]]).sum(-1).T
+
+    return selector(candidates, model, lambda c: [model(v) for v in c], scores)
+
+
+def test_bf16_selection_runs_in_bf16_and_scores_in_fp32():
+    torch.manual_seed(0)
+    model, candidates = Probe(), [torch.randn(16, 8) for _ in range(4)]
+    ref = select("fp32", candidates, model)
+    assert set(model.dtypes) == {torch.float32}
+    model.dtypes.clear()
+    low = select("bf16", candidates, model)
+    assert set(model.dtypes) == {torch.bfloat16} and low.scores.dtype == torch.float32
+    # well-separated scores: the same choices; the scores within bf16 rounding
+    assert (low.choice == ref.choice).float().mean() >= 0.9
+    torch.testing.assert_close(low.scores, ref.scores, atol=0.05, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(ref.views, select("fp32", candidates, model).views))
+
+
+def test_fp32_selection_leaves_training_autocast():
+    """hvs.precision=fp32 is fp32 even inside the training step's autocast."""
+    model, candidates = Probe(), [torch.randn(4, 8) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        select("fp32", candidates, model)
+    assert set(model.dtypes) == {torch.float32}
+
+
+def test_auto_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(hvs, "native_bf16", lambda device: False)
+    assert selection_dtype("auto", CPU) is None
+    monkeypatch.setattr(hvs, "native_bf16", lambda device: True)
+    assert selection_dtype("auto", CPU) is torch.bfloat16
+    assert selection_dtype("fp32", CPU) is None and selection_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        selection_dtype("fp16", CPU)
+    with pytest.raises(ValueError, match="hvs.precision"):
+        HardViewSelector(precision="int8")
+
+
+def test_fp16_on_cpu_is_a_config_error(tmp_path, image_root):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        run(tiny_cfg(SimSiamMethod, tmp_path / "x", image_root, "hvs.enabled=true", "hvs.precision=fp16"),
+            SimSiamMethod)
+
+
+@pytest.mark.slow
+def test_precision_bench_on_a_checkpoint(tmp_path, tiny_checkpoints, image_root):
+    from bench.precision import main
+
+    result = main(["--checkpoint", str(tiny_checkpoints["dino_hvs"]), "--batches", "2", "--batch-size", "4",
+                   "--data-dir", str(image_root), "--output", str(tmp_path / "p.json")])
+    assert result["method"] == "dino" and result["samples"] == 8
+    assert 0 <= result["agreement"] <= 1 and result["loss_gap"] >= -1e-6
+    assert (tmp_path / "p.json").is_file()
