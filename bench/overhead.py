@@ -7,16 +7,31 @@ by the selector's no-grad forward over all candidates).  The configurations
 are interleaved: every repeat times each of them once, in an order rotated from
 repeat to repeat, so that machine noise and drift hit all of them alike.
 Reported per configuration: the median step time, the overhead factor
-median(HVS step) / median(baseline step) and the median selection time alone.
+median(HVS step) / median(baseline step), the median selection time alone and
+the split of the HVS step: selection forward (the selector's
+``candidate_outputs`` call), scoring (``combination_scores``), gathering (the
+rest of the selector call: resizing, drawing the compared combinations, the
+argmax and assembling the chosen views) and the training step (the rest of the
+step: loss, backward, optimizer, hooks).  The library is not changed for this:
+the two callables the training step gives the selector are wrapped with timers.
+
+``--precision`` (``bench.precision``) is the selectors' ``hvs.precision``; with
+a reduced one the share of samples whose choice agrees with an fp32 selector's
+on the same inputs and combinations is printed too (one untimed fp32 selector
+call per timed repeat).  ``--compile`` (``bench.compile=true``) wraps the
+method's model with ``torch.compile`` for the baseline and the HVS steps (exit
+status 2 with one line if compiling fails).
 
     python -m bench.overhead --arch resnet18 --image-size 64 --batch-size 32
     python -m bench.overhead --method dino --image-size 32 --batch-size 16 bench.repeats=5
     python -m bench.overhead --method ibot --image-size 32 --batch-size 16 bench.resolutions=[1.0,0.5]
+    python -m bench.overhead --method simsiam --image-size 32 --precision bf16 --compile
 
 The command line is that of every entry point (``common/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
 the flags above are shortcuts for ``bench.method``, ``model.arch``,
-``bench.image_size`` and ``train.batch_size``.
+``bench.image_size``, ``train.batch_size``, ``bench.precision`` and
+``bench.compile=true``.
 
 SimSiam and SimCLR: N views of one size per image, all C(N, 2) pairs compared.
 DINO and iBOT: multi-crop candidates (``hvs.global_candidates`` global crops of
@@ -41,7 +56,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from common.config import COMMON_SPEC, ConfigError, resolve, setting
-from common.hvs import HardViewSelector
+from common.hvs import PRECISIONS, HardViewSelector, native_bf16, selection_dtype
 from common.method import StepInfo
 from common.multicrop import multicrop_pools
 from common.runtime import amp_settings, seed_everything
@@ -130,11 +145,44 @@ METHODS = {
 }
 
 
-def build_selector(method, cfg: dict, resolution: float) -> HardViewSelector:
-    """The selector exactly as ``common.train.run`` builds it, at ``resolution``."""
+def build_selector(method, cfg: dict, resolution: float, precision: str | None = None) -> HardViewSelector:
+    """The selector exactly as ``common.train.run`` builds it, at ``resolution``
+    (and ``precision``: by default the config's ``hvs.precision``)."""
     h = cfg["hvs"]
     return HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
-                            resolution=resolution, bn_mode=h["bn_mode"], size_multiple=method.size_multiple)
+                            resolution=resolution, bn_mode=h["bn_mode"], size_multiple=method.size_multiple,
+                            precision=precision or h["precision"])
+
+
+class SplitSelector:
+    """A selector as the training step calls it, with the ``candidate_outputs``
+    and ``combination_scores`` callables it is given wrapped with timers (CUDA
+    synchronisation around each on GPU); the selection itself is unchanged.
+    Every other attribute is the selector's."""
+
+    def __init__(self, selector: HardViewSelector, sync: Callable):
+        self.selector, self.sync = selector, sync
+        self.forward_s = self.scoring_s = 0.0
+        self.last = None  # the Selection of the last call
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["selector"], name)
+
+    def _timed(self, fn: Callable, attr: str) -> Callable:
+        def run(*args):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.sync()
+            setattr(self, attr, getattr(self, attr) + time.perf_counter() - t0)
+            return out
+        return run
+
+    def __call__(self, candidates, model, candidate_outputs, combination_scores, generator=None, renders=None):
+        self.forward_s = self.scoring_s = 0.0
+        self.last = self.selector(candidates, model, self._timed(candidate_outputs, "forward_s"),
+                                  self._timed(combination_scores, "scoring_s"), generator, renders)
+        return self.last
 
 
 def first_candidates(pools, candidates) -> list:
@@ -150,9 +198,10 @@ class Step:
     """One training step exactly as the loop runs it (``common.train.train_step``),
     timed with CUDA synchronisation on GPU."""
 
-    def __init__(self, method, optimizer, autocast, scaler, device):
+    def __init__(self, method, optimizer, autocast, scaler, device, model=None):
         self.method = method
-        self.ctx = StepContext(method, method.model, method.model, optimizer, autocast, scaler, None, device)
+        model = method.model if model is None else model  # model: e.g. the torch.compile'd method.model
+        self.ctx = StepContext(method, model, model, optimizer, autocast, scaler, None, device)
 
     def teacher_reused(self, selector) -> bool | None:
         """Whether the training step reuses the selection's teacher outputs
@@ -164,7 +213,9 @@ class Step:
         return bool(reuse and selector is not None and selector.resolution == 1.0)
 
     def __call__(self, candidates, selector=None, generator=None):
-        """Run one step; return (step seconds, selection seconds)."""
+        """Run one step; return (step seconds, selection seconds).  With a
+        :class:`SplitSelector` its ``forward_s``, ``scoring_s`` and ``last``
+        hold the split and the selection of this step."""
         self.ctx.selector = selector
         if selector is None:
             candidates = first_candidates(self.method.pools(), candidates)
@@ -174,6 +225,38 @@ class Step:
         _, _, _, t_sel = train_step(self.ctx, candidates, step, generator, time_selection=True)
         self.ctx.sync()
         return time.perf_counter() - t0, t_sel
+
+    def reference_choice(self, candidates, selector, generator) -> torch.Tensor:
+        """The per-sample choice of ``selector`` (the fp32 reference) on the model
+        as it is now, called as the training step calls it, without training;
+        the global RNG (iBOT's masks) is restored afterwards, so the timed step
+        that follows draws the same random parts."""
+        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, 0, 0, 1))
+        model, method = self.ctx.model, self.method
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.ctx.autocast():
+            sel = selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
+                           lambda outputs, combos: method.combination_scores(outputs, combos, step), generator)
+        return sel.choice
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` is unavailable or failed on the method's model."""
+
+
+def compile_model(model):
+    """``torch.compile(model)``; compilation itself happens at the first call."""
+    if not hasattr(torch, "compile"):
+        raise CompileError(f"torch {torch.__version__} has no torch.compile")
+    try:
+        return torch.compile(model)
+    except Exception as err:  # noqa: BLE001 - any failure is reported in one line
+        raise CompileError(one_line(err)) from err
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def device_name(device: torch.device) -> str:
@@ -195,6 +278,8 @@ def method_config(cfg: dict) -> tuple[dict, list]:
     overrides = [f"method={cfg['bench']['method']}", *entry.overrides(cfg), "hvs.enabled=true",
                  f"train.batch_size={cfg['train']['batch_size']}", f"train.amp='{cfg['train']['amp']}'",
                  f"run.device={cfg['run']['device']}"]
+    if cfg["bench"]["precision"]:  # filled by parse_args; empty: the method's own default
+        overrides.append(f"hvs.precision={cfg['bench']['precision']}")
     return resolve({**COMMON_SPEC, **entry.cls.spec}, None, overrides), overrides
 
 
@@ -210,27 +295,59 @@ def benchmark(cfg: dict) -> dict:
     method.model.to(device).train()
     optimizer = method.build_optimizer(batch_size)
     autocast, scaler = amp_settings(mcfg, device)
-    step = Step(method, optimizer, autocast, scaler, device)
+    model = compile_model(method.model) if b["compile"] else method.model
+    step = Step(method, optimizer, autocast, scaler, device, model)
     candidates = [c.to(device) for c in entry.candidates(mcfg, torch.Generator().manual_seed(0))]
     generator = torch.Generator().manual_seed(1)
 
+    precision = mcfg["hvs"]["precision"]
+    dtype = selection_dtype(precision, device)    # None: the selection runs in fp32
     configs = [None] + list(b["resolutions"])     # None: the baseline
-    selectors = {r: build_selector(method, mcfg, r) for r in configs if r is not None}
+    selectors = {r: SplitSelector(build_selector(method, mcfg, r), step.ctx.sync) for r in configs if r is not None}
+    references = ({r: build_selector(method, mcfg, r, "fp32") for r in selectors}
+                  if dtype is not None and mcfg["hvs"]["mode"] != "random" else {})
     times = {r: [] for r in configs}
     sel_times = {r: [] for r in configs}
+    split = {r: {"forward": [], "scoring": [], "gather": [], "training": []} for r in selectors}
+    agree = {r: [0, 0] for r in references}       # samples agreeing, samples compared
     for rep in range(b["warmup"] + b["repeats"]):
         shift = rep % len(configs)
+        timed = rep >= b["warmup"]
         for r in configs[shift:] + configs[:shift]:
-            t_step, t_sel = step(candidates, selectors.get(r), generator)
-            if rep >= b["warmup"]:
+            selector = selectors.get(r)
+            if timed and r in references:  # untimed fp32 call: same model, inputs, combinations and masks
+                state = generator.get_state()
+                ref = step.reference_choice(candidates, references[r], torch.Generator().set_state(state))
+                generator.set_state(state)
+            try:
+                t_step, t_sel = step(candidates, selector, generator)
+            except Exception as err:  # noqa: BLE001
+                if b["compile"] and rep == 0:  # compilation happens at each configuration's first call
+                    raise CompileError(one_line(err)) from err
+                raise
+            if timed:
                 times[r].append(t_step)
                 sel_times[r].append(t_sel)
+                if selector is not None:
+                    parts = split[r]
+                    parts["forward"].append(selector.forward_s)
+                    parts["scoring"].append(selector.scoring_s)
+                    parts["gather"].append(max(0.0, t_sel - selector.forward_s - selector.scoring_s))
+                    parts["training"].append(max(0.0, t_step - t_sel))
+                if r in references:
+                    agree[r][0] += int((ref == selector.last.choice).sum())
+                    agree[r][1] += int(ref.numel())
 
     base = statistics.median(times[None])
     rows = [{"resolution": r, "hvs_step_s": statistics.median(times[r]), "baseline_step_s": base,
              "factor": statistics.median(times[r]) / base, "selection_s": statistics.median(sel_times[r]),
+             "forward_s": statistics.median(split[r]["forward"]), "scoring_s": statistics.median(split[r]["scoring"]),
+             "gather_s": statistics.median(split[r]["gather"]), "training_s": statistics.median(split[r]["training"]),
+             "agreement": agree[r][0] / agree[r][1] if r in agree else None,
              "paper_factor": (entry.paper or {}).get(r), "teacher_reused": step.teacher_reused(selectors[r]),
-             "hvs_step_times": times[r], "selection_times": sel_times[r]}
+             "hvs_step_times": times[r], "selection_times": sel_times[r],
+             "forward_times": split[r]["forward"], "scoring_times": split[r]["scoring"],
+             "gather_times": split[r]["gather"], "training_times": split[r]["training"]}
             for r in configs if r is not None]
     any_selector = next(iter(selectors.values()), None)
     return {"device": device_name(device), "torch": torch.__version__, "method": b["method"],
@@ -239,6 +356,8 @@ def benchmark(cfg: dict) -> dict:
             "max_combinations": mcfg["hvs"]["max_combinations"],
             "combinations": any_selector.num_combinations if any_selector else None,
             "amp": cfg["train"]["amp"] if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
+            "precision": precision, "selection_dtype": str(dtype or torch.float32).replace("torch.", ""),
+            "native_bf16": native_bf16(device), "compile": bool(b["compile"]),
             "threads": torch.get_num_threads(), "warmup": b["warmup"], "repeats": b["repeats"],
             "baseline_step_s": base, "baseline_step_times": times[None], "rows": rows,
             "overrides": overrides, "config": cfg, "command": "python -m bench.overhead " + " ".join(b["argv"])}
@@ -248,6 +367,7 @@ def format_table(res: dict) -> str:
     stem = " (cifar stem)" if res["cifar_stem"] and res["arch"].startswith("resnet") else ""
     head = (f"device {res['device']} | torch {res['torch']} | {res['method']} {res['arch']}{stem} | "
             f"{res['setting']} | batch {res['batch_size']} | amp {res['amp']} | "
+            f"selection {res['precision']} ({res['selection_dtype']}) | compile {str(res['compile']).lower()} | "
             f"threads {res['threads']} | median of {res['repeats']} (+{res['warmup']} warm-up)")
     lines = [head, "resolution | HVS step (s) | baseline step (s) | overhead factor | selection (s) "
                    f"| paper T14 factor ({res['paper_setting']})"]
@@ -255,6 +375,16 @@ def format_table(res: dict) -> str:
         paper = f"{row['paper_factor']:.2f}" if row["paper_factor"] is not None else "—"
         lines.append(f"{row['resolution']:>10.0%} | {row['hvs_step_s']:>12.4f} | {row['baseline_step_s']:>17.4f} "
                      f"| {row['factor']:>15.2f} | {row['selection_s']:>13.4f} | {paper}")
+    agreement = any(row["agreement"] is not None for row in res["rows"])
+    lines += ["split of the HVS step (median s; medians need not add up exactly):",
+              "resolution | sel. forward | scoring | gathering | training step"
+              + (f" | choices agreeing with fp32 ({res['selection_dtype']})" if agreement else "")]
+    for row in res["rows"]:
+        line = (f"{row['resolution']:>10.0%} | {row['forward_s']:>12.4f} | {row['scoring_s']:>7.4f} "
+                f"| {row['gather_s']:>9.4f} | {row['training_s']:>13.4f}")
+        if agreement:
+            line += f" | {row['agreement']:.1%}" if row["agreement"] is not None else " | —"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -290,11 +420,20 @@ BENCH_SPEC = {
     "run.device": COMMON_SPEC["run.device"],
     "train.amp": setting("off", "mixed precision (GPU only)", ["off", "bf16", "fp16"]),
     "bench.output": setting("results/overhead.json", "the JSON file written"),
+    "bench.precision": setting("", "precision of the HVS selectors (hvs.precision): fp32, bf16, fp16 (GPU) or auto "
+                                   "(bf16 where native, else fp32); empty: the method's hvs.precision default; a "
+                                   "reduced one also reports the choices' agreement with fp32 selection",
+                               ["", *PRECISIONS]),
+    "bench.compile": setting(False, "wrap the method's model with torch.compile (baseline and HVS steps); "
+                                    "exit status 2 if compiling fails"),
 }
 
 #: flags kept for the keys set most often
 SHORTCUTS = {"--method": "bench.method", "--arch": "model.arch", "--image-size": "bench.image_size",
-             "--batch-size": "train.batch_size", "--device": "run.device", "--output": "bench.output"}
+             "--batch-size": "train.batch_size", "--device": "run.device", "--output": "bench.output",
+             "--precision": "bench.precision"}
+#: flags without a value: flag -> the override it stands for
+SWITCHES = {"--compile": "bench.compile=true"}
 
 
 def _finish(cfg: dict) -> None:
@@ -310,6 +449,13 @@ def _finish(cfg: dict) -> None:
     m["out_dim"] = m["out_dim"] or (4096 if cfg["run"]["device"] == "cpu" else spec["model.out_dim"]["default"])
     a["n_local"] = a["n_local"] or spec["augment.n_local"]["default"]
     h["local_candidates"] = h["local_candidates"] or 2 * a["n_local"]
+    b = cfg["bench"]
+    b["precision"] = b["precision"] or {**COMMON_SPEC, **METHODS[method].cls.spec}["hvs.precision"]["default"]
+    try:  # fp16 on a CPU is refused here (auto is resolved at run time: it queries the device)
+        if b["precision"] != "auto":
+            selection_dtype(b["precision"], torch.device(cfg["run"]["device"]))
+    except ValueError as err:
+        raise ConfigError(f"config bench.precision={b['precision']}: {err}") from None
     if method == "ibot" and not m["arch"].startswith("vit"):
         raise ConfigError(f"config model.arch={m['arch']}: ibot needs a ViT (patch tokens to mask)")
     if method in ("dino", "ibot"):
@@ -331,14 +477,20 @@ def parse_args(argv=None) -> dict:
     """The resolved configuration of ``python -m bench.overhead``; every
     default filled (``model.arch``, ``model.out_dim``, ...) and ``bench.argv``
     the command line."""
-    cfg = parse_cli(BENCH_SPEC, "bench.overhead", __doc__, SHORTCUTS, argv, finish=_finish)
-    cfg["bench"]["argv"] = list(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(BENCH_SPEC, "bench.overhead", __doc__, SHORTCUTS, [SWITCHES.get(a, a) for a in given],
+                    finish=_finish)
+    cfg["bench"]["argv"] = given
     return cfg
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    res = benchmark(cfg)
+    try:
+        res = benchmark(cfg)
+    except CompileError as err:
+        print(f"bench.overhead: error: --compile: torch.compile failed: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(format_table(res), flush=True)
     out = Path(cfg["bench"]["output"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -387,3 +387,23 @@ def subset_indices(targets: Sequence[int], n: int | float, seed: int) -> list[in
 
     rng = random.Random(seed)
     return sorted(i for c in labels for i in rng.sample(by_class[c], take[c]))
+
+
+def make_image_folder(root, classes=4, per_class=8, size=20, seed=0):
+    """ImageFolder tree root/{train,val}/<class>/<i>.png of coloured noise, one
+    mean colour per class so that a k-NN on pixels can tell them apart (the
+    tests' data, and the GPU check's without a data root)."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, 3)
+            for i in range(n):
+                arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{i}.png")
+    return root

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from common.config import COMMON_SPEC, resolve
+from common.data import make_image_folder  # noqa: F401  (re-exported for the tests)
 from dino.method import DINOMethod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +33,6 @@ TINY = [
     "model.pred_dim=16", "augment.size=16", "augment.blur_p=0.5", "train.batch_size=8",
     "data.num_workers=0", "data.dataset=imagefolder", "run.log_every=1", "run.selection_log_every=1",
 ]
-
-
-def make_image_folder(root, classes=4, per_class=8, size=20, seed=0):
-    """ImageFolder tree root/{train,val}/<class>/<i>.png of coloured noise, one
-    mean colour per class so that a k-NN on pixels can tell them apart."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            base = rng.integers(0, 256, 3)
-            for i in range(n):
-                arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(folder / f"{i}.png")
-    return root
 
 
 def tiny_cfg(method_cls, out, data_dir, *overrides):

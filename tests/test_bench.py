@@ -3,6 +3,7 @@ writes a sane JSON, with the views, candidates and selector of the training
 loop.  No timing assertions: timings depend on the machine."""
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from bench import overhead
 from bench.overhead import (METHODS, build_selector, first_candidates, main, method_config, multicrop_candidates,
                             parse_args)
+from common.hvs import HardViewSelector
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
 
@@ -197,3 +199,121 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "run.device=cuda" in refused(capsys, ["--device", "cuda"])
     assert parse_args([])["run"]["device"] == "cpu"
+
+
+# --- issue 15, item 2: split of the HVS step, --precision, --compile ------------------------------------------------
+def tiny_simsiam(*extra):
+    return ["--arch", "resnet18", "--image-size", "8", "--batch-size", "4", "bench.repeats=2", "bench.warmup=0",
+            "bench.resolutions=[1.0,0.5]", "--device", "cpu", *extra]
+
+
+def test_precision_and_compile_flags_are_parsed():
+    cfg = parse_args(["--device", "cpu"])
+    assert cfg["bench"]["precision"] == "auto" and cfg["bench"]["compile"] is False  # SimSiam's hvs.precision
+    assert parse_args(["--method", "dino", "--device", "cpu"])["bench"]["precision"] == "fp32"  # DINO's default
+    cfg = parse_args(["--device", "cpu", "--precision", "bf16", "--compile"])
+    assert cfg["bench"]["precision"] == "bf16" and cfg["bench"]["compile"] is True
+    assert cfg["bench"]["argv"] == ["--device", "cpu", "--precision", "bf16", "--compile"]
+    assert parse_args(["--device", "cpu", "bench.compile=true"])["bench"]["compile"] is True
+    mcfg, overrides = method_config(cfg)
+    assert mcfg["hvs"]["precision"] == "bf16" and "hvs.precision=bf16" in overrides
+
+
+@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--precision", "fp16", "--device", "cpu"]])
+def test_bad_precision_is_refused(bad, capsys):
+    assert "bench.precision" in refused(capsys, bad)
+
+
+def test_precision_reaches_the_selectors():
+    cfg, _ = method_config(parse_args(["--device", "cpu", "--precision", "bf16"]))
+    method = METHODS["simsiam"].cls(cfg, torch.device("cpu"))
+    assert build_selector(method, cfg, 0.5).precision == "bf16"
+    assert build_selector(method, cfg, 0.5, "fp32").precision == "fp32"  # the agreement's reference
+
+
+def test_split_selector_times_the_callables_and_changes_nothing():
+    sel = HardViewSelector([(3, 2)])
+    split = overhead.SplitSelector(sel, lambda: None)
+    assert split.resolution == 1.0 and split.num_combinations == 3  # the selector's attributes
+    cands = [torch.full((2, 1), float(i)) for i in range(3)]
+
+    def outputs(c):
+        time.sleep(0.01)
+        return c
+
+    def scores(out, combos):
+        time.sleep(0.02)
+        return torch.stack([(out[i] - out[j]).abs().sum(1) for i, j in combos.tolist()], 1)
+
+    got = split(cands, torch.nn.Identity(), outputs, scores)
+    want = sel(cands, torch.nn.Identity(), outputs, scores)
+    assert torch.equal(got.choice, want.choice) and split.last is got
+    assert 0.01 <= split.forward_s < 0.02 + 0.05 and 0.02 <= split.scoring_s < 0.02 + 0.05
+
+
+def test_split_sums_to_the_hvs_step_and_bf16_agreement_is_reported(tmp_path, capsys):
+    out = tmp_path / "split.json"
+    main(tiny_simsiam("--precision", "bf16", "--output", str(out)))
+    res = json.loads(out.read_text())
+    check_rows(res, [1.0, 0.5])
+    assert res["precision"] == "bf16" and res["selection_dtype"] == "bfloat16" and res["compile"] is False
+    assert "hvs.precision=bf16" in res["overrides"]
+    for row in res["rows"]:
+        for key in ("forward_s", "scoring_s", "gather_s", "training_s"):
+            assert row[key] >= 0, (key, row)
+        assert 0.0 <= row["agreement"] <= 1.0
+        for k in range(res["repeats"]):  # per repeat the parts are nested and add up to the step
+            fwd, score, gather, train = (row[f"{part}_times"][k] for part in ("forward", "scoring", "gather", "training"))
+            assert min(fwd, score, gather, train) >= 0
+            assert fwd + score <= row["selection_times"][k] + 1e-6
+            assert math.isclose(fwd + score + gather, row["selection_times"][k], rel_tol=1e-6, abs_tol=1e-6)
+            assert math.isclose(fwd + score + gather + train, row["hvs_step_times"][k], rel_tol=1e-6, abs_tol=1e-6)
+        assert row["forward_s"] + row["scoring_s"] <= row["selection_s"] * 1.5 + 1e-3  # medians: about
+    table = capsys.readouterr().out
+    assert "split of the HVS step" in table and "agreeing with fp32 (bfloat16)" in table
+
+
+def test_fp32_selection_reports_no_agreement(tmp_path, capsys):
+    out = tmp_path / "fp32.json"
+    res = main(tiny_simsiam("--precision", "fp32", "bench.resolutions=[0.5]", "bench.repeats=1",
+                            "--output", str(out)))
+    assert res["selection_dtype"] == "float32" and res["rows"][0]["agreement"] is None
+    assert "agreeing with fp32" not in capsys.readouterr().out
+
+
+def test_agreement_compares_the_same_combinations_and_masks(tmp_path, monkeypatch):
+    """iBOT (random masks, 128 of 280 combinations drawn per step): the fp32 reference call sees the
+    combinations and masks of the timed call, so with an fp32 selector taken for a reduced one (the
+    reference is built, the selection is not reduced) every sample agrees."""
+    monkeypatch.setattr(overhead, "selection_dtype", lambda precision, device: torch.bfloat16)
+    res = main(ibot_args("bench.repeats=2", "bench.warmup=0", "bench.resolutions=[1.0]", "--precision", "fp32",
+                         "--output", str(tmp_path / "ibot.json")))
+    assert res["rows"][0]["agreement"] == 1.0
+
+
+def test_compile_is_recorded_and_applied(tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    res = main(tiny_simsiam("--compile", "bench.resolutions=[0.5]", "bench.repeats=1",
+                            "--output", str(tmp_path / "c.json")))
+    assert res["compile"] is True and len(compiled) == 1
+    assert json.loads((tmp_path / "c.json").read_text())["config"]["bench"]["compile"] is True
+
+
+def test_compile_failure_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    def broken(model):
+        def run(*args, **kwargs):
+            raise RuntimeError("backend exploded\nlong traceback")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_simsiam("--compile", "--output", str(tmp_path / "c.json")))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "torch.compile failed" in err[0] and "backend exploded" in err[0], err

@@ -1,0 +1,43 @@
+"""The one-command GPU check (bench/gpu_check.sh) runs end to end in its tiny
+CPU form, so that it does not rot between the times a GPU is lent."""
+import json
+import subprocess
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--output", str(out),
+                        "--work-dir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sections = res["sections"]
+    assert set(sections) == {"smoke", "overhead", "loader", "memory", "signal"}
+    for name in ("smoke", "overhead", "loader", "signal"):
+        assert sections[name]["ok"], sections[name].get("traceback")
+        assert sections[name]["wall_s"] > 0
+    assert res["environment"]["torch"] and res["environment"]["device"] == "cpu"
+    assert res["commands"] and all(c["command"].startswith("python -m ") for c in res["commands"])
+
+    smoke = sections["smoke"]
+    for method in ("simsiam", "simclr", "dino", "ibot"):
+        run = smoke[f"{method}/bf16"]
+        assert run["ok"] is True, run.get("error")
+        assert run["final_loss"] is not None and run["seconds"] > 0
+        assert smoke[f"{method}/fp16"]["status"] == "skipped (CPU)"
+
+    timed = [v for v in sections["overhead"].values() if isinstance(v, dict) and v.get("ok")]
+    assert {v["command"].split("--method ")[1].split()[0] for v in timed} == {"simsiam", "dino"}
+    assert all(f > 0 for v in timed for f in v["factors"].values())
+
+    loader = sections["loader"]
+    assert loader["N=2"]["views_per_s"] > 0 and loader["N=4"]["views_per_s"] > 0
+
+    top1 = sections["signal"]["knn_top1"]
+    assert set(top1) == {"hvs", "baseline"}
+    assert all(isinstance(v, float) and 0 <= v <= 100 for v in top1.values())
+    assert sections["memory"]["smoke"]  # a peak per subprocess
