@@ -59,7 +59,7 @@ from common.config import COMMON_SPEC, ConfigError, resolve, setting
 from common.hvs import PRECISIONS, HardViewSelector, native_bf16, selection_dtype
 from common.method import StepInfo
 from common.multicrop import multicrop_pools
-from common.runtime import amp_settings, seed_everything
+from common.runtime import amp_settings, compile_backbones, seed_everything
 from common.train import StepContext, train_step
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
@@ -245,13 +245,14 @@ class CompileError(RuntimeError):
 
 
 def compile_model(model):
-    """``torch.compile(model)``; compilation itself happens at the first call."""
-    if not hasattr(torch, "compile"):
-        raise CompileError(f"torch {torch.__version__} has no torch.compile")
+    """The model with its backbones compiled in place, as ``train.compile``
+    does (:func:`common.runtime.compile_backbones`); compilation itself
+    happens at the first call."""
     try:
-        return torch.compile(model)
+        compile_backbones(model)
     except Exception as err:  # noqa: BLE001 - any failure is reported in one line
         raise CompileError(one_line(err)) from err
+    return model
 
 
 def one_line(err: BaseException) -> str:

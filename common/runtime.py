@@ -153,6 +153,21 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step * 101 + dist.rank()
 
 
+def compile_backbones(model: "torch.nn.Module") -> list:
+    """``torch.compile`` every backbone of ``model`` in place (the submodules
+    named ``backbone``: SimSiam's and SimCLR's, DINO's and iBOT's student and
+    teacher), so that the training step and the selection forward both run
+    compiled code and the state-dict keys stay the same (checkpoints and
+    evaluations are unchanged).  Compilation happens at the first call.
+    Returns the names compiled."""
+    if not hasattr(torch, "compile"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.compile")
+    names = [name for name, _ in model.named_modules() if name.split(".")[-1] == "backbone"]
+    for name in names:
+        model.get_submodule(name).compile()
+    return names
+
+
 def amp_settings(cfg, device):
     """(autocast context factory, GradScaler or None) of ``train.amp``."""
     mode = cfg["train"]["amp"]

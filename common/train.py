@@ -29,8 +29,8 @@ from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
 from common.method import StepInfo
-from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, exit_on_error,
-                            run_session, step_seed, warn_config_changes)
+from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
+                            exit_on_error, run_session, step_seed, warn_config_changes)
 
 
 def build_train_data(cfg: dict, method, per_rank_batch: int):
@@ -190,6 +190,8 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
         method.model = model
     optimizer = method.build_optimizer(global_batch)
     autocast, scaler = amp_settings(cfg, device)
+    if cfg["train"]["compile"]:
+        compile_backbones(model)
     ddp_model = model
     if dist.is_dist():
         ddp_model = nn.parallel.DistributedDataParallel(

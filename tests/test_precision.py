@@ -87,3 +87,32 @@ def test_precision_bench_on_a_checkpoint(tmp_path, tiny_checkpoints, image_root)
     assert result["method"] == "dino" and result["samples"] == 8
     assert 0 <= result["agreement"] <= 1 and result["loss_gap"] >= -1e-6
     assert (tmp_path / "p.json").is_file()
+
+
+def test_train_compile_compiles_the_backbones_in_place(tmp_path, image_root, monkeypatch):
+    """train.compile=true compiles every backbone (student and teacher for DINO) for the training step and
+    the selection forward, keeping the state-dict keys (checkpoints unchanged)."""
+    from common import checkpoint as ckpt_io
+    from common.runtime import compile_backbones
+    from dino.method import DINOMethod
+    from tests.helpers import dino_cfg
+
+    calls = []
+
+    def fake_compile(fn, *args, **kwargs):  # stands in for inductor (minutes on a CPU); records what is compiled
+        calls.append(getattr(fn, "__self__", fn))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    method = DINOMethod(dino_cfg(tmp_path / "d", image_root), CPU)
+    keys = list(method.model.state_dict())
+    assert compile_backbones(method.model) == ["student.backbone", "teacher.backbone"]
+    assert calls == [method.model.student.backbone, method.model.teacher.backbone]
+    assert list(method.model.state_dict()) == keys
+
+    calls.clear()
+    out = tmp_path / "s"
+    run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "hvs.enabled=true", "train.compile=true"),
+        SimSiamMethod)
+    assert len(calls) == 1 and all(k.startswith(("backbone.", "projector.", "predictor."))
+                                   for k in ckpt_io.load(out / "checkpoint.pth")["model"])
