@@ -44,7 +44,6 @@ the analyses (user errors: one line, exit code 2).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -325,9 +324,9 @@ def jsonable(obj):
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
-    from common.checkpoint import write_text_atomic
+    from common.checkpoint import write_json_atomic
 
-    write_text_atomic(path, json.dumps(jsonable(obj), indent=2) + "\n")
+    write_json_atomic(path, jsonable(obj))
 
 
 def new_figure(width: float = 6.0, height: float = 4.0):

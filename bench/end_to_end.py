@@ -18,13 +18,13 @@ step alone on tensors).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from common.checkpoint import write_json_atomic
 from common.config import COMMON_SPEC, ConfigError, resolve
 from common.logs import read_rows
 from common.registry import get_method
@@ -102,10 +102,7 @@ def main(argv=None) -> dict:
     print(f"{result['method']}: end-to-end step {m['baseline']:.3f} s (baseline) / {m['hvs']:.3f} s (HVS): "
           f"x{result['factor']:.2f} over {result['timed_steps']['hvs']} HVS steps")
     if args.output:
-        from common.checkpoint import write_text_atomic
-
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.output, result)
     return result
 
 

@@ -46,6 +46,8 @@ import time
 import traceback
 from pathlib import Path
 
+from common.checkpoint import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("simsiam", "simclr", "dino", "ibot")
 AMPS = ("bf16", "fp16")
@@ -422,7 +424,7 @@ def main(argv=None) -> dict:
         result["sections"][name] = section
         print(f"[gpu_check] section {name}: {'ok' if section['ok'] else 'FAILED'} in {section['wall_s']} s",
               flush=True)
-        out.write_text(json.dumps(result, indent=2, default=str))  # partial results survive a kill
+        write_json_atomic(out, result, default=str)  # partial results survive a kill
     result["sections"]["memory"] = {
         "ok": True, "unit": "MiB",
         "note": ("peak torch.cuda.max_memory_allocated / max_memory_reserved and peak RSS of every subprocess"
@@ -430,7 +432,7 @@ def main(argv=None) -> dict:
         **check.memory}
     result["commands"] = check.commands
     result["wall_s"] = round(time.perf_counter() - t_start, 2)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json_atomic(out, result, default=str)
     print(f"[gpu_check] written {out} ({result['wall_s']} s)", flush=True)
     return result
 

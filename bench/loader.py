@@ -13,7 +13,6 @@ image relative to N = 2 (the goal at 224 px with N = 4: at most x1.35).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe
+from common.checkpoint import write_json_atomic
 from common.data import DataError, build_dataset
 
 
@@ -123,10 +123,7 @@ def main(argv=None) -> list:
         print(f"{r['size']:4d} | {r['n_views']} | {o['images_per_s']:10.1f} | {o['views_per_s']:12.1f} | "
               f"x{o['cost_vs_n2']:.2f} | {t['images_per_s']:17.1f} | {t['views_per_s']:7.1f} | x{t['cost_vs_n2']:.2f}")
     if args.output:
-        from common.checkpoint import write_text_atomic
-
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.output, json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(args.output, rows)
     return rows
 
 

@@ -25,7 +25,6 @@ run's ``data.data_dir``/``HVS_DATA_DIR``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -137,8 +136,7 @@ def main(argv=None) -> dict:
           f"mean fp32 loss gap {result['loss_gap']:.5f} ({100 * result['loss_gap_relative_to_spread']:.2f} % of "
           f"the spread of a sample's scores); selection time x{result['time_ratio']:.2f} of fp32")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        ckpt_io.write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
+        ckpt_io.write_json_atomic(args.output, result)
     return result
 
 

@@ -68,6 +68,14 @@ def write_text_atomic(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path, obj, default=None) -> None:
+    """``obj`` as indented JSON through :func:`write_text_atomic` (the results
+    files of the evaluations, analyses and benchmarks)."""
+    import json
+
+    write_text_atomic(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
 def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:
     """Load a checkpoint safely (``weights_only=True``); refuse a file of another
     format (``fmt``: pretraining or evaluation checkpoints), method or

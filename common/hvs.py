@@ -27,6 +27,7 @@ the method's, and ``combination_scores`` must not update them.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from contextlib import contextmanager
@@ -66,6 +67,12 @@ def native_bf16(device: torch.device) -> bool:
     a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated, slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX in the CPU's flags (read once per process, not every step)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
