@@ -10,6 +10,7 @@
 #
 #   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~40 min
 #   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only
+#   bash run_all.sh --methods "byol mocov3 barlowtwins vicreg"   # the methods beyond the paper
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
 #
@@ -43,7 +44,9 @@ usage: bash run_all.sh [options]
   --gpus N            processes per node for torchrun (default: 0 = one process, CPU or 1 GPU)
   --seeds "0 1 2"     seeds (default "0")
   --methods "simsiam simclr dino ibot"  method tokens to run (default: these four); one of
-                      simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT)
+                      simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT), and
+                      beyond the paper (their paper columns say "no paper number"): byol, mocov3,
+                      mocov3_vit (ViT; small and paper profiles), barlowtwins, vicreg
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
   --evals "knn linear transfer attention detection"   evaluations to run (default: the first four, and
                       detection in the paper profile, and in the others when Detectron2 is importable)
@@ -117,7 +120,7 @@ case "$PROFILE" in
            LIN=(--config configs/linear_small.yaml); FT=(--config configs/finetune_small.yaml)
            T1=(data.train_subset=1500 data.test_subset=1000); TR=(data.train_subset=5000 data.test_subset=2000)
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
-           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (1 epoch, configs/finetune_small.yaml)";;
+           SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); BYOL, MoCo v3, Barlow Twins and VICReg (beyond the paper): ResNet-18 (CIFAR stem) at 32 px, MoCo v3's ViT: ViT-tiny/4 at 32 px; k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (1 epoch, configs/finetune_small.yaml)";;
   gpu)     CFG=cifar10_gpu;        KNN=()
            LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)

@@ -3,17 +3,33 @@ our loader (``common.augment.MultiViewDataset``: N candidates per image,
 parameters recorded) for N = 2, 4, 8 at several sizes, beside a plain
 torchvision pipeline of the same recipe (random resized crop, flip, colour
 jitter, grayscale, blur: the authors' kind of loader) drawing the same number
-of views, in the same process, alternating.
+of views, in the same process, alternating.  Three loaders:
+
+- ``ours``: ``augment.device=loader``, every view finished in PIL in the workers;
+- ``ours_model``: ``augment.device=model``, the workers only crop, flip and
+  resize to uint8 (the photometric parameters still drawn and recorded); the
+  photometric step (:class:`common.photometric.DevicePhotometric`) is timed
+  apart on one collated batch, on ``--device`` (the CPU by default: one
+  thread, in this process), and added per image: ``ours_model_total``;
+- ``torchvision``: the authors' kind of pipeline.
 
     python -m bench.loader --data-dir ../shared/data --sizes 32 64 224 --views 2 4 8 --images 256
 
-Reported per (size, N): images and views per second of both, and the cost per
-image relative to N = 2 (the goal at 224 px with N = 4: at most x1.35).
+Reported per (size, N) and loader: images and views per second (wall clock,
+worker start included), and the cost per image in CPU milliseconds: the CPU
+time of this process and of its loader workers (``getrusage``, read after the
+workers are joined) less that of an empty loader of as many items (worker
+start-up and batching), over the images read.  CPU time stays steady on a
+machine whose cores are shared, where the wall clock does not.  ``cost_vs_n2``:
+the CPU cost per image over that of N = 2 of the same size and loader (the
+goal at 224 px with N = 4: at most x1.35); ``wall_cost_vs_n2`` the same from
+the wall clock.
 """
 from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import sys
 import time
@@ -25,6 +41,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe
 from common.checkpoint import write_json_atomic
 from common.data import DataError, build_dataset
+from common.photometric import DevicePhotometric
+
+LOADERS = ("ours", "ours_model", "torchvision")
 
 
 class PILBlur:
@@ -59,39 +78,122 @@ class TorchvisionViews(Dataset):
         return [self.transform(image) for _ in range(self.n)], label
 
 
-def ours(base, size: int, n: int) -> Dataset:
-    return MultiViewDataset(base, MultiViewTransform([(ViewRecipe(size=size), n)]), seed=0)
+def ours(base, size: int, n: int, photometric: str = "loader") -> Dataset:
+    return MultiViewDataset(base, MultiViewTransform([(ViewRecipe(size=size), n)], photometric=photometric), seed=0)
 
 
-def images_per_second(dataset, batch_size: int, workers: int) -> float:
+def make_loader(name: str, base, size: int, n: int) -> Dataset:
+    if name == "torchvision":
+        return TorchvisionViews(base, size, n)
+    return ours(base, size, n, "model" if name == "ours_model" else "loader")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its joined children (the loader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def read_all(dataset, batch_size: int, workers: int):
+    """(wall seconds, CPU seconds, images) of one pass of a loader over ``dataset``."""
+    t0, c0, count = time.perf_counter(), cpu_seconds(), 0
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=False)
-    t0, count = time.perf_counter(), 0
     for batch in loader:
         count += len(batch[-1] if isinstance(batch[-1], torch.Tensor) else batch[1])
-    return count / (time.perf_counter() - t0)
+    del loader, batch  # the workers are joined once the pass ends
+    return time.perf_counter() - t0, cpu_seconds() - c0, count
 
 
-def benchmark(base, sizes, views, images: int, batch_size: int, workers: int, repeats: int) -> list:
+class EmptyItems(Dataset):
+    """As many items as the measured loaders read, each an integer: the loader's own cost."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return index, index
+
+
+def photometric_seconds_per_image(base, size: int, n: int, batch_size: int, repeats: int, device: str) -> float:
+    """Seconds per image of the device-side photometric step of
+    ``augment.device=model`` on ``device``: the median over ``repeats`` runs
+    (after one warm-up) on one collated batch of the model-path loader.  On
+    the CPU: CPU seconds with one thread, as a loader worker has; on a GPU:
+    wall seconds between synchronisations."""
+    dataset = ours(base, size, n, "model")
+    views, params, _, _ = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=False)))
+    step = DevicePhotometric(dataset.transform.recipes())
+    views = [v.to(device) for v in views]
+    on_cpu = device == "cpu"
+    clock = time.process_time if on_cpu else time.perf_counter
+
+    def timed() -> float:
+        t0 = clock()
+        step(views, params)
+        if not on_cpu and device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return clock() - t0
+
+    threads = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        timed()
+        return statistics.median(timed() for _ in range(max(3, repeats))) / len(params)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def benchmark(base, sizes, views, images: int, batch_size: int, workers: int, repeats: int,
+              loaders=LOADERS, device: str = "cpu") -> list:
     base = Subset(base, list(range(min(images, len(base)))))
+    empty = statistics.median(read_all(EmptyItems(len(base)), batch_size, workers)[1] for _ in range(3))
     rows = []
     for size in sizes:
         for n in views:
-            rates = {"ours": [], "torchvision": []}
-            for r in range(repeats):
-                order = ("ours", "torchvision") if r % 2 == 0 else ("torchvision", "ours")
+            runs = {name: [] for name in loaders}
+            for r in range(repeats):  # alternating, so that a load on the machine hits all loaders alike
+                order = loaders if r % 2 == 0 else loaders[::-1]
                 for name in order:
-                    ds = ours(base, size, n) if name == "ours" else TorchvisionViews(base, size, n)
-                    rates[name].append(images_per_second(ds, batch_size, workers))
+                    runs[name].append(read_all(make_loader(name, base, size, n), batch_size, workers))
             row = {"size": size, "n_views": n}
-            for name, values in rates.items():
-                ips = statistics.median(values)
-                row[name] = {"images_per_s": ips, "views_per_s": ips * n}
+            for name, measured in runs.items():
+                ips = statistics.median(count / wall for wall, _, count in measured)
+                cpu = statistics.median(max(0.0, cpu - empty) / count for _, cpu, count in measured)
+                row[name] = {"images_per_s": ips, "views_per_s": ips * n, "cpu_ms_per_image": cpu * 1e3}
+            if "ours_model" in loaders:
+                seconds = photometric_seconds_per_image(base, size, n, batch_size, repeats, device)
+                row["device_photometric"] = {"device": device, "s_per_image": seconds, "s_per_view": seconds / n}
+                loader = row["ours_model"]
+                ips = 1.0 / (1.0 / loader["images_per_s"] + seconds)
+                row["ours_model_total"] = {"images_per_s": ips, "views_per_s": ips * n,
+                                           "cpu_ms_per_image": loader["cpu_ms_per_image"] + seconds * 1e3}
             rows.append(row)
     for row in rows:  # cost per image relative to N = 2 of the same size and loader
         ref = next((r for r in rows if r["size"] == row["size"] and r["n_views"] == 2), None)
-        for name in ("ours", "torchvision"):
-            row[name]["cost_vs_n2"] = ref[name]["images_per_s"] / row[name]["images_per_s"] if ref else None
+        for name in [k for k in (*LOADERS, "ours_model_total") if k in row]:
+            entry, base_entry = row[name], (ref or {}).get(name)
+            entry["cost_vs_n2"] = (entry["cpu_ms_per_image"] / base_entry["cpu_ms_per_image"]
+                                   if base_entry and base_entry["cpu_ms_per_image"] > 0 else None)
+            entry["wall_cost_vs_n2"] = base_entry["images_per_s"] / entry["images_per_s"] if base_entry else None
     return rows
+
+
+def goal(rows, size: int = 224, n: int = 4, key: str = "cost_vs_n2") -> dict:
+    """The goal figure: cost per image with N = 4 over N = 2 at 224 px, per loader."""
+    row = next((r for r in rows if r["size"] == size and r["n_views"] == n), {})
+    return {name: row[name][key] for name in (*LOADERS, "ours_model_total")
+            if name in row and row[name].get(key) is not None}
+
+
+def fmt(entry) -> str:
+    if entry is None:
+        return "-"
+    cost = "" if entry.get("cost_vs_n2") is None else f" x{entry['cost_vs_n2']:.2f}"
+    return f"{entry['views_per_s']:6.0f} v/s {entry['cpu_ms_per_image']:6.2f} ms{cost}"
 
 
 def main(argv=None) -> list:
@@ -105,6 +207,10 @@ def main(argv=None) -> list:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements per row; the median (default 2)")
+    p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
+                   help="loaders to measure (default all): ours (augment.device=loader), ours_model "
+                        "(augment.device=model, plus its device-side photometric step), torchvision")
+    p.add_argument("--device", default="cpu", help="where the device-side photometric step is timed (default cpu)")
     p.add_argument("--output", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
     random.seed(0)
@@ -114,16 +220,25 @@ def main(argv=None) -> list:
     except DataError as err:
         print(f"python -m bench.loader: error: {err}", file=sys.stderr)
         sys.exit(2)
-    rows = benchmark(base, args.sizes, args.views, args.images, args.batch_size, args.workers, args.repeats)
+    loaders = tuple(name for name in LOADERS if name in args.loaders)
+    rows = benchmark(base, args.sizes, args.views, args.images, args.batch_size, args.workers, args.repeats,
+                     loaders, args.device)
     print(f"{args.dataset}, {args.images} images, batch {args.batch_size}, {args.workers} workers, "
-          f"median of {args.repeats}")
-    print("size | N | ours img/s | ours views/s | ours cost vs N=2 | torchvision img/s | views/s | cost vs N=2")
+          f"median of {args.repeats}; per loader: views/s (wall), CPU ms per image, CPU cost per image vs N=2")
+    names = [*loaders] + (["ours_model_total"] if "ours_model" in loaders else [])
+    print("size | N | " + " | ".join(names) + (" | photometric on " + args.device if "ours_model" in loaders else ""))
     for r in rows:
-        o, t = r["ours"], r["torchvision"]
-        print(f"{r['size']:4d} | {r['n_views']} | {o['images_per_s']:10.1f} | {o['views_per_s']:12.1f} | "
-              f"x{o['cost_vs_n2']:.2f} | {t['images_per_s']:17.1f} | {t['views_per_s']:7.1f} | x{t['cost_vs_n2']:.2f}")
+        photo = r.get("device_photometric")
+        print(f"{r['size']:4d} | {r['n_views']} | " + " | ".join(fmt(r.get(name)) for name in names)
+              + (f" | {photo['s_per_image'] * 1e3:.2f} ms/img" if photo else ""))
+    ratios = goal(rows)
+    if ratios:
+        wall = goal(rows, key="wall_cost_vs_n2")
+        print("goal, loader cost per image at 224 px, N = 4 over N = 2 (at most x1.35), CPU (wall): "
+              + ", ".join(f"{name} x{v:.2f} (x{wall[name]:.2f})" for name, v in ratios.items()))
     if args.output:
-        write_json_atomic(args.output, rows)
+        write_json_atomic(args.output, {"rows": rows, "goal_224_n4_over_n2": ratios,
+                                        "goal_224_n4_over_n2_wall": goal(rows, key="wall_cost_vs_n2")})
     return rows
 
 

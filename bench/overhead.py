@@ -34,6 +34,8 @@ the flags above are shortcuts for ``bench.method``, ``model.arch``,
 ``bench.compile=true``.
 
 SimSiam and SimCLR: N views of one size per image, all C(N, 2) pairs compared.
+BYOL, MoCo v3, Barlow Twins and VICReg (ResNet): N views, N/2 of each view
+recipe, the (N/2)^2 pairs of one view of each compared.
 DINO and iBOT: multi-crop candidates (``hvs.global_candidates`` global crops of
 ``bench.image_size``, ``hvs.local_candidates`` local crops of ``augment.local_size``),
 ``hvs.max_combinations`` (128) combinations compared per step; iBOT also
@@ -61,11 +63,15 @@ from common.method import StepInfo
 from common.multicrop import multicrop_pools
 from common.runtime import amp_settings, compile_backbones, seed_everything
 from common.train import StepContext, train_step
+from barlowtwins.method import BarlowTwinsMethod
+from byol.method import BYOLMethod
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
+from mocov3.method import MoCoV3Method
 from simclr.method import SimCLRMethod
 from eval.knn import parse_cli, resolve_device
 from simsiam.method import SimSiamMethod
+from vicreg.method import VICRegMethod
 
 
 def image_candidates(cfg: dict, generator: torch.Generator) -> list:
@@ -142,6 +148,11 @@ METHODS = {
                         "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations"),
     "ibot": BenchMethod(IBOTMethod, None, multicrop_candidates, dino_overrides, ibot_setting, "vit_tiny",
                         "no iBOT factor in the paper: Table 14 has SimSiam and DINO only"),
+    # beyond the paper: two view recipes, N/2 candidates each (common/two_views.py), ResNets
+    **{name: BenchMethod(cls, None, image_candidates, pair_overrides, pair_setting, "resnet18",
+                         "beyond the paper: no factor in it")
+       for name, cls in (("byol", BYOLMethod), ("mocov3", MoCoV3Method), ("barlowtwins", BarlowTwinsMethod),
+                         ("vicreg", VICRegMethod))},
 }
 
 
@@ -402,7 +413,8 @@ BENCH_SPEC = {
     "model.cifar_stem": setting(True, "ResNets: 3x3 stride-1 stem, no max-pool (for 32-64 px images)"),
     "bench.image_size": setting(64, "view size; dino, ibot: the global crop size", range="[1, inf)"),
     "train.batch_size": setting(32, "images per step", range="[1, inf)"),
-    "hvs.n_views": setting(4, "simsiam, simclr: candidate views per image (paper: 4)", range="[2, inf)"),
+    "hvs.n_views": setting(4, "pair methods: candidate views per image (paper: 4; byol, mocov3, barlowtwins, "
+                                 "vicreg: even, half per view recipe)", range="[2, inf)"),
     "augment.local_size": setting(0, "dino, ibot: local crop size (0: bench.image_size // 2)", range="[0, inf)"),
     "model.patch_size": setting(4, "dino, ibot: ViT patch size (the paper's ViT-S/16: 16); crop sizes must be "
                                    "multiples of it", range="[1, inf)"),

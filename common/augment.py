@@ -7,6 +7,13 @@ global and local slots) it draws ``n`` candidates.  Every view comes with a
 row of parameters (see :data:`PARAM_NAMES`) so that the analyses of the paper
 (IoU of selected views, fANOVA, predictability) can be run from the logs.
 
+Where the photometric half of a view runs is ``augment.device``
+(:func:`device_spec`): ``loader`` (default) renders every view in PIL here;
+``model`` makes the workers stop after the crop, flip and resize (uint8
+tensors) while drawing and recording the same parameters from the same random
+sequence, and :mod:`common.photometric` finishes the views on the training
+device from those rows, pixel for pixel as PIL would.
+
 Randomness comes from an explicit :class:`random.Random` passed in, never from
 the global generators: :class:`MultiViewDataset` seeds it from
 ``(seed, epoch, index)``, which makes the views of a sample independent of the
@@ -19,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
@@ -99,11 +107,23 @@ def sample_crop(rng: random.Random, width: int, height: int, scale, ratio):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def device_spec() -> dict:
+    """Config key ``augment.device``: where the photometric half of every view
+    (jitter, grayscale, blur, solarisation) runs; every method has it."""
+    from common.config import setting
+
+    return {"augment.device": setting(
+        "loader", "where colour jitter, grayscale, blur and solarisation run: loader (PIL, per view, in the loader "
+        "workers) or model (batched on the training device from the recorded parameters; the workers only crop, "
+        "flip and resize, to uint8)", ["loader", "model"])}
+
+
 def augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, size=224) -> dict:
     """Config keys ``augment.*`` of a one-slot recipe, with a method's defaults."""
     from common.config import setting
 
     return {
+        **device_spec(),
         "augment.size": setting(size, "crop size in pixels", range="[1, inf)"),
         "augment.scale": setting(list(scale), "random-resized-crop area range", range="(0, 1]", length=2),
         "augment.jitter": setting(list(jitter), "colour jitter brightness, contrast, saturation, hue",
@@ -159,9 +179,9 @@ def draw_finish(recipe: ViewRecipe, rng: random.Random):
     return sigma, rng.random() < recipe.solarize_p
 
 
-def render(view: Image.Image, recipe: ViewRecipe, row: list, colour, finish) -> torch.Tensor:
-    """Apply a drawn colour distortion and finish to a geometric view, record
-    them in ``row`` (in place), return the normalised tensor [3, S, S]."""
+def record(row: list, colour, finish) -> None:
+    """Write a drawn colour distortion and finish into ``row`` (in place): the
+    jitter flag, factors and order, gray, blur sigma, solarisation."""
     jitter, gray = colour
     row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = 1, 1, 1, 0
     for k in range(4):
@@ -169,23 +189,39 @@ def render(view: Image.Image, recipe: ViewRecipe, row: list, colour, finish) -> 
     row[P["jitter"]] = 0
     if jitter is not None:
         factors, order = jitter
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
         for k, op_index in enumerate(order):
-            view = ops[op_index](view, factors[op_index])
             row[P[f"order{k}"]] = op_index
         row[P["jitter"]] = 1
         row[P["brightness"]], row[P["contrast"]], row[P["saturation"]], row[P["hue"]] = factors
     row[P["gray"]] = int(gray)
+    sigma, solarize = finish
+    row[P["blur_sigma"]] = sigma
+    row[P["solarize"]] = int(solarize)
+
+
+def render(view: Image.Image, recipe: ViewRecipe, row: list, colour, finish) -> torch.Tensor:
+    """Apply a drawn colour distortion and finish to a geometric view, record
+    them in ``row`` (in place), return the normalised tensor [3, S, S]."""
+    record(row, colour, finish)
+    jitter, gray = colour
+    if jitter is not None:
+        factors, order = jitter
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for op_index in order:
+            view = ops[op_index](view, factors[op_index])
     if gray:
         view = view.convert("L").convert("RGB")
     sigma, solarize = finish
-    row[P["blur_sigma"]] = sigma
     if sigma:
         view = view.filter(ImageFilter.GaussianBlur(radius=sigma))
-    row[P["solarize"]] = int(solarize)
     if solarize:
         view = TF.solarize(view, 128)
     return TF.normalize(TF.to_tensor(view), recipe.mean, recipe.std)
+
+
+def to_uint8(view: Image.Image) -> torch.Tensor:
+    """A geometric view as it leaves the workers with ``augment.device=model``: uint8 [3, S, S]."""
+    return torch.from_numpy(np.asarray(view, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def draw_view(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None):
@@ -267,11 +303,19 @@ class MultiViewTransform:
       (``__call__(..., step=)``, see :class:`MultiViewDataset`).  Column
       ``draws`` of those two views records how many pairs were drawn (0 when
       the policy is off or skipped this step).
+    - ``photometric``: ``"loader"`` (finish every view here, in PIL) or
+      ``"model"`` (``augment.device=model``): return the geometric views as
+      uint8 tensors [3, S, S], every photometric parameter still drawn from
+      ``rng`` in the same sequence and recorded in the same rows; the training
+      loop finishes them on its device (:class:`common.photometric.DevicePhotometric`).
+      With static colour the V views come once and the rows twice ([2V, ...]):
+      the shared-colour rows, then the own-colour rows of the renderings.
     """
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])
     static_color: bool = False
     policy: IoUPolicy | None = None
+    photometric: str = "loader"
 
     def recipes(self) -> list:
         """The recipe of every view, in order."""
@@ -291,18 +335,29 @@ class MultiViewTransform:
                 pair, draws = self.policy.draw_boxes(rng, *img.size, recipes[:2], step)
                 boxes = dict(enumerate(pair))
         shared = draw_colour(recipes[0], rng) if self.static_color else None
-        views, renders, rows = [], [], []
+        if self.photometric not in ("loader", "model"):
+            raise ValueError(f"photometric={self.photometric!r} must be 'loader' or 'model'")
+        on_device = self.photometric == "model"
+        views, renders, rows, own_rows = [], [], [], []
         for k, recipe in enumerate(recipes):
             base, row = draw_geometry(img, recipe, rng, boxes.get(k))
             colour = draw_colour(recipe, rng)
             finish = draw_finish(recipe, rng)
-            if shared is not None:
-                renders.append(render(base.copy(), recipe, list(row), colour, finish))
-                colour = shared
-            views.append(render(base, recipe, row, colour, finish))
             row[P["draws"]] = draws if k < 2 else 0
+            if on_device:
+                if shared is not None:
+                    own_rows.append(list(row))
+                    record(own_rows[-1], colour, finish)
+                    colour = shared
+                record(row, colour, finish)
+                views.append(to_uint8(base))
+            else:
+                if shared is not None:
+                    renders.append(render(base.copy(), recipe, list(row), colour, finish))
+                    colour = shared
+                views.append(render(base, recipe, row, colour, finish))
             rows.append(row)
-        return views + renders, torch.tensor(rows, dtype=torch.float32)
+        return views + renders, torch.tensor(rows + own_rows, dtype=torch.float32)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

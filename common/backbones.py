@@ -63,6 +63,13 @@ def is_vit(arch: str) -> bool:
     return arch in VITS
 
 
+def arch_label(model_cfg: dict) -> str:
+    """The architecture a checkpoint records: ``vit_small/16`` (with the patch
+    size) for a ViT, the name for a ResNet."""
+    arch = model_cfg["arch"]
+    return f"{arch}/{model_cfg['patch_size']}" if is_vit(arch) else arch
+
+
 def vit_tokens(vit: nn.Module, images, mask=None, mask_token=None):
     """All output tokens of a timm ViT built by :func:`build_vit`, [B, 1 + N, D]
     ([CLS] first, after the final norm; ``vit(images)`` is the [CLS] row).  With

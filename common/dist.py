@@ -17,7 +17,8 @@ def init(device_pref: str = "auto") -> torch.device:
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # modulo: a cluster that binds one GPU per task shows each task a single device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     if use_cuda:
         return torch.device("cuda", torch.cuda.current_device())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,9 @@ class SelectionLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         a, b = self.rows[0]["step"], self.rows[-1]["step"]
         arrays = {k: np.stack([r[k] for r in self.rows]) for k in self.rows[0]}
-        np.savez_compressed(self.folder / f"rank{self.rank}_steps{a:08d}-{b:08d}.npz",
-                            param_names=np.array(self.param_names), **arrays)
+        path = self.folder / f"rank{self.rank}_steps{a:08d}-{b:08d}.npz"
+        tmp = path.with_name(path.name + ".tmp")  # a kill during the write leaves no truncated log
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, param_names=np.array(self.param_names), **arrays)
+        os.replace(tmp, path)
         self.rows = []

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.augment import MultiViewTransform, ViewRecipe
+from common.augment import MultiViewTransform, ViewRecipe, device_spec
 from common.config import setting
 
 N_GLOBAL = 2  # global crops per image (the teacher's views)
@@ -37,6 +37,7 @@ def multicrop_spec(global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), n_local=8, 
                    local_size=96) -> dict:
     """Config keys ``augment.*`` and the candidate counts ``hvs.*`` of multi-crop."""
     return {
+        **device_spec(),
         "augment.global_size": setting(global_size, "global crop size in pixels", range="[1, inf)"),
         "augment.local_size": setting(local_size, "local crop size in pixels", range="[1, inf)"),
         "augment.global_scale": setting(list(global_scale), "random-resized-crop area range of the global crops", range="(0, 1]", length=2),

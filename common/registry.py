@@ -8,6 +8,10 @@ METHODS = {
     "dino": "dino.method:DINOMethod",
     "dino_stn": "dino.stn:STNDINOMethod",
     "ibot": "ibot.method:IBOTMethod",
+    "byol": "byol.method:BYOLMethod",
+    "mocov3": "mocov3.method:MoCoV3Method",
+    "barlowtwins": "barlowtwins.method:BarlowTwinsMethod",
+    "vicreg": "vicreg.method:VICRegMethod",
 }
 
 

@@ -29,6 +29,7 @@ from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.logs import JsonLog, Progress, SelectionLog, fmt_time
 from common.method import StepInfo
+from common.photometric import device_photometric
 from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
                             exit_on_error, run_session, step_seed, warn_config_changes)
 
@@ -176,6 +177,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     per_rank = global_batch // dist.world()
     method = method_cls(cfg, device)
     dataset, sampler = build_train_data(cfg, method, per_rank)
+    photometric = device_photometric(cfg, dataset.transform)  # augment.device=model: views finished on the device
     iters = sampler.batches
     if cfg["run"]["max_steps_per_epoch"]:
         iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
@@ -208,7 +210,8 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
                                     size_multiple=method.size_multiple, precision=h["precision"])
     out = Path(cfg["run"]["output_dir"])
     return Run(cfg=cfg, device=device, method=method, model=model, optimizer=optimizer, scaler=scaler,
-               dataset=dataset, sampler=sampler, per_rank=per_rank, iters=iters, epochs=int(cfg["train"]["epochs"]),
+               dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
+               epochs=int(cfg["train"]["epochs"]),
                ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
                selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={})
 
@@ -293,6 +296,8 @@ def train_one_epoch(r: Run, epoch: int) -> None:
         if it >= r.iters:
             break
         candidates = [c.to(r.device, non_blocking=True) for c in candidates]
+        if r.photometric is not None:  # augment.device=model: jitter, gray, blur, solarize of the recorded params
+            candidates, params = r.photometric(candidates, params)
         renders = None
         if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
             candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.backbones import build_backbone, is_vit
+from common.backbones import arch_label, build_backbone, is_vit
 from common.config import setting
 from common.method import SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
@@ -131,8 +131,7 @@ class DINOMethod(SSLMethod):
 
     @classmethod
     def arch(cls, cfg):
-        m = cfg["model"]
-        return f"{m['arch']}/{m['patch_size']}" if is_vit(m["arch"]) else m["arch"]
+        return arch_label(cfg["model"])
 
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):

@@ -93,9 +93,14 @@ LINEAR_SPEC = {
 
 def auto_protocol(ckpt: dict) -> str:
     """The pretraining method's own protocol: DINO's for DINO, DINO with the STN
-    adversary and iBOT (iBOT evaluates as DINO does), SimSiam's and SimCLR's for theirs."""
-    return {"dino": "dino", "dino_stn": "dino", "ibot": "dino", "simsiam": "simsiam",
-            "simclr": "simclr"}[ckpt["method"]]
+    adversary and iBOT (iBOT evaluates as DINO does), SimSiam's and SimCLR's for theirs.
+    The methods beyond the paper take the nearest of the three: SimCLR's (SGD, no weight
+    decay, cosine; BYOL's protocol is SimCLR's, Barlow Twins' and VICReg's are plain SGD
+    too) for a ResNet, DINO's for a ViT (MoCo v3 ViT)."""
+    own = {"dino": "dino", "dino_stn": "dino", "ibot": "dino", "simsiam": "simsiam", "simclr": "simclr"}
+    if ckpt["method"] in own:
+        return own[ckpt["method"]]
+    return "dino" if str(ckpt.get("arch", "")).startswith("vit") else "simclr"
 
 
 # ---------------------------------------------------------------------------

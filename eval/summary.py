@@ -34,9 +34,13 @@ from pathlib import Path
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / "configs" / "paper_numbers.csv"
 #: run_all.sh method token -> the paper's method name
-NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet": "DINO", "ibot": "iBOT"}
+NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet": "DINO", "ibot": "iBOT",
+         "byol": "BYOL", "mocov3": "MoCo v3", "mocov3_vit": "MoCo v3", "barlowtwins": "Barlow Twins",
+         "vicreg": "VICReg"}
 #: a token's backbone family when its file names no architecture (files of older runs)
-DEFAULT_FAMILY = {"simsiam": "resnet", "simclr": "resnet", "dino": "vit", "dino_resnet": "resnet", "ibot": "vit"}
+DEFAULT_FAMILY = {"simsiam": "resnet", "simclr": "resnet", "dino": "vit", "dino_resnet": "resnet", "ibot": "vit",
+                  "byol": "resnet", "mocov3": "resnet", "mocov3_vit": "vit", "barlowtwins": "resnet",
+                  "vicreg": "resnet"}
 #: the token may hold underscores (dino_resnet); the shortest one that leaves a valid tail is taken
 FILE = re.compile(r"(?P<method>[a-z0-9]+(?:_[a-z0-9]+)*?)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_"
                   r"(?P<eval>knn|linear|finetune|detection)(?:-(?P<dataset>[a-z0-9-]+))?\.json$")
@@ -160,6 +164,7 @@ def table1(found: list, paper: dict) -> list:
     paper has no row for."""
     lines = ["| Method | Protocol | Ours arch | Ours baseline | Ours + HVS | Ours diff | Seeds | Paper arch | "
              "Paper baseline | Paper + HVS | Paper diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paper_methods = {method for method, _ in paper}
     for name in sorted({g.name for g in found}):
         for protocol in ("knn", "linear"):
             ours = [g for g in found if g.name == name and g.eval == protocol and g.dataset is None]
@@ -168,7 +173,8 @@ def table1(found: list, paper: dict) -> list:
                 for g in [g for g in ours if g.family == family(arch)] or [None]:
                     lines.append(f"| {name} | {SHOWN[protocol]} | {our_cells(g)} | {arch} | {paper_cells(pb, ph)} |")
                     shown.add(id(g))
-            lines += [f"| {name} | {SHOWN[protocol]} | {our_cells(g)} | — | — | — | — |"
+            paper_arch = "—" if name in paper_methods else "no paper number"  # a method beyond the paper
+            lines += [f"| {name} | {SHOWN[protocol]} | {our_cells(g)} | {paper_arch} | — | — | — |"
                       for g in ours if id(g) not in shown]
     return lines
 

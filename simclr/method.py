@@ -12,30 +12,19 @@ HVS (Appendix I.1): the objective is unchanged; the score of pair (k, l) for an
 image is its NT-Xent with both directions summed, the negatives being views k
 and l of the other images of the global batch (:func:`simclr.loss.pair_scores`).
 
-LARS is ``timm.optim.Lars`` (timm 1.0), read from its source:
-
-- update: g' = trust * (g + wd * w), trust = eta * |w| / (|g| + wd * |w| + eps)
-  (eta = ``trust_coeff``, 0.001 as SimCLR), set to 1 where |w| or |g| is 0;
-  then PyTorch-SGD momentum, buf = m * buf + g', w -= lr * buf.  No clipping
-  (``trust_clip=False``: LARS, not LARC).
-- the adaptation and the weight decay are applied only to a group whose
-  ``weight_decay`` is non-zero or whose ``always_adapt`` is set; other groups
-  take plain momentum SGD.  So SimCLR's exclusion of BatchNorm and bias
-  parameters from both weight decay and adaptation is one group with
-  ``weight_decay=0, always_adapt=False``; the weights are a group with
-  ``always_adapt=True`` (adapted even if weight decay is set to 0).
-- two small differences to SimCLR's TensorFlow LARS: its denominator is
-  |g + wd * w| (timm's |g| + wd * |w| is the triangle-inequality bound, the
-  NVIDIA-apex form), and it keeps the learning rate inside the momentum buffer
-  (v = m * v + lr * g'); the two agree while the learning rate is constant and
-  differ slightly during warm-up and decay.
+LARS is ``timm.optim.Lars`` (:mod:`common.optim` says how it reads), with
+SimCLR's exclusion of BatchNorm and bias parameters from weight decay and
+adaptation.  Two small differences to SimCLR's TensorFlow LARS: its
+denominator is |g + wd * w| (timm's |g| + wd * |w| is the triangle-inequality
+bound, the NVIDIA-apex form), and it keeps the learning rate inside the
+momentum buffer (v = m * v + lr * g'); the two agree while the learning rate is
+constant and differ slightly during warm-up and decay.
 """
-from timm.optim import Lars
-
 from common.augment import augment_spec
 from common.config import setting
 from common.method import PairMethod
 from common.numerics import collapse_std
+from common.optim import lars
 from common.schedules import cosine_schedule
 from simclr.loss import nt_xent, pair_scores
 from simclr.model import SimCLR
@@ -69,12 +58,7 @@ class SimCLRMethod(PairMethod):
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
         self.init_lr = o["lr"] * global_batch / 256
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [  # weights: decay + LARS adaptation; BatchNorm and biases (1-d): neither
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": o["weight_decay"], "always_adapt": True},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False},
-        ]
-        return Lars(groups, lr=self.init_lr, momentum=o["momentum"], trust_coeff=o["trust_coeff"])
+        return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"])
 
     def learning_rate(self, step: int, total: int, warmup: int) -> float:
         """Linear warm-up from 0 over ``warmup`` steps (lr * step / warmup: the

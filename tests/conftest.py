@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic image folder and tiny pretrained
 checkpoints (the helpers that build them are in ``tests/helpers.py``)."""
 import pytest
+import torch
 
 from tests.helpers import dino_cfg, make_image_folder, tiny_cfg
 
@@ -24,3 +25,14 @@ def tiny_checkpoints(tmp_path_factory, image_root):
     run(dino_cfg(root / "dino", image_root, "train.epochs=1"), DINOMethod)
     run(dino_cfg(root / "dino_hvs", image_root, "train.epochs=1", "hvs.enabled=true"), DINOMethod)
     return {name: root / name / "checkpoint.pth" for name in ("simsiam", "dino", "dino_hvs")}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one thread than on a few (shared)
+    cores.  A test asks for it by name, or a whole module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,7 @@
-"""The loader benchmark reads images through both loaders and reports every row."""
-from bench.loader import main
+"""The loader benchmark reads images through every loader and reports every row."""
+import json
+
+from bench.loader import goal, main
 
 
 def test_loader_bench_rows(tmp_path, image_root):
@@ -8,6 +10,41 @@ def test_loader_bench_rows(tmp_path, image_root):
                  "--output", str(tmp_path / "l.json")])
     assert [(r["size"], r["n_views"]) for r in rows] == [(16, 2), (16, 4)]
     for r in rows:
-        for name in ("ours", "torchvision"):
+        for name in ("ours", "ours_model", "torchvision", "ours_model_total"):
             assert r[name]["images_per_s"] > 0 and r[name]["views_per_s"] == r[name]["images_per_s"] * r["n_views"]
-    assert rows[0]["ours"]["cost_vs_n2"] == 1.0 and (tmp_path / "l.json").is_file()
+            assert r[name]["cpu_ms_per_image"] > 0
+        photo = r["device_photometric"]
+        assert photo["device"] == "cpu" and photo["s_per_image"] > 0
+        assert photo["s_per_view"] == photo["s_per_image"] / r["n_views"]
+        # the total adds the device step's seconds to the model-path loader's
+        total, model = r["ours_model_total"], r["ours_model"]
+        assert abs(1 / total["images_per_s"] - (1 / model["images_per_s"] + photo["s_per_image"])) < 1e-9
+        assert total["cpu_ms_per_image"] == model["cpu_ms_per_image"] + photo["s_per_image"] * 1e3
+    for name in ("ours", "ours_model", "torchvision", "ours_model_total"):
+        assert rows[0][name]["cost_vs_n2"] == rows[0][name]["wall_cost_vs_n2"] == 1.0
+        assert rows[1][name]["cost_vs_n2"] == rows[1][name]["cpu_ms_per_image"] / rows[0][name]["cpu_ms_per_image"]
+        assert rows[1][name]["wall_cost_vs_n2"] == rows[0][name]["images_per_s"] / rows[1][name]["images_per_s"]
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert saved["rows"] == rows and saved["goal_224_n4_over_n2"] == {}  # no 224 px row here
+
+
+def test_goal_reads_the_224_px_row_and_loaders_can_be_chosen(image_root):
+    rows = main(["--data-dir", str(image_root), "--dataset", "imagefolder", "--sizes", "12", "--views", "2",
+                 "--images", "4", "--batch-size", "4", "--workers", "0", "--repeats", "1", "--loaders", "ours"])
+    assert "ours_model" not in rows[0] and "torchvision" not in rows[0] and "device_photometric" not in rows[0]
+    fake = [{"size": 224, "n_views": n, "ours": {"cost_vs_n2": c, "wall_cost_vs_n2": c + 1}}
+            for n, c in ((2, 1.0), (4, 1.7))]
+    assert goal(fake) == {"ours": 1.7} and goal(fake, key="wall_cost_vs_n2") == {"ours": 2.7}
+    assert goal(fake, size=64) == {}
+
+
+def test_cpu_seconds_count_the_workers(image_root):
+    """The CPU cost includes the worker processes' (joined) time, not only this process's."""
+    from bench.loader import ours, read_all
+    from common.data import build_dataset
+
+    base = build_dataset("imagefolder", "train", str(image_root))
+    _, in_parent, count = read_all(ours(base, 64, 8), batch_size=8, workers=0)
+    _, with_worker, count_worker = read_all(ours(base, 64, 8), batch_size=8, workers=1)
+    assert count == count_worker == len(base)
+    assert with_worker > 0.5 * in_parent  # the parent alone only waits: its own time is far less than the work

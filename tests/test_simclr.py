@@ -154,14 +154,6 @@ def read_steps(out):
     return [r for r in rows if r["type"] == "step"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run several times faster on one thread than on a few cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hvs", [False, True])

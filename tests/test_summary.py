@@ -244,3 +244,19 @@ def test_detection_rows_sit_beside_table_7(tmp_path):
     assert mask[4:6] == ["25.00", "—"] and mask[8:] == ["RN50", "COCO", "30.25", "30.02", "-0.23"]
     [box] = rows(tmp_path, "| DINO | det_AP |")
     assert box[9] == "(no Table 7 row)"
+
+
+@pytest.mark.parametrize("token,name", [("byol", "BYOL"), ("mocov3_vit", "MoCo v3"), ("barlowtwins", "Barlow Twins"),
+                                        ("vicreg", "VICReg")])
+def test_methods_beyond_the_paper_say_no_paper_number(tmp_path, token, name):
+    """A method the paper never ran has its own row, its paper columns saying so,
+    while a paper method's row without our family still shows the paper's numbers."""
+    write(tmp_path, f"{token}_baseline_s0_knn.json", 30.0, arch="resnet18")
+    write(tmp_path, f"{token}_hvs_s0_knn.json", 31.0, arch="resnet18")
+    write(tmp_path, "simsiam_baseline_s0_knn.json", 40.0, arch="resnet18")
+    main(["--results", str(tmp_path), "--scale", "s"])
+    [cells] = rows(tmp_path, f"| {name} | k-NN")
+    assert paper_name(token) == name
+    assert cells[3:7] == ["30.00", "31.00", "+1.00", "1"] and cells[7:] == ["no paper number", "—", "—", "—"]
+    [simsiam] = rows(tmp_path, "| SimSiam | k-NN")
+    assert simsiam[7:] == ["RN50", "57.47", "58.97", "+1.50"]

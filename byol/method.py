@@ -1,0 +1,150 @@
+"""BYOL with and without Hard View Selection, as the shared loop sees it.
+
+Recipe (Grill et al. 2020, Section 3 and Appendices B-C): ResNet-50 (zero-init
+residual, as this repository's other ResNet methods), projector and predictor
+MLPs 4096-256; loss :func:`byol.loss.byol_loss`; LARS (``timm.optim.Lars``,
+see ``simclr/method.py`` for how it reads) with lr 0.2 x batch/256, momentum
+0.9, trust coefficient 1e-3, weight decay 1.5e-6, biases and BatchNorm
+parameters excluded from both weight decay and the adaptation, 10 epochs of
+linear warm-up then cosine decay to 0, per step; target EMA rate per step k of
+K, tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 with tau_base = 0.996.
+Augmentation (Appendix B, Table 6): crop scale 0.08-1 resized bicubic, flip,
+colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, then two
+recipes: view 1 blur p 1.0 and no solarisation, view 2 blur p 0.1 and
+solarisation p 0.2 (``augment.blur_p``, ``augment.solarize_p``).
+
+HVS: BYOL's two views are drawn from different recipes, so the candidates keep
+their recipe (:mod:`common.two_views`): ``hvs.n_views`` = N candidates, N/2 per
+recipe, and a pair is one view-1 candidate and one view-2 candidate, (N/2)^2
+pairs (4 with the default N = 4).  The score of a pair is
+its per-image BYOL loss, read from one table of cosines between the online
+predictions and the target projections of all candidates (one forward of each
+network, :func:`byol.loss.pair_scores`).  The target's outputs of the chosen
+views are reused in the training step where exact (``hvs.reuse_target``):
+full-size selection on the trained rendering and no BatchNorm in the target.
+A ResNet target has BatchNorm, whose batch statistics differ between the
+candidates' forward and the training forward, so with the recipe above the
+target runs again on the chosen views.
+
+The EMA moves the target's parameters only; its BatchNorm running statistics
+come from its own forward passes (train mode, as BYOL's code).  Evaluated is
+the online backbone (``--which auto``/``student``); ``--which teacher`` gives
+the target's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.backbones import build_resnet
+from common.config import setting
+from common.hvs import precision_setting
+from common.method import PairMethod, StepInfo
+from common.multicrop import ema_update
+from common.numerics import collapse_std
+from common.optim import lars
+from common.schedules import cosine_schedule
+from common.two_views import N_RECIPES, TwoViews, two_views_spec
+from byol.loss import byol_loss, pair_scores
+from byol.model import BYOL
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class BYOLMethod(TwoViews, PairMethod):
+    """BYOL (Grill et al. 2020), optionally with Hard View Selection."""
+
+    name = "byol"
+    spec = {
+        **PairMethod.spec,
+        "model.proj_hidden": setting(4096, "projector hidden width", range="[1, inf)"),
+        "model.dim": setting(256, "projection (and prediction) width", range="[1, inf)"),
+        "model.pred_hidden": setting(4096, "predictor hidden width", range="[1, inf)"),
+        "optim.lr": setting(0.2, "base learning rate for batch 256 (scaled linearly with the global batch)", range="[0, inf)"),
+        "optim.momentum": setting(0.9, "LARS momentum", range="[0, 1]"),
+        "optim.weight_decay": setting(1.5e-6, "weight decay (not on BatchNorm and bias parameters)", range="[0, inf)"),
+        "optim.trust_coeff": setting(0.001, "LARS trust coefficient eta", range="(0, inf)"),
+        "optim.trust_clip": setting(False, "clip the LARS trust ratio at 1 / lr (LARC; solo-learn's clip_lr)"),
+        "optim.warmup_epochs": setting(10, "epochs of linear learning-rate warm-up before the cosine decay", type="number", range="[0, inf)"),
+        "optim.tau_base": setting(0.996, "target EMA rate at step 0 (cosine schedule to 1 at the last step)", range="[0, 1]"),
+        "hvs.precision": precision_setting("fp32", "Default fp32: BYOL's bf16 agreement is not measured yet "
+                                           "(bench/precision.py)."),
+        "hvs.reuse_target": setting(True, "reuse the selection's target projections of the chosen views in the "
+                                    "training step where exact (hvs.resolution=1 and no BatchNorm in the target)"),
+        **two_views_spec(interpolation="bicubic"),
+    }
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        m = cfg["model"]
+        self.model = BYOL(self.build_backbone(), m["dim"], m["proj_hidden"], m["pred_hidden"])
+
+    # --- optimisation ---------------------------------------------------------
+    def build_optimizer(self, global_batch):
+        o = self.cfg["optim"]
+        self.init_lr = o["lr"] * global_batch / 256
+        # online + predictor (the target has no gradient); no decay or adaptation of biases and BatchNorm
+        return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
+                    o["trust_clip"])
+
+    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+        """lr: linear warm-up (lr * k / warm-up steps), then cosine to 0; tau:
+        the target's EMA rate; both per step k of K."""
+        o = self.cfg["optim"]
+        k, total = epoch * iters_per_epoch + it, self.cfg["train"]["epochs"] * iters_per_epoch
+        lr = cosine_schedule(k, total, self.init_lr, 0.0, round(o["warmup_epochs"] * iters_per_epoch),
+                             warmup_shape="ratio")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return {"lr": lr, "tau": cosine_schedule(k, total, o["tau_base"], 1.0)}
+
+    def after_step(self, step: StepInfo):
+        ema_update(self.model.target, self.model.online, step["tau"])
+
+    # --- hard view selection ---------------------------------------------------
+    def candidate_outputs(self, module, candidates, step):
+        """Online predictions and target projections of all candidates, one
+        forward of each network: {"online": [V, B, D], "target": [V, B, D]}."""
+        V, B, x = len(candidates), len(candidates[0]), torch.cat(candidates)
+        q, _ = module.predict(x)
+        return {"online": self.per_candidate(q, V, B), "target": self.per_candidate(module.target(x), V, B)}
+
+    def combination_scores(self, outputs, combos, step):
+        return pair_scores(outputs["online"], outputs["target"], combos)
+
+    # --- training -----------------------------------------------------------------
+    @property
+    def reuse_teacher(self) -> bool:
+        """Whether a full-size selection's target outputs are reused
+        (``hvs.reuse_target``, ``hvs.resolution`` 1, no BatchNorm in the target);
+        DINO's attribute name, which ``bench/overhead.py`` reads."""
+        h = self.cfg["hvs"]
+        return bool(h["reuse_target"]) and float(h["resolution"]) == 1.0 and not has_batchnorm(self.model.target)
+
+    def can_reuse_target(self, selection) -> bool:
+        """Whether the selection's target projections are those the training
+        step would compute (see the module docstring)."""
+        return (self.reuse_teacher and selection is not None and selection.outputs is not None
+                and selection.resolution == 1.0 and not selection.rendered)
+
+    @staticmethod
+    def chosen_targets(selection) -> tuple:
+        """The selection's target projections of the chosen view 1 and view 2, [B, D] each."""
+        z = selection.outputs["target"]
+        rows = torch.arange(z.shape[1], device=z.device)
+        return tuple(z[selection.indices[:, s], rows] for s in range(N_RECIPES))
+
+    def training_loss(self, model, views, selection, step):
+        reuse = self.chosen_targets(selection) if self.can_reuse_target(selection) else None
+        q1, q2, z1_target, z2_target, z1 = model(views[0], views[1], reuse)
+        return byol_loss(q1, q2, z1_target, z2_target), {"out_std": collapse_std(z1)}
+
+    # --- evaluation ---------------------------------------------------------------
+    @classmethod
+    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
+        """The online backbone (``student``, the evaluated one), or the target's (``teacher``)."""
+        prefix = {"student": "online.backbone.", "teacher": "target.backbone."}[which]
+        backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
+        return backbone
