@@ -95,8 +95,9 @@ def pair_overrides(cfg: dict) -> list:
     """The method's config overrides of a pair method (SimSiam, SimCLR) from the
     benchmark's configuration."""
     m = cfg["model"]
+    widths = [f"model.{key}={m[key]}" for key in ("proj_hidden", "dim") if m[key]]  # 0: the method's own
     return [f"model.arch={m['arch']}", f"model.cifar_stem={str(m['cifar_stem']).lower()}",
-            f"augment.size={cfg['bench']['image_size']}", f"hvs.n_views={cfg['hvs']['n_views']}"]
+            f"augment.size={cfg['bench']['image_size']}", f"hvs.n_views={cfg['hvs']['n_views']}", *widths]
 
 
 def dino_overrides(cfg: dict) -> list:
@@ -415,6 +416,9 @@ BENCH_SPEC = {
     "train.batch_size": setting(32, "images per step", range="[1, inf)"),
     "hvs.n_views": setting(4, "pair methods: candidate views per image (paper: 4; byol, mocov3, barlowtwins, "
                                  "vicreg: even, half per view recipe)", range="[2, inf)"),
+    "model.proj_hidden": setting(0, "pair methods: projector hidden width (0: the method's; barlowtwins, vicreg "
+                                    "8192, their small profiles 2048)", range="[0, inf)"),
+    "model.dim": setting(0, "pair methods: projector output width (0: the method's)", range="[0, inf)"),
     "augment.local_size": setting(0, "dino, ibot: local crop size (0: bench.image_size // 2)", range="[0, inf)"),
     "model.patch_size": setting(4, "dino, ibot: ViT patch size (the paper's ViT-S/16: 16); crop sizes must be "
                                    "multiples of it", range="[1, inf)"),

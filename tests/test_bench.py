@@ -317,3 +317,19 @@ def test_compile_failure_is_one_line_and_status_2(tmp_path, monkeypatch, capsys)
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "torch.compile failed" in err[0] and "backend exploded" in err[0], err
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov3", "barlowtwins", "vicreg"])
+def test_overhead_benchmark_knows_the_methods_beyond_the_paper(tmp_path, method, one_thread):
+    """Each is timed with its two view recipes ((N/2)^2 = 4 pairs of one
+    candidate per recipe), and a projector width set on the command line
+    reaches the method (0 leaves the method's own)."""
+    from bench.overhead import main as bench_main
+
+    widths = ["model.proj_hidden=64", "model.dim=32"] if method != "mocov3" else []  # MoCo v3: mlp_hidden
+    res = bench_main(["--method", method, "--image-size", "16", "--batch-size", "4", "bench.repeats=1",
+                      "bench.warmup=0", "bench.resolutions=[1.0]", "--device", "cpu", *widths,
+                      "--output", str(tmp_path / "overhead.json")])
+    assert [list(p) for p in res["pools"]] == [[2, 1], [2, 1]] and res["combinations"] == 4 and res["rows"][0]["paper_factor"] is None
+    assert math.isfinite(res["rows"][0]["factor"])
+    assert [o for o in res["overrides"] if o.startswith(("model.proj_hidden", "model.dim"))] == widths
