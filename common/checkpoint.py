@@ -14,7 +14,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,20 +36,55 @@ def _disk_full(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "write" in str(err) and "inline_container" in str(err)
 
 
+#: signals held back while a file is written: the preemption (USR2) and termination
+#: signals whose Python handlers (submitit's requeue) raise SystemExit wherever the
+#: program is, which inside torch.save's zip writer became a write error
+DEFERRED_SIGNALS = {signal.SIGUSR2, signal.SIGTERM} if hasattr(signal, "SIGUSR2") else set()
+
+
+@contextmanager
+def signals_deferred():
+    """Hold :data:`DEFERRED_SIGNALS` back until the block is done: their
+    handlers are swapped for a recorder (a signal mask would not do: the
+    signal goes to any thread that does not block it, e.g. torch's), and what
+    arrived is handed to the original handlers afterwards (the default action
+    re-raised), so a requeued run finds a whole checkpoint.  Main thread only;
+    elsewhere nothing changes."""
+    if not DEFERRED_SIGNALS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    old = {s: signal.signal(s, lambda signum, frame: arrived.append((signum, frame))) for s in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum, frame in arrived:
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def save_atomic(obj, path, dump=None) -> None:
     """Write ``obj`` with ``dump(obj, file)`` (default ``torch.save``) to a
     temporary file in the same folder, fsync, then rename over ``path``: a
     crash leaves either the old or the new checkpoint, never half.  A full disk
-    is reported as such (:class:`CheckpointError`), the old file left in place."""
+    is reported as such (:class:`CheckpointError`), the old file left in place.
+    A preemption signal arriving during the write is handled after it
+    (:func:`signals_deferred`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            (dump or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with signals_deferred():
+            with os.fdopen(fd, "wb") as f:
+                (dump or torch.save)(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)

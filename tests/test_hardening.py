@@ -249,3 +249,27 @@ def test_an_empty_override_of_a_string_key_is_the_empty_string():
     assert resolve(FINETUNE_SPEC, None, ["augment.auto_augment="])["augment"]["auto_augment"] == ""
     with pytest.raises(ConfigError, match="train.epochs: a value is needed"):
         resolve(COMMON_SPEC, None, ["train.epochs="])
+
+
+def test_a_preemption_signal_waits_for_the_checkpoint_write(tmp_path):
+    """SIGUSR2 (SLURM's preemption warning, on which submitit's handler raises
+    SystemExit) sent in the middle of a checkpoint write runs its handler only
+    after the file is whole and in place."""
+    import os
+    import signal
+
+    from common.checkpoint import save_atomic
+
+    seen = []
+    old = signal.signal(signal.SIGUSR2, lambda *_: seen.append((tmp_path / "ckpt.pth").exists()))
+    try:
+        def dump(obj, f):
+            os.kill(os.getpid(), signal.SIGUSR2)  # arrives while the file is being written
+            assert not seen  # held back
+            torch.save(obj, f)
+
+        save_atomic({"w": torch.ones(3)}, tmp_path / "ckpt.pth", dump=dump)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert seen == [True]  # handled once, after the rename
+    assert torch.equal(torch.load(tmp_path / "ckpt.pth", weights_only=True)["w"], torch.ones(3))
