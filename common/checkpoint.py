@@ -54,7 +54,9 @@ def signals_deferred():
         yield
         return
     arrived = []
-    old = {s: signal.signal(s, lambda signum, frame: arrived.append((signum, frame))) for s in DEFERRED_SIGNALS}
+    # a handler installed outside Python (getsignal: None) could not be put back: left alone
+    held = [s for s in DEFERRED_SIGNALS if signal.getsignal(s) is not None]
+    old = {s: signal.signal(s, lambda signum, frame: arrived.append((signum, frame))) for s in held}
     try:
         yield
     finally:
