@@ -13,14 +13,17 @@ Runs five sections and writes ONE JSON (default ``bench/gpu_check.json`` on GPU,
    candidates, 128 combinations) at ``hvs.precision`` fp32 and bf16 (where
    ``bench.overhead`` takes that key; otherwise recorded as not run).
 3. ``loader``: views per second of the training loader (``MultiViewDataset`` +
-   ``DataLoader``) at 224 px, N = 2 and 4 views per image.
+   ``DataLoader``) at 224 px, N = 2 and 4 views per image, with
+   ``augment.device=loader`` and with ``model_crop`` (its device step on the
+   GPU timed in).
 4. ``memory``: peak ``torch.cuda.max_memory_allocated`` (and peak RSS) of every
    subprocess of the other sections, measured by a small in-process shim
    (``python -m bench.gpu_check --child MEMFILE MODULE ARGS...`` runs the module
    as ``python -m MODULE ARGS...`` would and records its peaks at exit).
 5. ``signal``: SimSiam on the full CIFAR-10 training set, baseline and HVS with
    the same seed and the same number of steps (as many as fit in about
-   ``--signal-seconds`` for the HVS arm, from a measured step time), then
+   ``--signal-seconds`` for the HVS arm, from a measured step time), with
+   ``augment.device=model_crop``, then
    ``python -m eval.knn`` on both checkpoints; k-NN top-1 of both.
 
 ``--tiny`` makes every section tiny (small models, 16 px images, a synthetic
@@ -239,11 +242,15 @@ class Check:
 
     # --- 3. loader -----------------------------------------------------------------
     def loader(self) -> dict:
+        """Views per second, N = 2 and 4, of the loader with ``augment.device``
+        ``loader`` (all in PIL in the workers) and ``model_crop`` (the workers
+        decode; crop, resize, flip and colour on this device, timed in)."""
         import torch
         from torch.utils.data import DataLoader
 
-        from common.augment import MultiViewDataset, MultiViewTransform, ViewRecipe
+        from common.augment import MultiViewDataset, MultiViewTransform, ViewRecipe, collate, views_to
         from common.data import build_dataset
+        from common.photometric import device_photometric
 
         dataset, data_dir, what = self.data()
         base = build_dataset(dataset, "train", data_dir)
@@ -252,29 +259,34 @@ class Check:
         batches = 2 if self.tiny else self.args.loader_batches
         out = {"data": what, "image_size": size, "batch_size": batch, "num_workers": workers,
                "cpu_count": os.cpu_count()}
-        for n in (2, 4):
-            ds = MultiViewDataset(base, MultiViewTransform(slots=[(ViewRecipe(size=size), n)]), seed=0)
-            loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                pin_memory=self.cuda, persistent_workers=False,
-                                generator=torch.Generator().manual_seed(0))
-            it = iter(loader)
-            next(it)  # worker start-up and the first batch: not timed
-            t0, done = time.perf_counter(), 0
-            for _ in range(batches):
-                try:
-                    views, *_ = next(it)
-                except StopIteration:
-                    break
+        for where in ("loader", "model_crop"):
+            for n in (2, 4):
+                transform = MultiViewTransform(slots=[(ViewRecipe(size=size), n)])
+                step = device_photometric({"augment": {"device": where}}, transform)
+                ds = MultiViewDataset(base, transform, seed=0)
+                loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                    pin_memory=self.cuda, persistent_workers=False, collate_fn=collate,
+                                    generator=torch.Generator().manual_seed(0))
+                it = iter(loader)
+                next(it)  # worker start-up and the first batch: not timed
+                t0, done = time.perf_counter(), 0
+                for _ in range(batches):
+                    try:
+                        views, params, *_ = next(it)
+                    except StopIteration:
+                        break
+                    views = views_to(views, self.device)
+                    if step is not None:
+                        views, params = step(views, params)
+                    done += 1
                 if self.cuda:
-                    views = [v.to("cuda", non_blocking=True) for v in views]
-                done += 1
-            if self.cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            del it
-            out[f"N={n}"] = {"batches": done, "seconds": round(dt, 3),
-                             "images_per_s": done * batch / dt if done else None,
-                             "views_per_s": done * batch * n / dt if done else None}
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                del it
+                key = f"N={n}" if where == "loader" else f"{where} N={n}"
+                out[key] = {"batches": done, "seconds": round(dt, 3),
+                            "images_per_s": done * batch / dt if done else None,
+                            "views_per_s": done * batch * n / dt if done else None}
         return out
 
     # --- 5. signal -------------------------------------------------------------------
@@ -289,6 +301,8 @@ class Check:
                       f"data.data_dir={data_dir}", f"run.device={self.device}", "run.seed=0",
                       f"data.num_workers={min(8, os.cpu_count() or 1)}", "run.log_every=10",
                       "train.amp=bf16" if self.cuda else "train.amp=off"]
+        common.append("augment.device=model_crop")  # device-side augmentation (the same pixels as the loader's)
+        out["augment_device"] = "model_crop"
         arms = {"hvs": "hvs.enabled=true", "baseline": "hvs.enabled=false"}
         if self.tiny:
             steps = self.args.signal_steps or 3

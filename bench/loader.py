@@ -3,7 +3,7 @@ our loader (``common.augment.MultiViewDataset``: N candidates per image,
 parameters recorded) for N = 2, 4, 8 at several sizes, beside a plain
 torchvision pipeline of the same recipe (random resized crop, flip, colour
 jitter, grayscale, blur: the authors' kind of loader) drawing the same number
-of views, in the same process, alternating.  Three loaders:
+of views, in the same process, alternating.  Four loaders:
 
 - ``ours``: ``augment.device=loader``, every view finished in PIL in the workers;
 - ``ours_model``: ``augment.device=model``, the workers only crop, flip and
@@ -11,6 +11,10 @@ of views, in the same process, alternating.  Three loaders:
   photometric step (:class:`common.photometric.DevicePhotometric`) is timed
   apart on one collated batch, on ``--device`` (the CPU by default: one
   thread, in this process), and added per image: ``ours_model_total``;
+- ``ours_model_crop``: ``augment.device=model_crop``, the workers only decode
+  each image once and draw the parameters; its device step (crop, resize,
+  flip and the photometric part, :class:`common.photometric.DeviceViews`) is
+  timed the same way: ``ours_model_crop_total``;
 - ``torchvision``: the authors' kind of pipeline.
 
     python -m bench.loader --data-dir ../shared/data --sizes 32 64 224 --views 2 4 8 --images 256
@@ -38,12 +42,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe
+from common.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
+                            views_to)
 from common.checkpoint import write_json_atomic
 from common.data import DataError, build_dataset
-from common.photometric import DevicePhotometric
+from common.photometric import device_photometric
 
-LOADERS = ("ours", "ours_model", "torchvision")
+LOADERS = ("ours", "ours_model", "ours_model_crop", "torchvision")
+#: augment.device of our loaders; those on the device have a timed device step and a ``<name>_total``
+OURS = {"ours": "loader", "ours_model": "model", "ours_model_crop": "model_crop"}
+ON_DEVICE = ("ours_model", "ours_model_crop")
 
 
 class PILBlur:
@@ -85,7 +93,7 @@ def ours(base, size: int, n: int, photometric: str = "loader") -> Dataset:
 def make_loader(name: str, base, size: int, n: int) -> Dataset:
     if name == "torchvision":
         return TorchvisionViews(base, size, n)
-    return ours(base, size, n, "model" if name == "ours_model" else "loader")
+    return ours(base, size, n, OURS[name])
 
 
 def cpu_seconds() -> float:
@@ -97,7 +105,8 @@ def cpu_seconds() -> float:
 def read_all(dataset, batch_size: int, workers: int):
     """(wall seconds, CPU seconds, images) of one pass of a loader over ``dataset``."""
     t0, c0, count = time.perf_counter(), cpu_seconds(), 0
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=False)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=False,
+                        collate_fn=collate)
     for batch in loader:
         count += len(batch[-1] if isinstance(batch[-1], torch.Tensor) else batch[1])
     del loader, batch  # the workers are joined once the pass ends
@@ -117,16 +126,18 @@ class EmptyItems(Dataset):
         return index, index
 
 
-def photometric_seconds_per_image(base, size: int, n: int, batch_size: int, repeats: int, device: str) -> float:
-    """Seconds per image of the device-side photometric step of
-    ``augment.device=model`` on ``device``: the median over ``repeats`` runs
-    (after one warm-up) on one collated batch of the model-path loader.  On
-    the CPU: CPU seconds with one thread, as a loader worker has; on a GPU:
-    wall seconds between synchronisations."""
-    dataset = ours(base, size, n, "model")
-    views, params, _, _ = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=False)))
-    step = DevicePhotometric(dataset.transform.recipes())
-    views = [v.to(device) for v in views]
+def device_seconds_per_image(base, size: int, n: int, batch_size: int, repeats: int, device: str,
+                             where: str = "model") -> float:
+    """Seconds per image of the device-side step of ``augment.device=where``
+    (``model``: the photometric part; ``model_crop``: crop, resize, flip and
+    the photometric part) on ``device``: the median over ``repeats`` runs
+    (after one warm-up) on one collated batch of that loader.  On the CPU: CPU
+    seconds with one thread, as a loader worker has; on a GPU: wall seconds
+    between synchronisations."""
+    dataset = ours(base, size, n, "loader")
+    step = device_photometric({"augment": {"device": where}}, dataset.transform)
+    views, params, _, _ = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)))
+    views = views_to(views, device)
     on_cpu = device == "cpu"
     clock = time.process_time if on_cpu else time.perf_counter
 
@@ -164,17 +175,17 @@ def benchmark(base, sizes, views, images: int, batch_size: int, workers: int, re
                 ips = statistics.median(count / wall for wall, _, count in measured)
                 cpu = statistics.median(max(0.0, cpu - empty) / count for _, cpu, count in measured)
                 row[name] = {"images_per_s": ips, "views_per_s": ips * n, "cpu_ms_per_image": cpu * 1e3}
-            if "ours_model" in loaders:
-                seconds = photometric_seconds_per_image(base, size, n, batch_size, repeats, device)
-                row["device_photometric"] = {"device": device, "s_per_image": seconds, "s_per_view": seconds / n}
-                loader = row["ours_model"]
+            for name in (name for name in ON_DEVICE if name in loaders):
+                seconds = device_seconds_per_image(base, size, n, batch_size, repeats, device, OURS[name])
+                row[f"{name}_device_step"] = {"device": device, "s_per_image": seconds, "s_per_view": seconds / n}
+                loader = row[name]
                 ips = 1.0 / (1.0 / loader["images_per_s"] + seconds)
-                row["ours_model_total"] = {"images_per_s": ips, "views_per_s": ips * n,
-                                           "cpu_ms_per_image": loader["cpu_ms_per_image"] + seconds * 1e3}
+                row[f"{name}_total"] = {"images_per_s": ips, "views_per_s": ips * n,
+                                        "cpu_ms_per_image": loader["cpu_ms_per_image"] + seconds * 1e3}
             rows.append(row)
     for row in rows:  # cost per image relative to N = 2 of the same size and loader
         ref = next((r for r in rows if r["size"] == row["size"] and r["n_views"] == 2), None)
-        for name in [k for k in (*LOADERS, "ours_model_total") if k in row]:
+        for name in [k for k in names_of(LOADERS) if k in row]:
             entry, base_entry = row[name], (ref or {}).get(name)
             entry["cost_vs_n2"] = (entry["cpu_ms_per_image"] / base_entry["cpu_ms_per_image"]
                                    if base_entry and base_entry["cpu_ms_per_image"] > 0 else None)
@@ -182,11 +193,15 @@ def benchmark(base, sizes, views, images: int, batch_size: int, workers: int, re
     return rows
 
 
+def names_of(loaders) -> list:
+    """The loaders and, after each on the device, its total with the device step."""
+    return [k for name in loaders for k in ((name, f"{name}_total") if name in ON_DEVICE else (name,))]
+
+
 def goal(rows, size: int = 224, n: int = 4, key: str = "cost_vs_n2") -> dict:
     """The goal figure: cost per image with N = 4 over N = 2 at 224 px, per loader."""
     row = next((r for r in rows if r["size"] == size and r["n_views"] == n), {})
-    return {name: row[name][key] for name in (*LOADERS, "ours_model_total")
-            if name in row and row[name].get(key) is not None}
+    return {name: row[name][key] for name in names_of(LOADERS) if name in row and row[name].get(key) is not None}
 
 
 def fmt(entry) -> str:
@@ -209,8 +224,10 @@ def main(argv=None) -> list:
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements per row; the median (default 2)")
     p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
                    help="loaders to measure (default all): ours (augment.device=loader), ours_model "
-                        "(augment.device=model, plus its device-side photometric step), torchvision")
-    p.add_argument("--device", default="cpu", help="where the device-side photometric step is timed (default cpu)")
+                        "(augment.device=model, plus its device-side photometric step), ours_model_crop "
+                        "(augment.device=model_crop, plus its device-side crop, resize, flip and photometric step), "
+                        "torchvision")
+    p.add_argument("--device", default="cpu", help="where the device-side steps are timed (default cpu)")
     p.add_argument("--output", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
     random.seed(0)
@@ -225,12 +242,12 @@ def main(argv=None) -> list:
                      loaders, args.device)
     print(f"{args.dataset}, {args.images} images, batch {args.batch_size}, {args.workers} workers, "
           f"median of {args.repeats}; per loader: views/s (wall), CPU ms per image, CPU cost per image vs N=2")
-    names = [*loaders] + (["ours_model_total"] if "ours_model" in loaders else [])
-    print("size | N | " + " | ".join(names) + (" | photometric on " + args.device if "ours_model" in loaders else ""))
+    names = names_of(loaders)
+    steps = [name for name in ON_DEVICE if name in loaders]
+    print("size | N | " + " | ".join(names) + "".join(f" | {name} step on {args.device}" for name in steps))
     for r in rows:
-        photo = r.get("device_photometric")
         print(f"{r['size']:4d} | {r['n_views']} | " + " | ".join(fmt(r.get(name)) for name in names)
-              + (f" | {photo['s_per_image'] * 1e3:.2f} ms/img" if photo else ""))
+              + "".join(f" | {r[name + '_device_step']['s_per_image'] * 1e3:.2f} ms/img" for name in steps))
     ratios = goal(rows)
     if ratios:
         wall = goal(rows, key="wall_cost_vs_n2")

@@ -12,7 +12,9 @@ Where the photometric half of a view runs is ``augment.device``
 ``model`` makes the workers stop after the crop, flip and resize (uint8
 tensors) while drawing and recording the same parameters from the same random
 sequence, and :mod:`common.photometric` finishes the views on the training
-device from those rows, pixel for pixel as PIL would.
+device from those rows, pixel for pixel as PIL would; ``model_crop`` makes the
+workers only decode each image once and draw and record every parameter, and
+the crop, resize and flip (:mod:`common.resample`) run on the device as well.
 
 Randomness comes from an explicit :class:`random.Random` passed in, never from
 the global generators: :class:`MultiViewDataset` seeds it from
@@ -48,6 +50,8 @@ PARAM_NAMES = (
 )
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+#: ``augment.device``: where the views are rendered (:func:`device_spec`).
+DEVICE_CHOICES = ("loader", "model", "model_crop")
 
 
 @dataclass
@@ -113,9 +117,11 @@ def device_spec() -> dict:
     from common.config import setting
 
     return {"augment.device": setting(
-        "loader", "where colour jitter, grayscale, blur and solarisation run: loader (PIL, per view, in the loader "
-        "workers) or model (batched on the training device from the recorded parameters; the workers only crop, "
-        "flip and resize, to uint8)", ["loader", "model"])}
+        "loader", "where the views are rendered: loader (all in PIL, per view, in the loader workers), model "
+        "(colour jitter, grayscale, blur and solarisation batched on the training device from the recorded "
+        "parameters; the workers only crop, flip and resize, to uint8) or model_crop (the workers only decode "
+        "each image once and draw the parameters; crop, resize and flip run on the training device too). All "
+        "three give the same pixels", list(DEVICE_CHOICES))}
 
 
 def augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, size=224) -> dict:
@@ -142,19 +148,28 @@ def recipe_from_cfg(a: dict) -> ViewRecipe:
                       jitter_p=a["jitter_p"], gray_p=a["gray_p"], blur_p=a["blur_p"], blur_sigma=a["blur_sigma"])
 
 
-def draw_geometry(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None):
-    """Crop (``box`` = (x, y, w, h) in pixels, or a random-resized crop drawn
-    here), resize and maybe flip: (PIL view, params row with the geometry)."""
+def draw_box(size, recipe: ViewRecipe, rng: random.Random, box=None) -> list:
+    """The geometry of one view of an image of ``size`` (W, H): a params row
+    with the crop (``box`` = (x, y, w, h) in pixels, or a random-resized crop
+    drawn here) and the flip."""
     row = [0.0] * len(PARAM_NAMES)
-    W, H = img.size
+    W, H = size
     row[P["img_w"]], row[P["img_h"]] = W, H
     x, y, w, h = box if box is not None else sample_crop(rng, W, H, recipe.scale, recipe.ratio)
     row[P["crop_x"]], row[P["crop_y"]], row[P["crop_w"]], row[P["crop_h"]] = x, y, w, h
+    row[P["flip"]] = int(rng.random() < recipe.flip_p)
+    return row
+
+
+def draw_geometry(img: Image.Image, recipe: ViewRecipe, rng: random.Random, box=None):
+    """Crop (``box`` = (x, y, w, h) in pixels, or a random-resized crop drawn
+    here), resize and maybe flip: (PIL view, params row with the geometry)."""
+    row = draw_box(img.size, recipe, rng, box)
+    x, y, w, h = (int(row[P[k]]) for k in ("crop_x", "crop_y", "crop_w", "crop_h"))
     # crop, then resize (torchvision's resized_crop): a box given to resize() would filter with pixels outside it
     out = img.crop((x, y, x + w, y + h)).resize((recipe.size, recipe.size), RESAMPLE[recipe.interpolation])
-    if rng.random() < recipe.flip_p:
+    if row[P["flip"]]:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        row[P["flip"]] = 1
     return out, row
 
 
@@ -220,7 +235,8 @@ def render(view: Image.Image, recipe: ViewRecipe, row: list, colour, finish) -> 
 
 
 def to_uint8(view: Image.Image) -> torch.Tensor:
-    """A geometric view as it leaves the workers with ``augment.device=model``: uint8 [3, S, S]."""
+    """A geometric view (``augment.device=model``) or the decoded image
+    (``model_crop``) as it leaves the workers: uint8 [3, H, W]."""
     return torch.from_numpy(np.asarray(view, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
@@ -310,6 +326,10 @@ class MultiViewTransform:
       loop finishes them on its device (:class:`common.photometric.DevicePhotometric`).
       With static colour the V views come once and the rows twice ([2V, ...]):
       the shared-colour rows, then the own-colour rows of the renderings.
+      ``"model_crop"``: as ``"model"``, but instead of the V views the decoded
+      image itself, once (one uint8 tensor [3, H, W], not a list; :func:`collate`
+      packs a batch of them), the crops and flips only drawn and recorded
+      (:class:`common.photometric.DeviceViews` renders them).
     """
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])
@@ -335,12 +355,15 @@ class MultiViewTransform:
                 pair, draws = self.policy.draw_boxes(rng, *img.size, recipes[:2], step)
                 boxes = dict(enumerate(pair))
         shared = draw_colour(recipes[0], rng) if self.static_color else None
-        if self.photometric not in ("loader", "model"):
-            raise ValueError(f"photometric={self.photometric!r} must be 'loader' or 'model'")
-        on_device = self.photometric == "model"
+        if self.photometric not in DEVICE_CHOICES:
+            raise ValueError(f"photometric={self.photometric!r} must be one of {DEVICE_CHOICES}")
+        on_device, crop_on_device = self.photometric != "loader", self.photometric == "model_crop"
         views, renders, rows, own_rows = [], [], [], []
         for k, recipe in enumerate(recipes):
-            base, row = draw_geometry(img, recipe, rng, boxes.get(k))
+            if crop_on_device:
+                base, row = None, draw_box(img.size, recipe, rng, boxes.get(k))
+            else:
+                base, row = draw_geometry(img, recipe, rng, boxes.get(k))
             colour = draw_colour(recipe, rng)
             finish = draw_finish(recipe, rng)
             row[P["draws"]] = draws if k < 2 else 0
@@ -350,14 +373,68 @@ class MultiViewTransform:
                     record(own_rows[-1], colour, finish)
                     colour = shared
                 record(row, colour, finish)
-                views.append(to_uint8(base))
+                if base is not None:
+                    views.append(to_uint8(base))
             else:
                 if shared is not None:
                     renders.append(render(base.copy(), recipe, list(row), colour, finish))
                     colour = shared
                 views.append(render(base, recipe, row, colour, finish))
             rows.append(row)
-        return views + renders, torch.tensor(rows + own_rows, dtype=torch.float32)
+        params = torch.tensor(rows + own_rows, dtype=torch.float32)
+        if crop_on_device:  # one copy of the decoded pixels, [3, H, W] as a view of them ([H, W, 3])
+            return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), params
+        return views + renders, params
+
+
+@dataclass
+class DecodedBatch:
+    """The decoded images of a batch (``augment.device=model_crop``), packed
+    without padding: ``pixels`` uint8, image after image, each in [H, W, 3]
+    order (as decoded); ``shapes`` [B, 2] their (H, W)."""
+
+    pixels: torch.Tensor
+    shapes: torch.Tensor
+
+    def images(self) -> list:
+        """The images as uint8 [3, H, W] views of ``pixels``."""
+        sizes = (self.shapes[:, 0] * self.shapes[:, 1] * 3).tolist()
+        return [flat.view(h, w, 3).permute(2, 0, 1)
+                for flat, (h, w) in zip(self.pixels.split(sizes), self.shapes.tolist())]
+
+    def to(self, device, non_blocking: bool = False) -> "DecodedBatch":
+        return DecodedBatch(self.pixels.to(device, non_blocking=non_blocking), self.shapes)
+
+    def pin_memory(self) -> "DecodedBatch":  # DataLoader(pin_memory=True) calls it
+        return DecodedBatch(self.pixels.pin_memory(), self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def views_to(views, device):
+    """A batch's views (a list of tensors, or a :class:`DecodedBatch`) on ``device``."""
+    if isinstance(views, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in views]
+    return views.to(device, non_blocking=True)
+
+
+def collate(batch):
+    """The loader's ``collate_fn`` for :class:`MultiViewDataset`: PyTorch's
+    default, except for decoded images (``augment.device=model_crop``, a
+    [3, H, W] tensor in place of the list of views), which are packed into a
+    :class:`DecodedBatch` (in a worker, straight into shared memory)."""
+    from torch.utils.data import default_collate, get_worker_info
+
+    if not isinstance(batch[0][0], torch.Tensor):
+        return default_collate(batch)
+    images, rest = [b[0] for b in batch], [b[1:] for b in batch]
+    shapes = torch.tensor([tuple(image.shape[1:]) for image in images], dtype=torch.int64)
+    pixels = torch.empty(sum(image.numel() for image in images), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        pixels.share_memory_()
+    torch.cat([image.permute(1, 2, 0).reshape(-1) for image in images], out=pixels)
+    return (DecodedBatch(pixels, shapes), *default_collate(rest))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

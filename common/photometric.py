@@ -14,6 +14,10 @@ batch, driven by those recorded rows (:data:`common.augment.PARAM_NAMES`):
 2. grayscale; 3. Gaussian blur with the recorded sigma; 4. solarisation;
 5. to float in [0, 1] and normalisation with the recipe's mean and std.
 
+With ``augment.device=model_crop`` the workers hand over the decoded images
+instead, and :class:`DeviceViews` first crops, resizes and flips the
+candidates on the device (:mod:`common.resample`), then does the same.
+
 Every operation follows the integer arithmetic of the PIL operation it
 replaces, rounding to ``uint8`` where PIL does, so that the pixels match the
 loader path (tests/test_device_augment.py replays recorded rows through both):
@@ -366,11 +370,41 @@ class DevicePhotometric:
         return out
 
 
+class DeviceViews(DevicePhotometric):
+    """:class:`DevicePhotometric` for ``augment.device=model_crop``: called
+    with the decoded images of the batch (a :class:`common.augment.DecodedBatch`,
+    or a list of uint8 [3, H, W]) in place of the candidates; crops, resizes
+    and flips every candidate from its row (:func:`common.resample.crop_resize_flip`,
+    consecutive views of one size and filter together), then finishes them as
+    :class:`DevicePhotometric`."""
+
+    def __call__(self, images, params: torch.Tensor):
+        from common.resample import crop_resize_flip
+
+        if hasattr(images, "images"):
+            images = images.images()
+        V = len(self.recipes)
+        if isinstance(images, torch.Tensor) or len(images) != params.shape[0] or params.shape[1] not in (V, 2 * V) \
+                or any(image.dim() != 3 for image in images):
+            raise ValueError(f"device views: expected the {params.shape[0]} decoded images [3, H, W] of the batch "
+                             f"and {V} or {2 * V} parameter rows per image, got {type(images).__name__} and "
+                             f"{tuple(params.shape)}")
+        candidates, v = [], 0
+        while v < V:
+            r, w = self.recipes[v], v
+            while w < V and (self.recipes[w].size, self.recipes[w].interpolation) == (r.size, r.interpolation):
+                w += 1
+            candidates.extend(crop_resize_flip(images, params[:, v:w], r.size, r.interpolation).unbind(1))
+            v = w
+        return super().__call__(candidates, params)
+
+
 def device_photometric(cfg: dict, transform) -> DevicePhotometric | None:
-    """With ``augment.device=model``: switch the transform's workers to
-    geometry only and return the step that finishes the views on the device;
-    None with ``loader``."""
-    if cfg["augment"].get("device", "loader") != "model":
+    """With ``augment.device=model`` (``model_crop``): switch the transform's
+    workers to geometry only (to decoding only) and return the step that
+    finishes the views on the device; None with ``loader``."""
+    where = cfg["augment"].get("device", "loader")
+    if where == "loader":
         return None
-    transform.photometric = "model"
-    return DevicePhotometric(transform.recipes())
+    transform.photometric = where
+    return (DeviceViews if where == "model_crop" else DevicePhotometric)(transform.recipes())

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou
+from common.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou, collate, views_to
 from common.config import COMMON_SPEC, ConfigError, entry_point, parse_args
 from common.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
@@ -74,7 +74,7 @@ def base_root(dataset) -> str:
 
 def make_loader(dataset, sampler, batch_size, num_workers, pin):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=pin, persistent_workers=False)
+                      drop_last=True, pin_memory=pin, persistent_workers=False, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     per_rank = global_batch // dist.world()
     method = method_cls(cfg, device)
     dataset, sampler = build_train_data(cfg, method, per_rank)
-    photometric = device_photometric(cfg, dataset.transform)  # augment.device=model: views finished on the device
+    photometric = device_photometric(cfg, dataset.transform)  # augment.device=model(_crop): views made on the device
     iters = sampler.batches
     if cfg["run"]["max_steps_per_epoch"]:
         iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
@@ -295,8 +295,8 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
         if it >= r.iters:
             break
-        candidates = [c.to(r.device, non_blocking=True) for c in candidates]
-        if r.photometric is not None:  # augment.device=model: jitter, gray, blur, solarize of the recorded params
+        candidates = views_to(candidates, r.device)  # augment.device=model_crop: the decoded images
+        if r.photometric is not None:  # augment.device=model(_crop): the views from the recorded params
             candidates, params = r.photometric(candidates, params)
         renders = None
         if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings

@@ -1,8 +1,10 @@
 """augment.device=model: the loader's workers crop, flip and resize to uint8 and
 record every photometric parameter as before; common/photometric.py finishes
-the views on the training device from those rows.  Replayed against PIL (the
-loader path, common.augment.render) operation by operation and view by view:
-the pixels are equal (0 levels apart), and the normalised tensors too."""
+the views on the training device from those rows.  augment.device=model_crop:
+the workers only decode and draw; common/resample.py crops, resizes and flips
+on the device too.  Replayed against PIL (the loader path,
+common.augment.render) operation by operation and view by view: the pixels
+are equal (0 levels apart), and the normalised tensors too."""
 import random
 
 import numpy as np
@@ -12,8 +14,9 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 
 from common import photometric as ph
-from common.augment import (P, IoUPolicy, MultiViewDataset, MultiViewTransform, ViewRecipe, draw_colour,
-                            draw_finish, draw_geometry, record)
+from common import resample
+from common.augment import (P, PARAM_NAMES, IoUPolicy, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
+                            draw_colour, draw_finish, draw_geometry, record, sample_crop, to_uint8)
 from common.config import ConfigError
 from common.multicrop import multicrop_transform
 from tests.helpers import dino_cfg, read_log, tiny_cfg
@@ -119,11 +122,67 @@ def batch(transform, images, seed=0):
     """The loader's collated batch of ``transform`` over ``images`` (sample k
     at training step k): (views, params)."""
     out = [transform(image, random.Random(seed + k), step=k) for k, image in enumerate(images)]
-    return [torch.stack([o[0][v] for o in out]) for v in range(len(out[0][0]))], torch.stack([o[1] for o in out])
+    views, params, _ = collate([(o[0], o[1], 0) for o in out])
+    return views, params
 
 
+def pil_views(images, boxes, flips, size, interpolation):
+    resample_filter = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    out = []
+    for image, image_boxes, image_flips in zip(images, boxes, flips):
+        for (x, y, w, h), flip in zip(image_boxes, image_flips):
+            view = image.crop((x, y, x + w, y + h)).resize((size, size), resample_filter)
+            out.append(levels(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view)[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [5, 16, 37])
+def test_crop_resize_flip_replays_pil_exactly(interpolation, size):
+    """Crops of every kind (shrunk, enlarged, one side kept, the whole image,
+    tall and wide: both orders of PIL's passes), flipped or not, from images
+    of different sizes zero-padded into one batch: PIL's pixels exactly."""
+    g = np.random.default_rng(size)
+    images = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((90, 23), (14, 70), (41, 41))]
+    rng = random.Random(size)
+    boxes, flips = [], []
+    for image in images:
+        W, H = image.size
+        own = [sample_crop(rng, W, H, (0.05, 1.0), (0.3, 3.0)) for _ in range(5)]
+        own += [(0, 0, W, H), (W - min(W, size), 0, min(W, size), H), (1, H - min(H, size), W - 1, min(H, size))]
+        boxes.append(own)
+        flips.append([rng.random() < 0.5 for _ in own])
+    params = torch.zeros(len(images), len(boxes[0]), len(PARAM_NAMES))
+    for b, (image_boxes, image_flips) in enumerate(zip(boxes, flips)):
+        for v, ((x, y, w, h), flip) in enumerate(zip(image_boxes, image_flips)):
+            params[b, v, [P["crop_x"], P["crop_y"], P["crop_w"], P["crop_h"], P["flip"]]] = torch.tensor(
+                [x, y, w, h, float(flip)])
+    first = resample.vertical_first(params[..., P["crop_w"]].numpy(), params[..., P["crop_h"]].numpy(), size)
+    assert not resample.pillow_vertical_first() or (first.any() and not first.all())  # both orders are replayed
+    packed, _ = collate([(to_uint8(im), 0) for im in images])
+    assert [tuple(i.shape) for i in packed.images()] == [(3, im.size[1], im.size[0]) for im in images]
+    expected = pil_views(images, boxes, flips, size, interpolation)
+    got = resample.crop_resize_flip(packed.images(), params, size, interpolation)
+    assert torch.equal(got.flatten(0, 1), expected)
+    # one image per group (the smallest budget), and all three in one zero-padded group: the same pixels
+    assert torch.equal(resample.crop_resize_flip(packed.images(), params, size, interpolation, max_values=1), got)
+    padded = torch.zeros(3, 3, 90, 70, dtype=torch.uint8)
+    for k, image in enumerate(packed.images()):
+        padded[k, :, : image.shape[1], : image.shape[2]] = image
+    assert torch.equal(resample.crop_resize_flip(padded, params, size, interpolation), got)
+
+
+def test_crop_outside_its_image_is_an_error():
+    params = torch.zeros(2, 1, len(PARAM_NAMES))
+    params[:, 0, [P["crop_x"], P["crop_w"], P["crop_h"]]] = torch.tensor([4.0, 8.0, 8.0])
+    images = [torch.zeros(3, 20, 20, dtype=torch.uint8), torch.zeros(3, 10, 10, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="outside image 1 of the batch \\(10x10\\)"):
+        resample.crop_resize_flip(images, params, 4, "bilinear")
+
+
+@pytest.mark.parametrize("where", ["model", "model_crop"])
 @pytest.mark.parametrize("kind", ["pair", "pair_static_colour", "pair_iou_policy", "multicrop"])
-def test_device_path_gives_the_loader_paths_views_and_rows(kind, tmp_path):
+def test_device_path_gives_the_loader_paths_views_and_rows(kind, where, tmp_path):
     """The whole step: same images and seeds through both paths; the device
     path's normalised views (and the static-colour renderings) and param rows
     (with the IoU policy's redrawn crops) are equal to the loader path's, bit for bit."""
@@ -135,13 +194,17 @@ def test_device_path_gives_the_loader_paths_views_and_rows(kind, tmp_path):
         return MultiViewTransform([(recipe, 4)], static_color=kind == "pair_static_colour", policy=policy)
 
     loader, device = make(), make()
-    device.photometric = "model"
+    step = ph.device_photometric({"augment": {"device": where}}, device)
+    assert device.photometric == where
     images = make_images(5, seed=2)
     views, params = batch(loader, images)
     raw, rows = batch(device, images)
-    assert all(v.dtype == torch.uint8 for v in raw) and len(raw) == params.shape[1]
+    if where == "model":
+        assert all(v.dtype == torch.uint8 for v in raw) and len(raw) == params.shape[1]
+    else:  # the decoded images, packed
+        assert all(torch.equal(a, levels(b)[0].to(torch.uint8)) for a, b in zip(raw.images(), images))
     assert rows.shape[1] == (2 if kind == "pair_static_colour" else 1) * params.shape[1]
-    finished, kept = ph.DevicePhotometric(device.recipes())(raw, rows)
+    finished, kept = step(raw, rows)
     assert torch.equal(kept, params)
     assert len(finished) == len(views) and all(torch.equal(a, b) for a, b in zip(finished, views))
     if kind == "pair_iou_policy":
@@ -177,7 +240,7 @@ class CountingImages(torch.utils.data.Dataset):
         return self.images[index].copy(), 0
 
 
-@pytest.mark.parametrize("photometric", ["loader", "model"])
+@pytest.mark.parametrize("photometric", ["loader", "model", "model_crop"])
 def test_every_candidate_comes_from_one_decode_of_the_image(photometric, tmp_path):
     """MultiViewDataset reads each image once per sample, whatever the number
     of candidates; every candidate is cropped from that one decoded image."""
@@ -189,7 +252,10 @@ def test_every_candidate_comes_from_one_decode_of_the_image(photometric, tmp_pat
         dataset = MultiViewDataset(base, transform)
         for i in range(len(dataset)):
             views, params, _, _ = dataset[i]
-            assert len(views) == params.shape[0] > 2
+            if photometric == "model_crop":  # the image itself, once, as the workers decoded it
+                assert torch.equal(views, levels(images[i])[0].to(torch.uint8)) and params.shape[0] > 2
+            else:
+                assert len(views) == params.shape[0] > 2
         assert base.reads == [1] * len(images)
 
 
@@ -198,7 +264,8 @@ def test_device_option_is_in_every_method_and_checked(tmp_path):
 
     for name in ("simsiam", "simclr", "dino", "ibot", "dino_stn"):
         spec = get_method(name).spec
-        assert spec["augment.device"]["default"] == "loader" and spec["augment.device"]["choices"] == ["loader", "model"]
+        assert spec["augment.device"]["default"] == "loader"
+        assert spec["augment.device"]["choices"] == ["loader", "model", "model_crop"]
     from simsiam.method import SimSiamMethod
 
     with pytest.raises(ConfigError, match="augment.device"):
@@ -209,6 +276,10 @@ def test_device_option_is_in_every_method_and_checked(tmp_path):
     transform = MultiViewTransform()
     assert ph.device_photometric({**cfg, "augment": {**cfg["augment"], "device": "loader"}}, transform) is None
     assert transform.photometric == "loader"
+    step = ph.device_photometric({**cfg, "augment": {**cfg["augment"], "device": "model_crop"}}, transform)
+    assert isinstance(step, ph.DeviceViews) and transform.photometric == "model_crop"
+    with pytest.raises(ValueError, match="decoded images"):  # the views of model, not the images of model_crop
+        step([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)] * 2, torch.zeros(2, 2, len(PARAM_NAMES)))
 
 
 # ----------------------------------------------------------------------------
@@ -234,16 +305,17 @@ def assert_same_run(a, b):
 @pytest.mark.parametrize("extra", [[], ["hvs.static_color=true"]])
 def test_pair_method_trains_identically_with_the_device_path(tmp_path, image_root, extra):
     """SimSiam with HVS, 2 steps of 4 images: the same recorded params,
-    choices, scores and losses with augment.device=model as with loader (the
+    choices, scores and losses with augment.device=model and model_crop as with loader (the
     pixels are equal, so the whole run is)."""
     from common.train import run
     from simsiam.method import SimSiamMethod
 
     args = ["hvs.enabled=true", "train.epochs=1", "run.max_steps_per_epoch=2", "train.batch_size=4", "augment.blur_p=0.7",
             *extra]
-    for device in ("loader", "model"):
+    for device in ("loader", "model", "model_crop"):
         run(tiny_cfg(SimSiamMethod, tmp_path / device, image_root, *args, f"augment.device={device}"), SimSiamMethod)
     assert_same_run(tmp_path / "loader", tmp_path / "model")
+    assert_same_run(tmp_path / "loader", tmp_path / "model_crop")
 
 
 @pytest.mark.slow
@@ -255,6 +327,7 @@ def test_dino_trains_identically_with_the_device_path(tmp_path, image_root):
 
     args = ["hvs.enabled=true", "train.epochs=1", "run.max_steps_per_epoch=2", "data.num_workers=1",
             "augment.solarize_p=[0.0,0.5,0.0]"]
-    for device in ("loader", "model"):
+    for device in ("loader", "model", "model_crop"):
         run(dino_cfg(tmp_path / device, image_root, *args, f"augment.device={device}"), DINOMethod)
     assert_same_run(tmp_path / "loader", tmp_path / "model")
+    assert_same_run(tmp_path / "loader", tmp_path / "model_crop")

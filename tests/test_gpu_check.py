@@ -35,7 +35,9 @@ def test_gpu_check_tiny_cpu(tmp_path):
     assert all(f > 0 for v in timed for f in v["factors"].values())
 
     loader = sections["loader"]
-    assert loader["N=2"]["views_per_s"] > 0 and loader["N=4"]["views_per_s"] > 0
+    for key in ("N=2", "N=4", "model_crop N=2", "model_crop N=4"):  # augment.device loader and model_crop
+        assert loader[key]["views_per_s"] > 0 and loader[key]["batches"] == 2
+    assert sections["signal"]["augment_device"] == "model_crop"
 
     top1 = sections["signal"]["knn_top1"]
     assert set(top1) == {"hvs", "baseline"}
