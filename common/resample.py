@@ -20,17 +20,16 @@ clipped to 0, ``xmax`` likewise clipped to ``n``) by ``filter((i - center +
 vertical pass first where the height shrinks by much more than the width
 (:func:`vertical_first`); the order is probed from the installed Pillow.
 
-Here every pass of every view is a matrix whose columns hold those integer
-weights, placed at the crop's offset in the decoded image (zero-padded to the
-largest of a group of images of similar size), so that one batched matrix
-product does the pass for all views of the group's images;
-a horizontal flip reverses the columns of the horizontal matrix.  The products
-run in float64, where the integer sums (below 2^31) are exact (on every
-device: no TF32 in float64).  They are dense (every pixel of the padded image
-times every output pixel): cheap on a GPU, slower than PIL on a CPU, where
-``augment.device=loader`` stays the choice.
+Here a pass runs for all views of a group of images of similar size at once
+(zero-padded to the largest of them): for each of its K taps, one gather of
+the input pixels the tap reads for every output pixel of every view (at the
+crop's offset; a horizontal flip reverses the outputs' taps), times the tap's
+integer weight, summed in int32 as PIL does, then rounded.  Integer
+arithmetic throughout: exact on every device.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -79,26 +78,73 @@ def pass_weights(n: int, size: int, interpolation: str):
     return xmin, fixed
 
 
-def pass_matrix(n: int, size: int, offset: int, length: int, interpolation: str, flip: bool = False) -> np.ndarray:
-    """[length, size] float64: one pass over pixels ``offset .. offset+n-1`` of
-    an axis of ``length`` pixels, as a matrix (output column ``j`` takes
-    ``sum_i M[i, j] p_i``); the identity (times 2^22) when ``n == size``, as
-    PIL skips the pass.  ``flip`` reverses the outputs."""
-    m = np.zeros((length, size))
+@functools.lru_cache(maxsize=4096)
+def pass_taps(n: int, size: int, interpolation: str):
+    """The taps of one pass from ``n`` pixels to ``size`` as PIL runs it:
+    (input pixel of every tap [size, K], its int32 weight [size, K]), the
+    identity (one tap of weight 2^22) where ``n == size`` (PIL skips that
+    pass); taps past the filter's end weigh 0 (and point inside the input)."""
     if n == size:
-        m[offset + np.arange(size), np.arange(size)] = float(1 << PRECISION_BITS)
-    else:
-        xmin, fixed = pass_weights(n, size, interpolation)
-        rows = offset + xmin[:, None] + np.arange(fixed.shape[1])[None, :]
-        cols = np.broadcast_to(np.arange(size)[:, None], rows.shape)
-        keep = fixed != 0
-        m[rows[keep], cols[keep]] = fixed[keep]
-    return m[:, ::-1] if flip else m
+        return np.arange(size)[:, None], np.full((size, 1), 1 << PRECISION_BITS, dtype=np.int32)
+    xmin, fixed = pass_weights(n, size, interpolation)
+    index = np.minimum(xmin[:, None] + np.arange(fixed.shape[1])[None, :], n - 1)
+    return index, fixed.astype(np.int32)
 
 
-def _round_pass(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ``clip8``: ``(sum + 2^21) >> 22`` clipped to [0, 255]."""
-    return x.add_(float(1 << (PRECISION_BITS - 1))).div_(float(1 << PRECISION_BITS)).floor_().clamp_(0, 255)
+def _taps(lengths, offsets, flips, size: int, interpolation: str, device):
+    """Tap indices (int64, into the padded axis) and weights (int32), each
+    [B, k, size, K], of the passes of ``k`` views of each of ``B`` images
+    (``lengths``, ``offsets``, ``flips``: [B, k] crop lengths, offsets, flips
+    along the axis; a length of 0 is an empty slot: all weights 0)."""
+    B, k = lengths.shape
+    found = {(b, v): pass_taps(int(lengths[b, v]), size, interpolation)
+             for b in range(B) for v in range(k) if lengths[b, v] > 0}
+    K = max(t[0].shape[1] for t in found.values())
+    index = np.zeros((B, k, size, K), dtype=np.int64)
+    weight = np.zeros((B, k, size, K), dtype=np.int32)
+    for (b, v), (idx, w) in found.items():
+        idx, w = idx + offsets[b, v], w
+        if flips[b, v]:
+            idx, w = idx[::-1], w[::-1]
+        index[b, v, :, : idx.shape[1]] = idx
+        weight[b, v, :, : w.shape[1]] = w
+    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+
+
+def _round_pass(acc: torch.Tensor) -> torch.Tensor:
+    """PIL's ``clip8``: ``(sum + 2^21) >> 22`` clipped to [0, 255] (int32)."""
+    return ((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp_(0, 255)
+
+
+def _pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """One pass along ``dim`` (3: rows, 4: columns) of ``x`` [B, k or 1, 3,
+    H, W] int32 with taps ``index``/``weight`` [B, k, S, K]: sum of the
+    weighted taps in int32, as PIL's ``int`` accumulator, then rounded."""
+    B, k, S, K = index.shape
+    shape = list(x.shape)
+    shape[1], shape[dim] = k, S
+    x = x.expand(B, k, *x.shape[2:])
+    view = (B, k, 1, S, 1) if dim == 3 else (B, k, 1, 1, S)
+    acc = torch.zeros(shape, dtype=torch.int32, device=x.device)
+    for t in range(K):
+        tap = torch.gather(x, dim, index[..., t].reshape(view).expand(shape))
+        acc.add_(tap.mul_(weight[..., t].reshape(view)))
+    return _round_pass(acc)
+
+
+def _resize(x: torch.Tensor, geometry: np.ndarray, size: int, interpolation: str, vfirst: bool) -> torch.Tensor:
+    """Crop, resize and flip ``k`` views of each image, all in one order of
+    the passes: ``x`` [B, 3, H, W] int32 (zero-padded images), ``geometry``
+    [5, B, k] (crop x, y, w, h, flip; w = 0: an empty slot).  Returns [B, k, 3,
+    size, size] int32 levels."""
+    x0, y0, cw, ch, flip = geometry
+    none = np.zeros_like(flip)
+    cols = _taps(cw, x0, flip, size, interpolation, x.device)
+    rows = _taps(np.where(cw > 0, ch, 0), y0, none, size, interpolation, x.device)
+    x = x[:, None]
+    if vfirst:
+        return _pass(_pass(x, *rows, dim=3), *cols, dim=4)
+    return _pass(_pass(x, *cols, dim=4), *rows, dim=3)
 
 
 def vertical_first(n_x, n_y, size: int):
@@ -125,22 +171,20 @@ def pillow_vertical_first() -> bool:
     if not _PILLOW_RULE:
         from PIL import Image
 
-        image = np.random.default_rng(0).integers(0, 256, (40, 12), dtype=np.uint8)
-        got = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC), dtype=np.float64)
-        x = torch.from_numpy(image.astype(np.float64))
-        mx = torch.from_numpy(pass_matrix(12, 16, 0, 12, "bicubic").copy())
-        my = torch.from_numpy(pass_matrix(40, 16, 0, 40, "bicubic").T.copy())
-        vh = _round_pass(_round_pass(my @ x) @ mx).numpy()
-        hv = _round_pass(my @ _round_pass(x @ mx)).numpy()
-        if not (np.array_equal(got, vh) or np.array_equal(got, hv)) or np.array_equal(vh, hv):
+        image = np.random.default_rng(0).integers(0, 256, (40, 12, 3), dtype=np.uint8)
+        got = torch.from_numpy(np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC)).copy())
+        x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].to(torch.int32)
+        geometry = np.array([0, 0, 12, 40, 0]).reshape(5, 1, 1)
+        vh, hv = (_resize(x, geometry, 16, "bicubic", order)[0, 0].permute(1, 2, 0) for order in (True, False))
+        if not (torch.equal(got.int(), vh) or torch.equal(got.int(), hv)) or torch.equal(vh, hv):
             raise RuntimeError("this Pillow's resize rounds unlike either known order of its passes: "
                                "augment.device=model_crop cannot replay it; use augment.device=model")
-        _PILLOW_RULE.append(bool(np.array_equal(got, vh)))
+        _PILLOW_RULE.append(bool(torch.equal(got.int(), vh)))
     return _PILLOW_RULE[0]
 
 
 def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str,
-                     max_values: int = 1 << 26) -> torch.Tensor:
+                     max_values: int = 1 << 24) -> torch.Tensor:
     """The views of a batch: ``images`` the B decoded images (a list of uint8
     [3, H_i, W_i], any device, or a tensor [B, 3, H, W]), ``params`` [B, n,
     len(PARAM_NAMES)] (CPU) the rows of ``n`` views of each image, all of
@@ -149,8 +193,8 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
     then maybe a flip (as :func:`common.augment.draw_geometry`).
 
     Images of similar size go together (sorted by area), zero-padded to the
-    largest of their group, a group holding at most about ``max_values``
-    float64 values per pass."""
+    largest of their group, a group's first pass holding at most about
+    ``max_values`` values."""
     if isinstance(images, torch.Tensor):
         images = list(images.unbind(0))
     B, n = params.shape[:2]
@@ -165,56 +209,33 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"crop boxes outside image {i} of the batch ({shapes[i, 1]}x{shapes[i, 0]})")
     out = torch.empty(B, n, 3, size, size, dtype=torch.float32, device=images[0].device)
+    first_v = vertical_first(cw, ch, size)
     group: list = []
 
     def flush():
         H, W = shapes[group].max(0)
-        x = torch.zeros(len(group), 3, H, W, dtype=torch.float64, device=out.device)
+        x = torch.zeros(len(group), 3, H, W, dtype=torch.int32, device=out.device)
         for j, i in enumerate(group):
             x[j, :, : shapes[i, 0], : shapes[i, 1]] = images[i]
-        out[group] = _crop_resize_flip_padded(x, geometry[:, group], size, interpolation)
+        for vfirst in (False, True):  # the views of each order, in slots padded to the most any image has
+            chosen = first_v[group] == vfirst
+            k = int(chosen.sum(1).max())
+            if k == 0:
+                continue
+            slots = [np.flatnonzero(c) for c in chosen]
+            sub = np.zeros((5, len(group), k), dtype=np.int64)
+            for j, (i, views) in enumerate(zip(group, slots)):
+                sub[:, j, : len(views)] = geometry[:, i, views]
+            views = _resize(x, sub, size, interpolation, vfirst)
+            for j, (i, vs) in enumerate(zip(group, slots)):
+                if len(vs):
+                    out[i, torch.as_tensor(vs, device=out.device)] = views[j, : len(vs)].to(torch.float32)
         group.clear()
 
     for i in np.argsort(shapes.prod(1), kind="stable"):
-        H, W = np.maximum(shapes[group + [i]].max(0), n * size)
-        if group and (len(group) + 1) * 3 * H * W > max_values:
+        H, W = np.maximum(shapes[group + [i]].max(0), size)
+        if group and (len(group) + 1) * n * 3 * H * W > max_values:
             flush()
         group.append(int(i))
     flush()
-    return out
-
-
-def _crop_resize_flip_padded(x: torch.Tensor, geometry: np.ndarray, size: int, interpolation: str) -> torch.Tensor:
-    """:func:`crop_resize_flip` of images zero-padded into one batch: ``x`` [B,
-    3, H, W] float64, ``geometry`` [5, B, n] (crop x, y, w, h, flip)."""
-    B, _, H, W = x.shape
-    x0, y0, cw, ch, flip = geometry
-    n, dev, S = geometry.shape[2], x.device, size
-    out = torch.empty(B, n, 3, S, S, dtype=torch.float32, device=dev)
-    first_v = vertical_first(cw, ch, S)
-    for vfirst in (False, True):  # views of each order, padded to the most any image has (zero matrices)
-        chosen = first_v == vfirst
-        k = int(chosen.sum(1).max())
-        if k == 0:
-            continue
-        slots = [[v for v in range(n) if chosen[b, v]] for b in range(B)]
-        mx = np.zeros((B, k, W, S))
-        my = np.zeros((B, k, S, H))
-        for b, views in enumerate(slots):
-            for j, v in enumerate(views):
-                mx[b, j] = pass_matrix(cw[b, v], S, x0[b, v], W, interpolation, bool(flip[b, v]))
-                my[b, j] = pass_matrix(ch[b, v], S, y0[b, v], H, interpolation).T
-        mx, my = torch.from_numpy(mx).to(dev), torch.from_numpy(my).to(dev)
-        if not vfirst:  # rows of the image through every view's horizontal matrix at once
-            t = torch.bmm(x.reshape(B, 3 * H, W), mx.permute(0, 2, 1, 3).reshape(B, W, k * S))
-            t = _round_pass(t).view(B, 3, H, k, S).permute(0, 3, 1, 2, 4).reshape(B * k, 3, H, S)
-            views = _round_pass(torch.matmul(my.reshape(B * k, 1, S, H), t))
-        else:  # columns of the image through every view's vertical matrix at once
-            t = torch.bmm(my.reshape(B, k * S, H), x.permute(0, 2, 1, 3).reshape(B, H, 3 * W))
-            t = _round_pass(t).view(B, k, S, 3, W).permute(0, 1, 3, 2, 4).reshape(B * k, 3, S, W)
-            views = _round_pass(torch.matmul(t, mx.reshape(B * k, 1, W, S)))
-        views = views.view(B, k, 3, S, S)
-        for b, vs in enumerate(slots):
-            if vs:
-                out[b, vs] = views[b, : len(vs)].to(torch.float32)
     return out
