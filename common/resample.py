@@ -103,7 +103,7 @@ def _taps(lengths, offsets, flips, size: int, interpolation: str, device):
     index = np.zeros((B, k, size, K), dtype=np.int64)
     weight = np.zeros((B, k, size, K), dtype=np.int32)
     for (b, v), (idx, w) in found.items():
-        idx, w = idx + offsets[b, v], w
+        idx = idx + offsets[b, v]
         if flips[b, v]:
             idx, w = idx[::-1], w[::-1]
         index[b, v, :, : idx.shape[1]] = idx
@@ -184,7 +184,7 @@ def pillow_vertical_first() -> bool:
 
 
 def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str,
-                     max_values: int = 1 << 24) -> torch.Tensor:
+                     max_values: int | None = None) -> torch.Tensor:
     """The views of a batch: ``images`` the B decoded images (a list of uint8
     [3, H_i, W_i], any device, or a tensor [B, 3, H, W]), ``params`` [B, n,
     len(PARAM_NAMES)] (CPU) the rows of ``n`` views of each image, all of
@@ -194,7 +194,8 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
 
     Images of similar size go together (sorted by area), zero-padded to the
     largest of their group, a group's first pass holding at most about
-    ``max_values`` values."""
+    ``max_values`` values (default 2^24 on a CPU, 2^27 on an accelerator:
+    fewer, larger groups)."""
     if isinstance(images, torch.Tensor):
         images = list(images.unbind(0))
     B, n = params.shape[:2]
@@ -209,6 +210,8 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"crop boxes outside image {i} of the batch ({shapes[i, 1]}x{shapes[i, 0]})")
     out = torch.empty(B, n, 3, size, size, dtype=torch.float32, device=images[0].device)
+    if max_values is None:
+        max_values = 1 << (24 if out.device.type == "cpu" else 27)
     first_v = vertical_first(cw, ch, size)
     group: list = []
 
