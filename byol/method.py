@@ -34,9 +34,8 @@ the target's.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from common.backbones import build_resnet
+from common.backbones import build_resnet, has_batchnorm
 from common.config import setting
 from common.hvs import precision_setting
 from common.method import PairMethod, StepInfo
@@ -47,10 +46,6 @@ from common.schedules import cosine_schedule
 from common.two_views import N_RECIPES, TwoViews, two_views_spec
 from byol.loss import byol_loss, pair_scores
 from byol.model import BYOL
-
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
 
 class BYOLMethod(TwoViews, PairMethod):
     """BYOL (Grill et al. 2020), optionally with Hard View Selection."""

@@ -59,6 +59,11 @@ def build_backbone(arch: str, *, cifar_stem: bool = False, patch_size: int = 16,
     raise ValueError(f"model.arch={arch!r} is not one of {list(RESNETS) + sorted(VITS)}")
 
 
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm layer (its outputs then depend on the batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def is_vit(arch: str) -> bool:
     return arch in VITS
 

@@ -59,6 +59,13 @@ BLUR_PASSES = 3  # PIL's GaussianBlur: three box passes per direction
 # ----------------------------------------------------------------------------
 # the operations, on float32 images [n, 3, H, W] holding integers 0..255
 # ----------------------------------------------------------------------------
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """A small host array or list on ``device`` without waiting for the
+    device's queued work (a blocking copy would synchronise the training
+    step with the GPU)."""
+    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
@@ -262,11 +269,11 @@ def gaussian_blur(x: torch.Tensor, sigma) -> torch.Tensor:
         rows = [i for i, w in enumerate(weights) if w[0] == whole]
         ww = torch.tensor([weights[i][1] for i in rows], dtype=torch.int32)
         fw = torch.tensor([weights[i][2] for i in rows], dtype=torch.int32)
-        w = tuple(_per_sample(t).to(x.device) for t in (ww >> 12, ww & 4095, fw >> 12, fw & 4095))
+        w = tuple(_per_sample(to_device(t, x.device)) for t in (ww >> 12, ww & 4095, fw >> 12, fw & 4095))
         if len(rows) == len(weights):
             y = out
         else:
-            idx = torch.tensor(rows, device=x.device)
+            idx = to_device(rows, x.device)
             y = out.index_select(0, idx)
         for dim in (-1, -2):
             for _ in range(BLUR_PASSES):
@@ -284,7 +291,7 @@ def gaussian_blur(x: torch.Tensor, sigma) -> torch.Tensor:
 def _apply(x: torch.Tensor, rows: list, op, *args) -> None:
     """x[rows] <- op(x[rows], *args) in place (``rows``: sample indices)."""
     if rows:
-        idx = torch.tensor(rows, device=x.device)
+        idx = to_device(rows, x.device)
         x.index_copy_(0, idx, op(x.index_select(0, idx), *args))
 
 
@@ -305,7 +312,7 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor, chunk: int | N
     x = images.to(torch.float32)
     p = params.detach().to("cpu", torch.float64)
     jitter = p[:, P["jitter"]] > 0
-    factors = params.detach()[:, FACTOR_COLUMNS].to(device=x.device, dtype=torch.float32)
+    factors = to_device(params.detach()[:, FACTOR_COLUMNS].to(torch.float32), x.device)
     for k in range(4):  # round k: each jittered sample runs the operation it drew k-th
         for j, op in enumerate(JITTER_OPS):
             rows = torch.nonzero(jitter & (p[:, ORDER_COLUMNS[k]] == j)).flatten().tolist()
@@ -361,10 +368,10 @@ class DevicePhotometric:
             rows = params[:, v:w].transpose(0, 1).reshape(-1, params.shape[-1])  # view-major, as the cat
             chunk = None if images.device.type != "cpu" else max(1, CPU_CHUNK_VALUES // images[0].numel())
             levels = apply_photometric(images, rows, chunk)
-            mean = torch.tensor([self.recipes[u].mean for u in range(v, w) for _ in range(B)],
-                                dtype=torch.float32, device=images.device)
-            std = torch.tensor([self.recipes[u].std for u in range(v, w) for _ in range(B)],
-                               dtype=torch.float32, device=images.device)
+            mean = to_device([self.recipes[u].mean for u in range(v, w) for _ in range(B)], images.device,
+                             torch.float32)
+            std = to_device([self.recipes[u].std for u in range(v, w) for _ in range(B)], images.device,
+                            torch.float32)
             out.extend(normalize(levels, mean, std).split(B))
             v = w
         return out

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from common.augment import P
+from common.photometric import to_device
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
 
@@ -108,7 +109,7 @@ def _taps(lengths, offsets, flips, size: int, interpolation: str, device):
             idx, w = idx[::-1], w[::-1]
         index[b, v, :, : idx.shape[1]] = idx
         weight[b, v, :, : w.shape[1]] = w
-    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+    return to_device(index, device), to_device(weight, device)
 
 
 def _round_pass(acc: torch.Tensor) -> torch.Tensor:
@@ -161,26 +162,22 @@ def vertical_first(n_x, n_y, size: int):
     return (dy > 0) & (dy > 2 * dx)
 
 
-_PILLOW_RULE: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def pillow_vertical_first() -> bool:
     """Whether the installed Pillow runs the vertical pass first where the
     height shrinks much more than the width: probed once, on an image where
     the two orders round differently."""
-    if not _PILLOW_RULE:
-        from PIL import Image
+    from PIL import Image
 
-        image = np.random.default_rng(0).integers(0, 256, (40, 12, 3), dtype=np.uint8)
-        got = torch.from_numpy(np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC)).copy())
-        x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].to(torch.int32)
-        geometry = np.array([0, 0, 12, 40, 0]).reshape(5, 1, 1)
-        vh, hv = (_resize(x, geometry, 16, "bicubic", order)[0, 0].permute(1, 2, 0) for order in (True, False))
-        if not (torch.equal(got.int(), vh) or torch.equal(got.int(), hv)) or torch.equal(vh, hv):
-            raise RuntimeError("this Pillow's resize rounds unlike either known order of its passes: "
-                               "augment.device=model_crop cannot replay it; use augment.device=model")
-        _PILLOW_RULE.append(bool(torch.equal(got.int(), vh)))
-    return _PILLOW_RULE[0]
+    image = np.random.default_rng(0).integers(0, 256, (40, 12, 3), dtype=np.uint8)
+    got = torch.from_numpy(np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC)).copy()).int()
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].to(torch.int32)
+    geometry = np.array([0, 0, 12, 40, 0]).reshape(5, 1, 1)
+    vh, hv = (_resize(x, geometry, 16, "bicubic", order)[0, 0].permute(1, 2, 0) for order in (True, False))
+    if not (torch.equal(got, vh) or torch.equal(got, hv)) or torch.equal(vh, hv):
+        raise RuntimeError("this Pillow's resize rounds unlike either known order of its passes: "
+                           "augment.device=model_crop cannot replay it; use augment.device=model")
+    return torch.equal(got, vh)
 
 
 def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str,
@@ -232,7 +229,7 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
             views = _resize(x, sub, size, interpolation, vfirst)
             for j, (i, vs) in enumerate(zip(group, slots)):
                 if len(vs):
-                    out[i, torch.as_tensor(vs, device=out.device)] = views[j, : len(vs)].to(torch.float32)
+                    out[i, to_device(vs, out.device)] = views[j, : len(vs)].to(torch.float32)
         group.clear()
 
     for i in np.argsort(shapes.prod(1), kind="stable"):

@@ -295,7 +295,7 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
         if it >= r.iters:
             break
-        candidates = views_to(candidates, r.device)  # augment.device=model_crop: the decoded images
+        candidates = views_to(candidates, r.device)  # the views, or (augment.device=model_crop) the images
         if r.photometric is not None:  # augment.device=model(_crop): the views from the recorded params
             candidates, params = r.photometric(candidates, params)
         renders = None

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.backbones import arch_label, build_backbone, is_vit
+from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit
 from common.config import setting
 from common.method import SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
@@ -96,9 +96,9 @@ class DINOMethod(SSLMethod):
         self.loss = self.loss_cls.from_cfg(cfg).to(device)
         self.model = self.model_cls(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
         self.size_multiple = int(m["patch_size"]) if is_vit(m["arch"]) else 1
-        has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in self.model.teacher.modules())
         h = cfg["hvs"]
-        self.reuse_teacher = bool(h["reuse_teacher"]) and float(h["resolution"]) == 1.0 and not has_bn
+        self.reuse_teacher = bool(h["reuse_teacher"]) and float(h["resolution"]) == 1.0 \
+            and not has_batchnorm(self.model.teacher)
 
     @classmethod
     def backbone(cls, cfg: dict, drop_path: float = 0.0) -> nn.Module:
