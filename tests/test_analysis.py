@@ -141,7 +141,7 @@ def test_pair_metrics_by_hand():
     assert (m["gray"], m["blur_sigma"], m["flip"], m["solarize"], m["area_ratio"]) == pytest.approx((1, 1.5, 0, 0, 1))
     # a flipped view has the same box: same IoU and centre distance, and the flip metric says it differs
     flipped = pair_metrics(a, view_row((25, 25, 50, 50), flip=1))
-    assert (flipped["iou"], flipped["centre_distance"], flipped["flip"]) == pytest.approx((m["iou"], 0.25, 1))
+    assert (float(flipped["iou"]), float(flipped["centre_distance"]), float(flipped["flip"])) == pytest.approx((float(m["iou"]), 0.25, 1))
     # disjoint, identical, nested boxes; a non-square image's diagonal
     assert pair_metrics(view_row((0, 0, 40, 40)), view_row((50, 50, 40, 40)))["iou"] == 0
     assert pair_metrics(a, a)["iou"] == 1 and pair_metrics(a, a)["centre_distance"] == 0
@@ -302,7 +302,8 @@ def test_importance_table_and_ranking(tmp_path):
     full_X, full_y, _ = importance.pair_table(data, ["iou", "brightness"], max_rows=10 ** 9)
     m = 7 * 6 + 3  # sample 7, combination 3
     pair_a, pair_b = data.params[7, data.combos[0, 3, 0]], data.params[7, data.combos[0, 3, 1]]
-    assert full_X[m] == pytest.approx([pair_metrics(pair_a, pair_b)["iou"], pair_metrics(pair_a, pair_b)["brightness"]])
+    expected = pair_metrics(pair_a, pair_b)
+    assert full_X[m] == pytest.approx([float(expected["iou"]), float(expected["brightness"])])
     assert full_y[m] == pytest.approx(data.scores[7, 3])
     _, centred, _ = importance.pair_table(data, ["iou"], max_rows=10 ** 9, target="centred")
     assert np.allclose(centred.reshape(-1, 6).sum(axis=1), 0, atol=1e-5)
