@@ -8,17 +8,12 @@
 # venv, prints every package whose version differs from the lock, runs the fast tier
 # (-m "not slow") there and prints what broke.  Exit 0: nothing broke; 1: a test failed.
 # To take the new versions: bash scripts/lock.sh, run the tests, commit the lock.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-. scripts/common.sh
-py=$(lock_python)
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-fresh_venv "$tmp/venv" "$py"
-"$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade -r requirements.in
-frozen "$tmp/venv" > "$tmp/latest"
+. "$(dirname "$0")/common.sh"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade -r requirements.in
+frozen "$venv" > "$tmp/latest"
 grep '==' requirements.txt | LC_ALL=C sort -f > "$tmp/locked"
 echo "== what moved (lock -> newest)"
-"$tmp/venv/bin/python" - "$tmp/locked" "$tmp/latest" <<'PY'
+"$venv/bin/python" - "$tmp/locked" "$tmp/latest" <<'PY'
 import sys
 def pins(path):
     out = {}
@@ -43,7 +38,7 @@ print(f"  {moved} package(s) moved" if moved else "  nothing moved: the lock is 
 PY
 echo "== fast tier on the newest releases"
 set +e
-"$tmp/venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider tests > "$tmp/pytest.log" 2>&1
+"$venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider tests > "$tmp/pytest.log" 2>&1
 rc=$?
 set -e
 grep -E '^(FAILED|ERROR) ' "$tmp/pytest.log" | sed 's/^/  /' || true

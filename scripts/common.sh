@@ -1,4 +1,5 @@
-# Sourced by lock.sh and check_latest.sh: a throw-away venv of the lock's interpreter.
+# Sourced by lock.sh and check_latest.sh: strict mode, the repository root as the
+# working folder, and a throw-away venv "$venv" of the lock's interpreter (removed on exit).
 # PYTHON names the interpreter (default python3.11); the lock is for Python 3.11 on Linux x86_64.
 
 lock_python() {
@@ -24,3 +25,11 @@ fresh_venv() {
 frozen() {
   "$1/bin/python" -m pip freeze --all --disable-pip-version-check --exclude pip | LC_ALL=C sort -f
 }
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=$(lock_python)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+venv=$tmp/venv
+fresh_venv "$venv" "$py"

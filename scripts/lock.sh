@@ -7,14 +7,9 @@
 # It installs requirements.in into a fresh venv (the newest releases it allows) and
 # writes what pip installed.  When nothing was released since the last lock, the two
 # files come out byte-identical.  Then run the tests and commit both files.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-. scripts/common.sh
-py=$(lock_python)
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-fresh_venv "$tmp/venv" "$py"
-"$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.in
-frozen "$tmp/venv" > "$tmp/pins"
+. "$(dirname "$0")/common.sh"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.in
+frozen "$venv" > "$tmp/pins"
 if grep -v '==' "$tmp/pins"; then
   echo "error: the packages above are not installed from a registry release; no lock written" >&2; exit 1
 fi
@@ -41,7 +36,7 @@ done
 # Detectron2's own pins (an optional install) must fit the lock: resolve them against it.
 d2=${DETECTRON2_WHEELS:-../shared/wheels}
 if [ -f "$d2/requirements-detectron2.txt" ]; then
-  if "$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check --dry-run --only-binary :all: \
+  if "$venv/bin/python" -m pip install -q --disable-pip-version-check --dry-run --only-binary :all: \
        --find-links "$d2/deps" -c requirements.txt -r "$d2/requirements-detectron2.txt" > "$tmp/d2.log" 2>&1; then
     echo "Detectron2 pins ($d2/requirements-detectron2.txt): consistent with the lock"
   else
