@@ -62,7 +62,7 @@ usage: bash run_all.sh [options]
                  policies (--iou-policies; SimSiam and DINO) and the STN adversary (--stn-modes; DINO),
                  each with a linear probe
       detection  fine-tune the ResNets of --detection-methods for detection with Detectron2 (Tables 3
-                 and 7; needs Detectron2, see the README); small/gpu profiles: Faster R-CNN with the
+                 and 7; needs Detectron2, see docs/detection.md); small/gpu profiles: Faster R-CNN with the
                  ResNet-18 on the raccoon set (detection/configs/voc_small.yaml, 150 steps of batch 2,
                  ~5 min per checkpoint on 2 cores: ~10 min for SimSiam's baseline and HVS); paper:
                  VOC07+12 (48k steps) and COCO (90k steps) with R50-C4, as the paper
@@ -165,7 +165,7 @@ for e in $EVALS; do
 done
 has() { [[ " $EVALS " == *" $1 "* ]]; }
 if has detection && ! $HAVE_D2; then
-  echo "run_all.sh: --evals detection needs Detectron2, which is not importable: install it (README, 'Detection'), or leave detection out of --evals" >&2
+  echo "run_all.sh: --evals detection needs Detectron2, which is not importable: install it (docs/detection.md), or leave detection out of --evals" >&2
   exit 2
 fi
 # a result is (re)computed when missing or older than the checkpoint it evaluates

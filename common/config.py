@@ -79,7 +79,7 @@ COMMON_SPEC = {
     "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
     "train.batch_size": setting(512, "global batch size (split evenly over ranks)", range="[1, inf)"),
     "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
-    "train.compile": setting(False, "torch.compile the backbones (training step and selection forward); off by default: on CPU it did not pay (see the README)"),
+    "train.compile": setting(False, "torch.compile the backbones (training step and selection forward); off by default: on CPU it did not pay (see docs/performance.md)"),
     "train.sync_bn": setting(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
     "hvs.enabled": setting(False, "hard view selection on (N candidates per crop slot) or off (the baseline)"),
     "hvs.mode": setting("hard", "hard (argmax, the paper), easy (argmin, App. F.2), random (N views drawn, no selection)", ["hard", "easy", "random"]),

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: detection)")
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see docs/detection.md)")
 
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: detection)")
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see docs/detection.md)")
 
 from PIL import Image  # noqa: E402
 
