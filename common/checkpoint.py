@@ -30,10 +30,18 @@ class CheckpointError(RuntimeError):
 
 
 def _disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    # torch.save reports a failed write from its C++ zip writer (inline_container.cc)
-    return isinstance(err, RuntimeError) and "write" in str(err) and "inline_container" in str(err)
+    """Whether ``err`` comes from a full disk or an exhausted quota: an
+    ``OSError`` with ENOSPC/EDQUOT anywhere in its chain.  torch.save's zip
+    writer turns the failed write into a RuntimeError ("unexpected pos ...")
+    raised while the OSError is handled, so the errno is only found in the
+    exception's ``__context__``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 #: signals held back while a file is written: the preemption (USR2) and termination

@@ -165,6 +165,41 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
 
 
+def test_a_full_disk_is_named_when_torch_wraps_the_errno(tmp_path, monkeypatch):
+    """On a real file system the write fails inside torch.save's zip writer, which raises
+    RuntimeError("... unexpected pos ...") while handling OSError(ENOSPC); the file closes
+    without error afterwards.  The errno is found through the exception's chain."""
+    import errno
+    import io
+
+    path = tmp_path / "checkpoint.pth"
+    ckpt_io.save_atomic({"a": torch.ones(2)}, path)
+
+    class FillsUp(io.RawIOBase):  # accepts 1 KiB, then every write fails as on a full disk
+        def __init__(self, fd):
+            os.close(fd)
+            self.written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.written + len(b) > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(b)
+            return len(b)
+
+        def fileno(self):
+            raise OSError(errno.EBADF, "no descriptor")
+
+    monkeypatch.setattr(ckpt_io.os, "fdopen", lambda fd, mode: FillsUp(fd))
+    with pytest.raises(ckpt_io.CheckpointError, match=f"the disk is full: could not write {path}"):
+        ckpt_io.save_atomic({"a": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
 # --- bad input: one line, exit 2, before data and model -------------------------------------
 @pytest.mark.parametrize("override, key", [
     ("hvs.n_views=1", "hvs.n_views"), ("hvs.max_combinations=-1", "hvs.max_combinations"),
