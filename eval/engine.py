@@ -39,7 +39,7 @@ from common import dist
 from common.config import COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve
 from common.augment import SeededDataset, eval_transform
 from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
-from common.logs import JsonLog, Progress, fmt_time
+from common.logs import JsonLog, Progress, fmt_time, read_rows
 from common.runtime import (Diverged, EpochSampler, amp_settings, exit_on_error, run_session, step_seed,
                             warn_config_changes)
 
@@ -465,6 +465,8 @@ def eval_session(cfg: dict, info: dict):
                 raise ckpt_io.CheckpointError(
                     f"{existing} is an evaluation of other weights than {cfg['eval']['checkpoint']}: "
                     "use another run.output_dir, or delete that folder to start again")
+        if dist.is_main() and (run_dir.path / "log.jsonl").exists():
+            read_rows(run_dir.path / "log.jsonl")  # a damaged log is refused before config.yaml is written
         run_dir.write_config(cfg)
         yield device, run_dir.path
 
