@@ -17,7 +17,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see READM
 
 from PIL import Image  # noqa: E402
 
-from common.data import DataError  # noqa: E402
+from common.data import DataError, archive_key  # noqa: E402
 from detection import data as det_data  # noqa: E402
 from detection import train_net  # noqa: E402
 from tests.helpers import ROOT  # noqa: E402
@@ -132,7 +132,8 @@ def test_dataset_found_in_archive_and_reported_missing(tmp_path, monkeypatch):
     with tarfile.open(tmp_path / "data" / "raccoon-voc.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "raccoon-voc", arcname="raccoon-voc")
     root = det_data.voc_root("raccoon", str(tmp_path / "data"))
-    assert root == tmp_path / "cache" / "raccoon-voc" and len(det_data.load_voc(root, "test", ("raccoon",))) == 2
+    key = archive_key(tmp_path / "data" / "raccoon-voc.tar.gz")[:16]
+    assert root == tmp_path / "cache" / f"raccoon-voc-{key}" and len(det_data.load_voc(root, "test", ("raccoon",))) == 2
     with pytest.raises(DataError, match=r"'voc_2007' not found under .*VOCdevkit/VOC2007"):
         det_data.voc_root("voc_2007", str(tmp_path / "data"))
     with pytest.raises(DataError, match="unknown detection dataset 'pets_trainval'"):
