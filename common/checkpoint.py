@@ -124,28 +124,50 @@ def write_json_atomic(path, obj, default=None) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
+def torch_load_safely(path, what: str = "checkpoint", require_zip: bool = True):
+    """``torch.load(path, weights_only=True)`` on the CPU, every problem of the
+    file (missing, a folder, empty, not a zip archive, truncated, objects other
+    than tensors and plain values) a :class:`CheckpointError` naming it;
+    ``what`` names the file in the message (e.g. "MODEL.WEIGHTS").
+    ``require_zip=False`` also reads the format of torch before 1.6."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file: pass the checkpoint.pth inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted copy or write?")
+    with open(path, "rb") as f:
+        if require_zip and f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
+                                  "this file is something else)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
+        raise CheckpointError(f"cannot read {what} {path} with weights_only=True: {_load_failure(err)}") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """One line of why ``torch.load(weights_only=True)`` failed."""
+    import re
+
+    text = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:  # torch's text is a page of advice on loading it anyway
+        return (f"it holds an object of {refused.group(1)}, not only tensors and plain values; "
+                "refusing to unpickle it (it could run code)")
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if "zip archive" in reason:  # torch's own text goes on about miniz internals
+        reason = "its zip archive is truncated or damaged"
+    return reason
+
+
 def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:
     """Load a checkpoint safely (``weights_only=True``); refuse a file of another
     format (``fmt``: pretraining or evaluation checkpoints), method or
     architecture."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the checkpoint.pth inside it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
-                                  "this file is something else)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "zip archive" in reason:  # torch's own text goes on about miniz internals
-            reason = "its zip archive is truncated or damaged"
-        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {reason}") from None
+    ckpt = torch_load_safely(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         kind = "an evaluation" if fmt != FORMAT else "a pretraining"
         raise CheckpointError(f"{path} is not {kind} checkpoint of this repository (format {fmt!r} expected)")

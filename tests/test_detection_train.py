@@ -71,7 +71,16 @@ def handful_of_raccoons(data_dir: Path, n_trainval=6, n_test=3) -> Path:
 
 
 def run_cli(capsys, *argv):
-    """``python -m detection.train_net *argv`` in this process: (exit status, stderr)."""
+    """``python -m detection.train_net *argv`` in this process: (exit status, stderr).
+    Detectron2's loggers are set up afresh (their handlers hold the stdout of the call
+    that made them, which pytest closes after each test)."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger.cache_clear()
+    for name in ("detectron2", "fvcore"):
+        logging.getLogger(name).handlers.clear()
     try:
         train_net.cli([str(a) for a in argv])
         code = 0
@@ -170,6 +179,32 @@ def test_weights_file_with_code_is_not_unpickled(tmp_path, capsys, voc):
                         "OUTPUT_DIR", tmp_path / "out")
     assert code == 2 and "refusing to unpickle builtins.print" in err and str(evil) in err
     assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torch_weights_file_with_code_is_refused_in_one_line(tmp_path, capsys, voc):
+    """A .pth or .pyth MODEL.WEIGHTS is read with weights_only=True: a file holding code runs
+    nothing and ends with one line naming it (exit 2); so does a file that is not there."""
+    import torch
+
+    def error_lines(err):
+        return [line for line in err.splitlines() if line.startswith(f"{train_net.PROG}: error:")]
+
+    for suffix in (".pth", ".pyth"):
+        evil = tmp_path / f"evil{suffix}"
+        torch.save({"model_state": {"x": Evil()}, "model": {"x": Evil()}}, evil)
+        code, err = run_cli(capsys, "--config-file", SMALL, "--data-dir", voc.parent, "MODEL.WEIGHTS", evil,
+                            "OUTPUT_DIR", tmp_path / "out")
+        assert code == 2 and "Traceback" not in err, err
+        assert error_lines(err) == [f"{train_net.PROG}: error: cannot read MODEL.WEIGHTS {evil} with "
+                                    "weights_only=True: it holds an object of print, not only tensors and plain "
+                                    "values; refusing to unpickle it (it could run code)"]
+        assert "pwned" not in capsys.readouterr().out
+        missing = tmp_path / f"missing{suffix}"
+        code, err = run_cli(capsys, "--config-file", SMALL, "--data-dir", voc.parent, "MODEL.WEIGHTS", missing,
+                            "OUTPUT_DIR", tmp_path / "out")
+        assert code == 2 and "Traceback" not in err
+        assert error_lines(err) == [f"{train_net.PROG}: error: MODEL.WEIGHTS {missing} does not exist"]
 
 
 # --- training, evaluation, resume ----------------------------------------------------------------------
