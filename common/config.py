@@ -281,6 +281,23 @@ def overrides_of(args: argparse.Namespace, shortcuts: dict = SHORTCUTS) -> list:
     return overrides
 
 
+#: set (to anything) by ``launch.submitit``: an entry point stops once its configuration is resolved
+CHECK_ONLY_ENV = "HVS_CHECK_CONFIG_ONLY"
+#: what it prints then, on stdout
+CHECKED_LINE = "configuration resolved; nothing run (HVS_CHECK_CONFIG_ONLY)"
+
+
+def stop_if_checking() -> None:
+    """End the process (status 0) here when only the configuration is being
+    checked (:data:`CHECK_ONLY_ENV`): every entry point that resolves a
+    configuration calls this once it did, before data, model or output."""
+    import os
+
+    if os.environ.get(CHECK_ONLY_ENV):
+        print(CHECKED_LINE, flush=True)
+        sys.exit(0)
+
+
 def parse_args(spec: dict, description: str, argv=None) -> dict:
     """The command line of every training entry point::
 
@@ -289,9 +306,11 @@ def parse_args(spec: dict, description: str, argv=None) -> dict:
     parser = build_parser(spec, description)
     args = parser.parse_intermixed_args(argv)
     try:
-        return resolve(spec, args.config, overrides_of(args))
+        cfg = resolve(spec, args.config, overrides_of(args))
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    stop_if_checking()
+    return cfg
 
 
 def dump(cfg: dict, path) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import checkpoint as ckpt_io
-from common.config import ConfigError
+from common.config import ConfigError, stop_if_checking
 from common.data import DataError
 from common.runtime import EXIT_DIVERGED, EXIT_USER
 
@@ -89,6 +89,7 @@ def prepare_weights(args, cfg) -> list[str]:
     from detection.convert import convert, detectron2_settings, write_pkl
 
     if not args.checkpoint:
+        stop_if_checking()
         return []
     data = convert(args.checkpoint, args.which)
     wanted = detectron2_settings(data)
@@ -103,6 +104,7 @@ def prepare_weights(args, cfg) -> list[str]:
                 f"{args.checkpoint} holds a {src['arch']}{stem}, but {args.config_file} has {key} {node!r} "
                 f"where the checkpoint needs {value!r}: use a config for this backbone (the small profile's "
                 "ResNet-18: detection/configs/voc_small.yaml) or pass " + " ".join(f"{k} {v}" for k, v in wanted.items()))
+    stop_if_checking()  # the configuration and the weights' fit are checked: nothing written
     pkl = Path(cfg.OUTPUT_DIR) / "backbone.pkl"
     write_pkl(data, pkl)
     return ["MODEL.WEIGHTS", str(pkl)]

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.config import COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve
+from common.config import (COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve,
+                           stop_if_checking)
 from common.augment import SeededDataset, eval_transform
 from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
 from common.logs import JsonLog, Progress, fmt_time, read_rows
@@ -106,6 +107,8 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
         path = resolve(spec, args.config, overrides)["eval"]["checkpoint"]
         if not path:
             raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint.pth of this repository)")
+        if not Path(path).exists():  # checked before a job is queued: the checkpoint may be written by then
+            stop_if_checking()
         protocol = args.protocol if args.protocol != "auto" else auto_protocol(ckpt_io.load(path))
         cfg = resolve(spec, [protocols[protocol], *args.config], overrides)
         cfg["eval"]["protocol"] = protocol
@@ -113,6 +116,7 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
         backbone, info = ckpt_io.load_backbone(path, which=cfg["eval"]["which"], drop_path=drop_path)
     except (ConfigError, ckpt_io.CheckpointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    stop_if_checking()
     return cfg, backbone, info
 
 
