@@ -162,6 +162,24 @@ def _load_failure(err: Exception) -> str:
     return reason
 
 
+#: what every pretraining checkpoint holds, with the type of each
+PRETRAINING_ENTRIES = {"method": str, "arch": str, "config": dict, "epoch": int, "step": int, "model": dict}
+
+
+def check_pretraining_entries(path, ckpt: dict) -> None:
+    """A pretraining checkpoint has every entry of :data:`PRETRAINING_ENTRIES`
+    and a method of this repository."""
+    from common.registry import METHODS
+
+    for key, kind in PRETRAINING_ENTRIES.items():
+        if not isinstance(ckpt.get(key), kind):
+            found = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}"
+            raise CheckpointError(f"{path} is damaged: its entry {key!r} is {found}, not a {kind.__name__}")
+    if ckpt["method"] not in METHODS:
+        raise CheckpointError(f"{path} was trained by method {ckpt['method']!r}, which this repository does not "
+                              f"know (methods: {', '.join(sorted(METHODS))})")
+
+
 def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:
     """Load a checkpoint safely (``weights_only=True``); refuse a file of another
     format (``fmt``: pretraining or evaluation checkpoints), method or
@@ -171,6 +189,8 @@ def load(path, expect_method: str | None = None, expect_arch: str | None = None,
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         kind = "an evaluation" if fmt != FORMAT else "a pretraining"
         raise CheckpointError(f"{path} is not {kind} checkpoint of this repository (format {fmt!r} expected)")
+    if fmt == FORMAT:
+        check_pretraining_entries(path, ckpt)
     if expect_method is not None and ckpt["method"] != expect_method:
         raise CheckpointError(f"{path} is a {ckpt['method']!r} checkpoint, but this run trains "
                               f"{expect_method!r}: use another run.output_dir")
@@ -223,6 +243,9 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
                                                   which, drop_path=drop_path)
     except ValueError as err:  # e.g. --which teacher for a method without one
         raise CheckpointError(f"{path}: {err}") from err
+    except (RuntimeError, KeyError) as err:  # a model dictionary with tensors missing or of other shapes
+        raise CheckpointError(f"{path}: its model dictionary does not fit the {ckpt['arch']} of "
+                              f"{ckpt['method']}: {_state_mismatch(err)}") from None
     backbone.eval()
     cfg = ckpt["config"]
     info = {"method": ckpt["method"], "arch": ckpt["arch"], "dataset": cfg["data"]["dataset"],
@@ -230,6 +253,25 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
             "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"], "which": which,
             "fingerprint": fingerprint(backbone)}
     return backbone, info
+
+
+def _state_mismatch(err: Exception) -> str:
+    """One line of a failed ``load_state_dict`` (or a missing entry)."""
+    import re
+
+    if isinstance(err, KeyError):
+        return f"no entry {err.args[0]!r}"
+    text = str(err)
+    parts = []
+    for label in ("Missing key(s)", "Unexpected key(s)"):
+        m = re.search(label + r" in state_dict: (.*)", text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label.split()[0].lower()} tensor(s), e.g. {keys[0]}" if keys else label)
+    m = re.search(r"size mismatch for ([^:]+): (.*?)\.?$", text, re.M)
+    if m:
+        parts.append(f"{m.group(1)} of another shape ({m.group(2)})")
+    return "; ".join(parts) or (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def fingerprint(module) -> str:
