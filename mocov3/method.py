@@ -22,11 +22,9 @@ Recipe (Chen, Xie & He 2021; the released code's ``main_moco.py`` and
   colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2; view 1
   blurred always, view 2 blurred with p 0.1 and solarised with p 0.2.
 
-LARS is ``timm.optim.Lars`` (see ``simclr/method.py`` for how it reads): the
-weights are a group with weight decay and ``always_adapt``, BN and bias
-parameters a group with neither.  MoCo v3's own LARS divides by |g + wd w|
-where timm divides by |g| + wd |w|; the two differ by at most 2 wd |w|
-(2e-6 |w| at MoCo v3's weight decay).
+LARS is MoCo v3's own (:class:`common.optim.LARS`): trust ratio
+eta |w| / |g + wd w| on the weights; BN and bias parameters (the 1-d ones)
+take neither weight decay nor adaptation.
 
 The momentum update after step t uses the schedule's value at step t + 1:
 MoCo v3 updates at the *start* of step t + 1, before the keys, with that

@@ -154,8 +154,8 @@ def test_lars_groups_and_learning_rate_schedule(tmp_path):
     method = make(tmp_path, "optim.warmup_epochs=2", "train.epochs=10", "optim.lr=0.6")
     opt = method.build_optimizer(512)
     weights, others = opt.param_groups
-    assert weights["weight_decay"] == 1e-6 and weights["always_adapt"] and all(p.ndim > 1 for p in weights["params"])
-    assert others["weight_decay"] == 0.0 and not others["always_adapt"] and all(p.ndim <= 1 for p in others["params"])
+    assert weights["weight_decay"] == 1e-6 and weights["adapt"] and all(p.ndim > 1 for p in weights["params"])
+    assert others["weight_decay"] == 0.0 and not others["adapt"] and all(p.ndim <= 1 for p in others["params"])
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     model = method.model
     assert trained == {id(p) for p in [*model.base.parameters(), *model.predictor.parameters()]}
