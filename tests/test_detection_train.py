@@ -240,3 +240,36 @@ def test_few_steps_train_evaluate_and_resume(tmp_path, capsys, tiny_checkpoints)
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert max(r["iteration"] for r in rows if "total_loss" in r) == 5
     assert json.loads(results.read_text())["iterations"] == 6
+
+
+# --- the recipe ------------------------------------------------------------------------------------------
+MOCO_VOC_24K = {"max_iter": 24000, "steps": (18000, 22000)}  # MoCo's pascal_voc_R_50_C4_24k.yaml
+
+
+@pytest.mark.parametrize("name", ["voc_R_50_C4_48k", "coco_R_50_C4_90k", "voc_small"])
+def test_configs_use_mocos_naive_sync_batchnorm(name, tmp_path):
+    """MoCo's C4 recipe normalises with naiveSyncBN (its configs: SyncBN gave a larger variance)."""
+    from detectron2.layers import NaiveSyncBatchNorm
+    from torch import nn
+
+    from detection.modeling import build_hvs_resnet_backbone
+
+    args = train_net.get_parser().parse_args(["--config-file", str(ROOT / "detection/configs" / f"{name}.yaml"),
+                                              "OUTPUT_DIR", str(tmp_path)])
+    cfg = train_net.setup(args)
+    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    if name == "voc_small":  # the built layers (small enough to build here)
+        from detectron2.layers import ShapeSpec
+
+        backbone = build_hvs_resnet_backbone(cfg, ShapeSpec(channels=3))
+        norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, NaiveSyncBatchNorm) for m in norms)
+
+
+def test_voc_decays_are_mocos_scaled_with_the_schedule(tmp_path):
+    args = train_net.get_parser().parse_args(["--config-file", str(ROOT / "detection/configs/voc_R_50_C4_48k.yaml"),
+                                              "OUTPUT_DIR", str(tmp_path)])
+    cfg = train_net.setup(args)
+    scale = cfg.SOLVER.MAX_ITER / MOCO_VOC_24K["max_iter"]
+    assert cfg.SOLVER.MAX_ITER == 48000 and scale == 2
+    assert tuple(cfg.SOLVER.STEPS) == tuple(int(s * scale) for s in MOCO_VOC_24K["steps"]) == (36000, 44000)
