@@ -106,6 +106,15 @@ while [ $# -gt 0 ]; do
     *) echo "run_all.sh: unknown option $1" >&2; usage >&2; exit 2;;
   esac
 done
+whole_number() {  # whole_number OPTION VALUE MIN: a whole number >= MIN, or one line and exit 2
+  case "$2" in
+    ''|*[!0-9]*) echo "run_all.sh: $1 '$2': not a whole number (>= $3)" >&2; exit 2;;
+  esac
+  if [ "$2" -lt "$3" ]; then echo "run_all.sh: $1 $2: below $3" >&2; exit 2; fi
+}
+whole_number --gpus "$GPUS" 0
+whole_number --paper-epochs "$PAPER_EPOCHS" 1
+for seed in $SEEDS; do whole_number --seeds "$seed" 0; done
 if [ -z "$DATA_DIR" ]; then
   echo "run_all.sh: no data directory: pass --data-dir PATH or set HVS_DATA_DIR (e.g. HVS_DATA_DIR=../shared/data)" >&2
   exit 2

@@ -20,10 +20,14 @@ are left out); the sum over features is at most 1, the rest being interactions.
 
 The paper used the automl ``fanova`` package; it is not used here because it
 needs SWIG to build and fails on NumPy 2.  This module computes the same
-first-order quantity over a scikit-learn ``RandomForestRegressor``, whose
-defaults follow that package (16 trees, bootstrapping, all features per split,
-depth at most 64); the trees themselves differ, so the numbers agree in
-expectation, not digit for digit.
+first-order quantity over a scikit-learn ``RandomForestRegressor`` with that
+package's defaults of 16 trees, bootstrapping and depth at most 64.  One
+default differs: the package draws floor(0.7 d) of the d features at every
+split, while ``fanova`` here considers all of them by default
+(``max_features=1.0``, scikit-learn's default for regression; the importance
+analysis, ``analysis/importance.py``, keeps it, so its 12 pair metrics compete
+at every split); pass ``max_features=0.7`` for the package's choice.  The trees themselves differ,
+so the numbers agree in expectation, not digit for digit.
 """
 from __future__ import annotations
 
@@ -87,16 +91,17 @@ def tree_importance(tree, lower: np.ndarray, upper: np.ndarray):
 
 
 def fanova(X: np.ndarray, y: np.ndarray, n_trees: int = 16, seed: int = 0, max_depth: int = 64,
-           min_samples_leaf: int = 1, n_jobs: int = -1) -> FanovaResult:
+           min_samples_leaf: int = 1, n_jobs: int = -1, max_features: float = 1.0) -> FanovaResult:
     """Fit a random forest to (X, y) and return the first-order fANOVA
     importance of every column of X, under the uniform measure on the
-    bounding box of X."""
+    bounding box of X.  ``max_features``: the fraction of the features drawn
+    at every split (at least one; 0.7 is the ``fanova`` package's floor(0.7 d))."""
     from sklearn.ensemble import RandomForestRegressor
 
     X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
     if X.ndim != 2 or len(X) != len(y) or len(y) < 2:
         raise ValueError(f"fanova needs X [n, d] and y [n] with n >= 2, got {X.shape} and {y.shape}")
-    forest = RandomForestRegressor(n_estimators=n_trees, max_features=1.0, bootstrap=True, max_depth=max_depth,
+    forest = RandomForestRegressor(n_estimators=n_trees, max_features=max_features, bootstrap=True, max_depth=max_depth,
                                    min_samples_leaf=min_samples_leaf, random_state=seed, n_jobs=n_jobs)
     forest.fit(X, y)
     bounds = X.astype(np.float32).astype(np.float64)  # the trees split on float32 copies of X

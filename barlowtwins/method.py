@@ -11,9 +11,9 @@ epochs of linear warm-up then a cosine decay to 1/1000 of them, per step;
 batch 2048 for 1000 epochs.  Augmentation of BYOL, one recipe per view: crop
 scale 0.08-1 (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
 grayscale p 0.2, Gaussian blur (sigma 0.1-2) with p 1.0 / 0.1, solarisation
-with p 0 / 0.2 for view 1 / view 2.  LARS is ``timm.optim.Lars``; its update
-is described in :mod:`common.optim`, its small differences to the papers' LARS
-in ``simclr/method.py``.
+with p 0 / 0.2 for view 1 / view 2.  LARS is the official one
+(:class:`common.optim.LARS`: trust ratio eta |w| / |g + wd w|, momentum on the
+adapted update, BatchNorm and bias parameters excluded).
 
 HVS: the two views keep their recipes (:mod:`common.two_views`), so the loader
 draws ``hvs.n_views / 2`` candidates with each and a combination is one

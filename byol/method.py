@@ -2,8 +2,8 @@
 
 Recipe (Grill et al. 2020, Section 3 and Appendices B-C): ResNet-50 (zero-init
 residual, as this repository's other ResNet methods), projector and predictor
-MLPs 4096-256; loss :func:`byol.loss.byol_loss`; LARS (``timm.optim.Lars``,
-see ``simclr/method.py`` for how it reads) with lr 0.2 x batch/256, momentum
+MLPs 4096-256; loss :func:`byol.loss.byol_loss`; LARS (BYOL's: :class:`common.optim.LARS`,
+trust ratio eta |w| / |g + wd w|) with lr 0.2 x batch/256, momentum
 0.9, trust coefficient 1e-3, weight decay 1.5e-6, biases and BatchNorm
 parameters excluded from both weight decay and the adaptation, 10 epochs of
 linear warm-up then cosine decay to 0, per step; target EMA rate per step k of

@@ -30,10 +30,18 @@ class CheckpointError(RuntimeError):
 
 
 def _disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    # torch.save reports a failed write from its C++ zip writer (inline_container.cc)
-    return isinstance(err, RuntimeError) and "write" in str(err) and "inline_container" in str(err)
+    """Whether ``err`` comes from a full disk or an exhausted quota: an
+    ``OSError`` with ENOSPC/EDQUOT anywhere in its chain.  torch.save's zip
+    writer turns the failed write into a RuntimeError ("unexpected pos ...")
+    raised while the OSError is handled, so the errno is only found in the
+    exception's ``__context__``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 #: signals held back while a file is written: the preemption (USR2) and termination
@@ -116,31 +124,73 @@ def write_json_atomic(path, obj, default=None) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
+def torch_load_safely(path, what: str = "checkpoint", require_zip: bool = True):
+    """``torch.load(path, weights_only=True)`` on the CPU, every problem of the
+    file (missing, a folder, empty, not a zip archive, truncated, objects other
+    than tensors and plain values) a :class:`CheckpointError` naming it;
+    ``what`` names the file in the message (e.g. "MODEL.WEIGHTS").
+    ``require_zip=False`` also reads the format of torch before 1.6."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file: pass the checkpoint.pth inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted copy or write?")
+    with open(path, "rb") as f:
+        if require_zip and f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
+                                  "this file is something else)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
+        raise CheckpointError(f"cannot read {what} {path} with weights_only=True: {_load_failure(err)}") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """One line of why ``torch.load(weights_only=True)`` failed."""
+    import re
+
+    text = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:  # torch's text is a page of advice on loading it anyway
+        return (f"it holds an object of {refused.group(1)}, not only tensors and plain values; "
+                "refusing to unpickle it (it could run code)")
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if "zip archive" in reason:  # torch's own text goes on about miniz internals
+        reason = "its zip archive is truncated or damaged"
+    return reason
+
+
+#: what every pretraining checkpoint holds, with the type of each
+PRETRAINING_ENTRIES = {"method": str, "arch": str, "config": dict, "epoch": int, "step": int, "model": dict}
+
+
+def check_pretraining_entries(path, ckpt: dict) -> None:
+    """A pretraining checkpoint has every entry of :data:`PRETRAINING_ENTRIES`
+    and a method of this repository."""
+    from common.registry import METHODS
+
+    for key, kind in PRETRAINING_ENTRIES.items():
+        if not isinstance(ckpt.get(key), kind):
+            found = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}"
+            raise CheckpointError(f"{path} is damaged: its entry {key!r} is {found}, not a {kind.__name__}")
+    if ckpt["method"] not in METHODS:
+        raise CheckpointError(f"{path} was trained by method {ckpt['method']!r}, which this repository does not "
+                              f"know (methods: {', '.join(sorted(METHODS))})")
+
+
 def load(path, expect_method: str | None = None, expect_arch: str | None = None, fmt: str = FORMAT) -> dict:
     """Load a checkpoint safely (``weights_only=True``); refuse a file of another
     format (``fmt``: pretraining or evaluation checkpoints), method or
     architecture."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the checkpoint.pth inside it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
-                                  "this file is something else)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem is the user's file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "zip archive" in reason:  # torch's own text goes on about miniz internals
-            reason = "its zip archive is truncated or damaged"
-        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True: {reason}") from None
+    ckpt = torch_load_safely(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         kind = "an evaluation" if fmt != FORMAT else "a pretraining"
         raise CheckpointError(f"{path} is not {kind} checkpoint of this repository (format {fmt!r} expected)")
+    if fmt == FORMAT:
+        check_pretraining_entries(path, ckpt)
     if expect_method is not None and ckpt["method"] != expect_method:
         raise CheckpointError(f"{path} is a {ckpt['method']!r} checkpoint, but this run trains "
                               f"{expect_method!r}: use another run.output_dir")
@@ -193,6 +243,9 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
                                                   which, drop_path=drop_path)
     except ValueError as err:  # e.g. --which teacher for a method without one
         raise CheckpointError(f"{path}: {err}") from err
+    except (RuntimeError, KeyError) as err:  # a model dictionary with tensors missing or of other shapes
+        raise CheckpointError(f"{path}: its model dictionary does not fit the {ckpt['arch']} of "
+                              f"{ckpt['method']}: {_state_mismatch(err)}") from None
     backbone.eval()
     cfg = ckpt["config"]
     info = {"method": ckpt["method"], "arch": ckpt["arch"], "dataset": cfg["data"]["dataset"],
@@ -200,6 +253,25 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
             "epoch": ckpt["epoch"], "step": ckpt["step"], "hvs": cfg["hvs"]["enabled"], "which": which,
             "fingerprint": fingerprint(backbone)}
     return backbone, info
+
+
+def _state_mismatch(err: Exception) -> str:
+    """One line of a failed ``load_state_dict`` (or a missing entry)."""
+    import re
+
+    if isinstance(err, KeyError):
+        return f"no entry {err.args[0]!r}"
+    text = str(err)
+    parts = []
+    for label in ("Missing key(s)", "Unexpected key(s)"):
+        m = re.search(label + r" in state_dict: (.*)", text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label.split()[0].lower()} tensor(s), e.g. {keys[0]}" if keys else label)
+    m = re.search(r"size mismatch for ([^:]+): (.*?)\.?$", text, re.M)
+    if m:
+        parts.append(f"{m.group(1)} of another shape ({m.group(2)})")
+    return "; ".join(parts) or (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def fingerprint(module) -> str:

@@ -86,7 +86,7 @@ COMMON_SPEC = {
     "hvs.max_combinations": setting(0, "compare at most K combinations, a random subset each step (0: all)", range="[0, inf)"),
     "hvs.resolution": setting(1.0, "fraction of the view size used for the selection forward (1.0, 0.75, 0.5, 0.25)", range="(0, 1]"),
     "hvs.bn_mode": setting("batch", "BatchNorm in the selection forward: batch (batch stats, running stats restored), batch_update (authors' code), running (eval-mode BN)", ["batch", "batch_update", "running"]),
-    "hvs.precision": setting("fp32", "precision of the selection forward and scoring: fp32, bf16, fp16 (GPU) or auto (bf16 where the device computes it natively, else fp32); scores are compared in fp32. Default fp32: DINO's bf16 choice agreed with fp32 on 93 % of samples (bench/precision.py), under the 95 % we require", ["auto", "fp32", "bf16", "fp16"]),
+    "hvs.precision": setting("fp32", "precision of the selection forward and scoring: fp32, bf16, fp16 (GPU) or auto (bf16 where the device computes it natively, else fp32); scores are compared in fp32. Default fp32; a method whose bf16 choices agree with fp32 ones on 95 % of samples or more (bench/precision.py) defaults to auto", ["auto", "fp32", "bf16", "fp16"]),
     "hvs.static_color": setting(False, "one colour jitter per image shared by all candidates during the selection; the chosen views are trained with colour jitter of their own (paper Fig. 4 right)"),
     "iou_policy.enabled": setting(False, "manual IoU policy instead of HVS (paper Table 5): redraw the first two views' crops (the pair; DINO's global crops) until their IoU <= a threshold scheduled over training"),
     "iou_policy.start": setting(0.3, "IoU threshold at the first step (paper: 0.3, 0.4, 0.1, 1.0)", range="[0, 1]"),
@@ -281,6 +281,23 @@ def overrides_of(args: argparse.Namespace, shortcuts: dict = SHORTCUTS) -> list:
     return overrides
 
 
+#: set (to anything) by ``launch.submitit``: an entry point stops once its configuration is resolved
+CHECK_ONLY_ENV = "HVS_CHECK_CONFIG_ONLY"
+#: what it prints then, on stdout
+CHECKED_LINE = "configuration resolved; nothing run (HVS_CHECK_CONFIG_ONLY)"
+
+
+def stop_if_checking() -> None:
+    """End the process (status 0) here when only the configuration is being
+    checked (:data:`CHECK_ONLY_ENV`): every entry point that resolves a
+    configuration calls this once it did, before data, model or output."""
+    import os
+
+    if os.environ.get(CHECK_ONLY_ENV):
+        print(CHECKED_LINE, flush=True)
+        sys.exit(0)
+
+
 def parse_args(spec: dict, description: str, argv=None) -> dict:
     """The command line of every training entry point::
 
@@ -289,9 +306,11 @@ def parse_args(spec: dict, description: str, argv=None) -> dict:
     parser = build_parser(spec, description)
     args = parser.parse_intermixed_args(argv)
     try:
-        return resolve(spec, args.config, overrides_of(args))
+        cfg = resolve(spec, args.config, overrides_of(args))
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    stop_if_checking()
+    return cfg
 
 
 def dump(cfg: dict, path) -> None:

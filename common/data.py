@@ -19,8 +19,9 @@ under it, in this order:
    - ``inat21-mini``: ``2021_train_mini/`` and ``2021_valid/``;
 
 3. an archive ``R/X.tar.gz`` holding ``X/train`` and ``X/test`` (or ``X/val``),
-   or torchvision's layout of step 2, extracted once into ``cache_root()/X``
-   (atomically, safe for several ranks);
+   or torchvision's layout of step 2, extracted once into ``cache_root()/X-<key>``,
+   ``key`` the archive's identity (size, first and last MiB), checked on every
+   use (atomically, safe for several ranks);
 4. for ``imagefolder`` and ``imagenet``, ``R/<split>/`` itself;
 5. with ``download=True`` (and a network), torchvision's download: CIFAR into
    ``R``, the transfer datasets into ``R/X``.  Beware that iNat21 is very large
@@ -40,7 +41,9 @@ raises :class:`DataError` naming the path concerned.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -244,16 +247,41 @@ def _split_folder(base: Path, split: str, tried: list[Path]) -> Path | None:
     return None
 
 
+ARCHIVE_MARKER = ".hvs-archive.json"
+
+
+def archive_key(archive: Path, sample: int = 2**20) -> str:
+    """The identity of an archive: SHA-256 of its size, its first and its last
+    ``sample`` bytes (a gzip file ends with the CRC-32 and the length of its
+    content, so another or a truncated archive gets another key) without
+    reading all of a large file."""
+    size = archive.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(archive, "rb") as f:
+        digest.update(f.read(sample))
+        f.seek(max(0, size - sample))
+        digest.update(f.read(sample))
+    return digest.hexdigest()
+
+
 def extract_once(archive: Path, name: str, cache: Path) -> Path:
-    """Extract ``archive`` into ``cache/name`` unless already there; return that folder.
+    """Extract ``archive`` into ``cache/<name>-<key>`` unless already there;
+    return that folder.  ``key`` is the archive's identity
+    (:func:`archive_key`): another archive of the same name (another data
+    root, a newer copy, a truncated one) is extracted anew, never mistaken for
+    the first.  The folder holds a marker naming the key, checked on every use.
 
     Extraction goes to a temporary folder in ``cache`` which is then renamed into
     place, so concurrent processes never see a half-extracted tree; a process
     losing the race uses the winner's copy.
     """
-    final = cache / name
+    try:
+        key = archive_key(archive)
+    except OSError as e:
+        raise DataError(f"cannot read {archive}: {e.strerror or e}") from None
+    final = cache / f"{name}-{key[:16]}"
     if final.is_dir():
-        return final
+        return _checked_extraction(final, archive, key)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=cache))
     try:
@@ -262,6 +290,7 @@ def extract_once(archive: Path, name: str, cache: Path) -> Path:
             tar.extractall(tmp, filter="data")
         # The archive normally holds one top-level folder 'name'; accept a bare tree too.
         src = tmp / name if (tmp / name).is_dir() else tmp
+        (src / ARCHIVE_MARKER).write_text(json.dumps({"archive": str(archive), "key": key}) + "\n")
         try:
             os.rename(src, final)
         except OSError:
@@ -275,7 +304,20 @@ def extract_once(archive: Path, name: str, cache: Path) -> Path:
                         f"or set HVS_CACHE_DIR to a writable folder.") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _checked_extraction(final, archive, key)
+
+
+def _checked_extraction(folder: Path, archive: Path, key: str) -> Path:
+    """``folder`` if its marker names the archive's ``key``; a :class:`DataError` otherwise."""
+    try:
+        marked = json.loads((folder / ARCHIVE_MARKER).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        marked = None
+    if marked != key:
+        raise DataError(f"the cache folder {folder} was not extracted from {archive} (its marker "
+                        f"{ARCHIVE_MARKER} is missing or names another archive): delete that folder to "
+                        "extract the archive again")
+    return folder
 
 
 def build_dataset(name: str, split: str, data_dir: str | None = None,

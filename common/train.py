@@ -336,10 +336,11 @@ def run(cfg: dict, method_cls) -> Path:
         state = existing_checkpoint(cfg, method_cls)
         r = build(cfg, method_cls, device)
         resume(r, state)
+        main, rc = dist.is_main(), cfg["run"]
+        # the log is the last resume check (a damaged line is refused): read it before anything is written
+        r.log = JsonLog(r.out / "log.jsonl", resume_step=r.step, enabled=main)
         run_dir.write_config(cfg)  # the run starts: nothing was written before this
 
-        main, rc = dist.is_main(), cfg["run"]
-        r.log = JsonLog(r.out / "log.jsonl", resume_step=r.step, enabled=main)
         r.sel_log = SelectionLog(r.out / "selection", dist.rank(), PARAM_NAMES)
         r.progress = Progress(r.epochs * r.iters, start=r.step, enabled=main)
         r.guard = DivergenceGuard(device, r.ckpt_path, r.step if state is not None else None)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import checkpoint as ckpt_io
-from common.config import ConfigError
+from common.config import ConfigError, stop_if_checking
 from common.data import DataError
 from common.runtime import EXIT_DIVERGED, EXIT_USER
 
@@ -89,6 +89,7 @@ def prepare_weights(args, cfg) -> list[str]:
     from detection.convert import convert, detectron2_settings, write_pkl
 
     if not args.checkpoint:
+        stop_if_checking()
         return []
     data = convert(args.checkpoint, args.which)
     wanted = detectron2_settings(data)
@@ -103,6 +104,7 @@ def prepare_weights(args, cfg) -> list[str]:
                 f"{args.checkpoint} holds a {src['arch']}{stem}, but {args.config_file} has {key} {node!r} "
                 f"where the checkpoint needs {value!r}: use a config for this backbone (the small profile's "
                 "ResNet-18: detection/configs/voc_small.yaml) or pass " + " ".join(f"{k} {v}" for k, v in wanted.items()))
+    stop_if_checking()  # the configuration and the weights' fit are checked: nothing written
     pkl = Path(cfg.OUTPUT_DIR) / "backbone.pkl"
     write_pkl(data, pkl)
     return ["MODEL.WEIGHTS", str(pkl)]
@@ -123,7 +125,26 @@ def build_trainer_class():
         def _load_file(self, filename):
             if filename.endswith(".pkl"):
                 return load_pkl(filename)
+            if filename.endswith(".pyth"):  # pycls: the weights under "model_state"
+                data = self._torch_load(filename)
+                if not isinstance(data, dict) or not isinstance(data.get("model_state"), dict):
+                    raise ckpt_io.CheckpointError(f"MODEL.WEIGHTS {filename} holds no 'model_state' dictionary "
+                                                  "(a .pyth file is read as a pycls checkpoint)")
+                state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+                return {"model": state, "__author__": "pycls", "matching_heuristics": True}
             return super()._load_file(filename)
+
+        def load(self, path, *args, **kwargs):
+            if path and "://" not in path and not Path(path).is_file():  # fvcore asserts it
+                raise ckpt_io.CheckpointError(f"MODEL.WEIGHTS {path} does not exist")
+            return super().load(path, *args, **kwargs)
+
+        def _torch_load(self, f):  # weights_only=True, and a damaged or foreign file is one line naming it
+            data = ckpt_io.torch_load_safely(f, "MODEL.WEIGHTS", require_zip=False)
+            if not isinstance(data, dict):
+                raise ckpt_io.CheckpointError(f"MODEL.WEIGHTS {f} holds a {type(data).__name__}, not a dictionary "
+                                              "of weights")
+            return data
 
         def save(self, name, **extra):
             if not self.save_dir or not self.save_to_disk:

@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common import checkpoint as ckpt_io
 from common import dist
-from common.config import COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve
+from common.config import (COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve,
+                           stop_if_checking)
 from common.augment import SeededDataset, eval_transform
 from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
-from common.logs import JsonLog, Progress, fmt_time
+from common.logs import JsonLog, Progress, fmt_time, read_rows
 from common.runtime import (Diverged, EpochSampler, amp_settings, exit_on_error, run_session, step_seed,
                             warn_config_changes)
 
@@ -106,6 +107,8 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
         path = resolve(spec, args.config, overrides)["eval"]["checkpoint"]
         if not path:
             raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint.pth of this repository)")
+        if not Path(path).exists():  # checked before a job is queued: the checkpoint may be written by then
+            stop_if_checking()
         protocol = args.protocol if args.protocol != "auto" else auto_protocol(ckpt_io.load(path))
         cfg = resolve(spec, [protocols[protocol], *args.config], overrides)
         cfg["eval"]["protocol"] = protocol
@@ -113,6 +116,7 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
         backbone, info = ckpt_io.load_backbone(path, which=cfg["eval"]["which"], drop_path=drop_path)
     except (ConfigError, ckpt_io.CheckpointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    stop_if_checking()
     return cfg, backbone, info
 
 
@@ -465,6 +469,8 @@ def eval_session(cfg: dict, info: dict):
                 raise ckpt_io.CheckpointError(
                     f"{existing} is an evaluation of other weights than {cfg['eval']['checkpoint']}: "
                     "use another run.output_dir, or delete that folder to start again")
+        if dist.is_main() and (run_dir.path / "log.jsonl").exists():
+            read_rows(run_dir.path / "log.jsonl")  # a damaged log is refused before config.yaml is written
         run_dir.write_config(cfg)
         yield device, run_dir.path
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from common.augment import eval_transform
 from common.checkpoint import load_backbone
-from common.config import ConfigError, build_parser, overrides_of, resolve, setting
+from common.config import ConfigError, build_parser, overrides_of, resolve, setting, stop_if_checking
 from common.data import SUBSET_SEED, build_dataset, data_dir_or_default, subset_indices
 from eval.engine import EVAL_SPEC, SHORTCUTS, run_main
 
@@ -251,6 +251,7 @@ def parse_cli(spec: dict, prog: str, description: str, shortcuts: dict, argv=Non
             finish(cfg)
     except ConfigError as err:
         parser.exit(2, f"{prog}: error: {err}\n")
+    stop_if_checking()
     return cfg
 
 

@@ -170,13 +170,13 @@ def build_optimizer(heads: LinearHeads, cfg: dict, lrs: list) -> torch.optim.Opt
     learning rate); LARS adapts the weights and not the bias (SimSiam's)."""
     o = cfg["optim"]
     if o["name"] == "lars":
-        from timm.optim import Lars
+        from common.optim import LARS
 
         groups = []
         for head, lr in zip(heads.heads, lrs):
-            groups += [{"params": [head.weight], "lr": lr, "base_lr": lr, "always_adapt": True},
-                       {"params": [head.bias], "lr": lr, "base_lr": lr, "always_adapt": False}]
-        return Lars(groups, lr=lrs[0], momentum=o["momentum"], weight_decay=o["weight_decay"],
+            groups += [{"params": [head.weight], "lr": lr, "base_lr": lr, "adapt": True},
+                       {"params": [head.bias], "lr": lr, "base_lr": lr, "adapt": False, "weight_decay": 0.0}]
+        return LARS(groups, lr=lrs[0], momentum=o["momentum"], weight_decay=o["weight_decay"],
                     trust_coeff=o["trust_coeff"])
     groups = [{"params": list(head.parameters()), "lr": lr, "base_lr": lr} for head, lr in zip(heads.heads, lrs)]
     return torch.optim.SGD(groups, lr=lrs[0], momentum=o["momentum"], nesterov=o["nesterov"],

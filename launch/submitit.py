@@ -25,6 +25,12 @@ Training checkpoints at every epoch end and every ``run.ckpt_every_steps``
 steps (the paper configs: 1000); set the latter so that a preemption costs
 little.
 
+Before submitting, the entry point's configuration is resolved here, as the
+job would resolve it, and nothing else is run (``python -m MODULE ARGS`` with
+``HVS_CHECK_CONFIG_ONLY`` set): an unknown key or a bad value is refused with
+the entry point's own line instead of failing on the cluster.  ``--log-dir``
+is created (up to its ``%j`` part) and checked for writing.
+
 ``--executor local`` runs the same job on this machine (one node, one task per
 GPU, one CPU task without GPUs), for debugging and the tests.
 """
@@ -36,6 +42,7 @@ import os
 import re
 import runpy
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,6 +156,54 @@ def check_configs(args: list) -> None:
             raise LaunchError(f"--config {path}: no such file (relative to {os.getcwd()}, where the job runs)")
 
 
+#: what the source of an entry point holds when it resolves a configuration through common/config.py
+#: and so stops there when only checking (common.config.stop_if_checking)
+RESOLVES_CONFIG = re.compile(r"from common\.train import main|parse_cli\(|parse_eval_args\(|prepare_weights\(")
+
+
+def resolves_config(module: str) -> bool:
+    return bool(RESOLVES_CONFIG.search(Path(importlib.util.find_spec(module).origin).read_text(errors="ignore")))
+
+
+def check_entry_config(module: str, args: list, timeout: float = 600) -> None:
+    """Resolve the entry point's configuration here, as the job would, and
+    stop there (``python -m MODULE ARGS`` with
+    :data:`common.config.CHECK_ONLY_ENV` set: nothing is built or written):
+    an unknown key or a bad value is refused before the job waits in the
+    queue, with the entry point's own line.  Entry points that resolve no
+    configuration of this repository (the analyses) are not run."""
+    from common.config import CHECK_ONLY_ENV, CHECKED_LINE
+
+    if not resolves_config(module):
+        return
+    env = {**os.environ, CHECK_ONLY_ENV: "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"python -m {module} did not resolve its configuration within {timeout:.0f} s") from None
+    if proc.returncode == 0 and CHECKED_LINE in proc.stdout:
+        return
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if ": error: " in line]
+    why = (errors or lines or [f"exit status {proc.returncode}"])[-1].strip()
+    raise LaunchError(f"the entry point refuses its arguments, nothing submitted: {why}")
+
+
+def check_log_dir(log_dir: str) -> None:
+    """``--log-dir`` can be created and written (up to its first part holding
+    a ``%`` pattern, which submitit fills in per job)."""
+    parts = Path(log_dir).absolute().parts
+    fixed = Path(*parts[:next((i for i, p in enumerate(parts) if "%" in p), len(parts))])
+    try:
+        fixed.mkdir(parents=True, exist_ok=True)
+        probe = fixed / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise LaunchError(f"--log-dir {log_dir}: cannot create or write {fixed}: {err.strerror or err}") from None
+
+
 # ----------------------------------------------------------------------------
 # the job
 # ----------------------------------------------------------------------------
@@ -251,6 +306,8 @@ def submit(argv) -> "submitit.Job":
 def launch(args: argparse.Namespace, entry_args: list) -> "submitit.Job":
     check_module(args.module)
     check_configs(entry_args)
+    check_entry_config(args.module, entry_args)
+    check_log_dir(args.log_dir)
     executor = make_executor(args)
     try:
         return executor.submit(EntryPoint(args.module, entry_args, os.getcwd()))

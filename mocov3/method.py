@@ -17,16 +17,19 @@ Recipe (Chen, Xie & He 2021; the released code's ``main_moco.py`` and
 - ViT-S/16: AdamW, lr 1.5e-4 x batch/256, weight decay 0.1 (on every
   parameter, as the released code), 40 warm-up epochs then cosine to 0, per
   step; the patch projection stays at its random initialisation
-  (``--stop-grad-conv1``, Section 4.2: ``model.frozen_patch_embed``).
+  (``--stop-grad-conv1``, Section 4.2: ``model.frozen_patch_embed``).  The
+  ViT is MoCo v3's (``vits.py``; :func:`mocov3.model.mocov3_vit`): a fixed 2-D
+  sin-cos position embedding, never trained, and its initialisation
+  (xavier-uniform, the qkv weight as three matrices, the patch projection's
+  range from its fan-in, the class token N(0, 1e-6^2)).  The momentum encoder
+  starts as a copy of the base encoder.
 - Augmentation of BYOL (two asymmetric recipes): crop scale 0.08-1, flip,
   colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2; view 1
   blurred always, view 2 blurred with p 0.1 and solarised with p 0.2.
 
-LARS is ``timm.optim.Lars`` (see ``simclr/method.py`` for how it reads): the
-weights are a group with weight decay and ``always_adapt``, BN and bias
-parameters a group with neither.  MoCo v3's own LARS divides by |g + wd w|
-where timm divides by |g| + wd |w|; the two differ by at most 2 wd |w|
-(2e-6 |w| at MoCo v3's weight decay).
+LARS is MoCo v3's own (:class:`common.optim.LARS`): trust ratio
+eta |w| / |g + wd w| on the weights; BN and bias parameters (the 1-d ones)
+take neither weight decay nor adaptation.
 
 The momentum update after step t uses the schedule's value at step t + 1:
 MoCo v3 updates at the *start* of step t + 1, before the keys, with that
@@ -64,7 +67,7 @@ from common.optim import lars
 from common.schedules import cosine_schedule
 from common.two_views import TwoViews, per_recipe, two_views_spec
 from mocov3.loss import mocov3_loss, pair_scores
-from mocov3.model import MoCoV3
+from mocov3.model import MoCoV3, mocov3_vit
 
 class MoCoV3Method(TwoViews, SSLMethod):
     """MoCo v3 (Chen, Xie & He 2021), optionally with Hard View Selection."""
@@ -104,6 +107,8 @@ class MoCoV3Method(TwoViews, SSLMethod):
         self.vit = is_vit(m["arch"])
         self.size_multiple = int(m["patch_size"]) if self.vit else 1
         base, momentum = self.backbone(cfg, m["drop_path"]), self.backbone(cfg, 0.0)
+        if self.vit:  # MoCo v3's ViT: fixed sin-cos position embedding, its initialisation
+            mocov3_vit(base)
         if self.vit and m["frozen_patch_embed"]:
             for p in base.patch_embed.parameters():
                 p.requires_grad_(False)

@@ -12,13 +12,10 @@ HVS (Appendix I.1): the objective is unchanged; the score of pair (k, l) for an
 image is its NT-Xent with both directions summed, the negatives being views k
 and l of the other images of the global batch (:func:`simclr.loss.pair_scores`).
 
-LARS is ``timm.optim.Lars`` (:mod:`common.optim` says how it reads), with
-SimCLR's exclusion of BatchNorm and bias parameters from weight decay and
-adaptation.  Two small differences to SimCLR's TensorFlow LARS: its
-denominator is |g + wd * w| (timm's |g| + wd * |w| is the triangle-inequality
-bound, the NVIDIA-apex form), and it keeps the learning rate inside the
-momentum buffer (v = m * v + lr * g'); the two agree while the learning rate is
-constant and differ slightly during warm-up and decay.
+LARS is SimCLR's own (:class:`common.optim.LARS`): trust ratio
+eta |w| / |g + wd w|, the learning rate inside the momentum buffer
+(v = m v + lr trust (g + wd w), SimCLR's "classic momentum"), BatchNorm and
+bias parameters excluded from weight decay and adaptation.
 """
 from common.augment import augment_spec
 from common.config import setting
@@ -58,7 +55,8 @@ class SimCLRMethod(PairMethod):
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
         self.init_lr = o["lr"] * global_batch / 256
-        return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"])
+        return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
+                    lr_in_momentum=True)  # SimCLR's classic momentum
 
     def learning_rate(self, step: int, total: int, warmup: int) -> float:
         """Linear warm-up from 0 over ``warmup`` steps (lr * step / warmup: the

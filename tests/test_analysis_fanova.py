@@ -50,3 +50,10 @@ def test_constant_target_and_constant_feature():
     X[:, 1] = 5.0
     assert fanova(X, np.ones(200), n_trees=2, n_jobs=1).importance.tolist() == [0.0, 0.0]
     assert fanova(X, X[:, 0], n_trees=2, n_jobs=1).importance == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_the_fanova_package_draws_floor_of_0_7_d_features_per_split():
+    """max_features=0.7 is the automl package's default, floor(0.7 d) features at every split."""
+    X = np.random.default_rng(0).uniform(size=(300, 10))
+    assert fanova(X, X[:, 0], n_trees=2, n_jobs=1, max_features=0.7).forest.estimators_[0].max_features_ == 7
+    assert fanova(X, X[:, 0], n_trees=2, n_jobs=1).forest.estimators_[0].max_features_ == 10

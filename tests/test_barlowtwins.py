@@ -195,8 +195,8 @@ def test_lars_groups_learning_rates_and_schedule(tmp_path):
     m = make(tmp_path, "train.epochs=10", "optim.warmup_epochs=2")
     opt = m.build_optimizer(512)
     weights, biases = opt.param_groups
-    assert weights["weight_decay"] == 1.5e-6 and weights["always_adapt"] and all(p.ndim > 1 for p in weights["params"])
-    assert biases["weight_decay"] == 0.0 and not biases["always_adapt"] and all(p.ndim == 1 for p in biases["params"])
+    assert weights["weight_decay"] == 1.5e-6 and weights["adapt"] and all(p.ndim > 1 for p in weights["params"])
+    assert biases["weight_decay"] == 0.0 and not biases["adapt"] and all(p.ndim == 1 for p in biases["params"])
     assert len(weights["params"]) + len(biases["params"]) == len(list(m.model.parameters()))
     for e in range(10):
         for i in range(4):

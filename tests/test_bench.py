@@ -210,7 +210,8 @@ def tiny_simsiam(*extra):
 def test_precision_and_compile_flags_are_parsed():
     cfg = parse_args(["--device", "cpu"])
     assert cfg["bench"]["precision"] == "auto" and cfg["bench"]["compile"] is False  # SimSiam's hvs.precision
-    assert parse_args(["--method", "dino", "--device", "cpu"])["bench"]["precision"] == "fp32"  # DINO's default
+    assert parse_args(["--method", "dino", "--device", "cpu"])["bench"]["precision"] == "auto"  # DINO's default
+    assert parse_args(["--method", "byol", "--device", "cpu"])["bench"]["precision"] == "fp32"  # not measured
     cfg = parse_args(["--device", "cpu", "--precision", "bf16", "--compile"])
     assert cfg["bench"]["precision"] == "bf16" and cfg["bench"]["compile"] is True
     assert cfg["bench"]["argv"] == ["--device", "cpu", "--precision", "bf16", "--compile"]

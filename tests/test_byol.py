@@ -140,8 +140,8 @@ def test_lars_groups_and_lr_schedule(tmp_path):
     adapted, plain = opt.param_groups
     trained = [p for n, p in m.model.named_parameters() if not n.startswith("target.")]
     assert {id(p) for p in adapted["params"] + plain["params"]} == {id(p) for p in trained}
-    assert adapted["weight_decay"] == 1.5e-6 and adapted["always_adapt"] and all(p.ndim > 1 for p in adapted["params"])
-    assert plain["weight_decay"] == 0.0 and not plain["always_adapt"]
+    assert adapted["weight_decay"] == 1.5e-6 and adapted["adapt"] and all(p.ndim > 1 for p in adapted["params"])
+    assert plain["weight_decay"] == 0.0 and not plain["adapt"]
     bn = {id(p) for mod in m.model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
           for p in mod.parameters()}
     biases = {id(p) for n, p in m.model.named_parameters() if n.endswith(".bias")}

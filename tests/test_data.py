@@ -67,17 +67,46 @@ def test_archive_extracted_once(tmp_path, monkeypatch, capsys):
         tar.add(src / "cifar10", arcname="cifar10")
 
     ds = build_dataset("cifar10", "val", str(root), cache_dir=str(cache))
-    check(ds, 3, cache / "cifar10" / "test")
+    folder = cache / f"cifar10-{data.archive_key(root / 'cifar10.tar.gz')[:16]}"
+    check(ds, 3, folder / "test")
     assert "extracting" in capsys.readouterr().err
-    assert [p.name for p in cache.iterdir()] == ["cifar10"]  # temporary folder gone
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # temporary folder gone
 
     def no_open(*args, **kwargs):
         raise AssertionError("archive extracted twice")
 
     monkeypatch.setattr(data.tarfile, "open", no_open)
-    check(build_dataset("cifar10", "train", str(root), cache_dir=str(cache)), 6,
-          cache / "cifar10" / "train")
+    check(build_dataset("cifar10", "train", str(root), cache_dir=str(cache)), 6, folder / "train")
     assert capsys.readouterr().err == ""
+
+
+def test_the_archive_cache_is_keyed_by_the_archive(tmp_path, capsys):
+    """Another archive of the same name under another data root is extracted anew (not
+    mistaken for the first one's extraction); a truncated one is refused, naming it."""
+    cache = tmp_path / "cache"
+    roots = {}
+    for tag, per_class in (("a", 2), ("b", 3)):
+        src, root = tmp_path / f"src{tag}", tmp_path / f"root{tag}"
+        make_tree(src / "cifar10" / "train", per_class)
+        make_tree(src / "cifar10" / "test", 1)
+        root.mkdir()
+        with tarfile.open(root / "cifar10.tar.gz", "w:gz") as tar:
+            tar.add(src / "cifar10", arcname="cifar10")
+        roots[tag] = root
+    assert len(build_dataset("cifar10", "train", str(roots["a"]), cache_dir=str(cache))) == 6
+    assert len(build_dataset("cifar10", "train", str(roots["b"]), cache_dir=str(cache))) == 9
+    assert len(build_dataset("cifar10", "train", str(roots["a"]), cache_dir=str(cache))) == 6
+    cut = tmp_path / "rootc"
+    cut.mkdir()
+    whole = (roots["b"] / "cifar10.tar.gz").read_bytes()
+    (cut / "cifar10.tar.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        build_dataset("cifar10", "train", str(cut), cache_dir=str(cache))
+    # a cache folder whose marker names another archive is refused, not used
+    folder = cache / f"cifar10-{data.archive_key(roots['a'] / 'cifar10.tar.gz')[:16]}"
+    (folder / data.ARCHIVE_MARKER).write_text('{"key": "another"}')
+    with pytest.raises(DataError, match=f"{folder}.*delete that folder"):
+        build_dataset("cifar10", "train", str(roots["a"]), cache_dir=str(cache))
 
 
 def test_lost_extraction_race_uses_winner(tmp_path, monkeypatch):
@@ -89,13 +118,15 @@ def test_lost_extraction_race_uses_winner(tmp_path, monkeypatch):
         tar.add(src, arcname="tiny")
     real_rename = os.rename
 
-    def rename_after_winner(a, b):
-        make_tree(Path(b) / "train", 1)  # the other process wins
+    def rename_after_winner(a, b):  # the other process wins, with the same archive
+        make_tree(Path(b) / "train", 1)
+        (Path(b) / data.ARCHIVE_MARKER).write_text((Path(a) / data.ARCHIVE_MARKER).read_text())
         real_rename(a, b)
 
     monkeypatch.setattr(data.os, "rename", rename_after_winner)
-    assert data.extract_once(archive, "tiny", cache) == cache / "tiny"
-    assert [p.name for p in cache.iterdir()] == ["tiny"]
+    final = cache / f"tiny-{data.archive_key(archive)[:16]}"
+    assert data.extract_once(archive, "tiny", cache) == final
+    assert [p.name for p in cache.iterdir()] == [final.name]
 
 
 def test_env_var_and_missing_root(tmp_path, monkeypatch):

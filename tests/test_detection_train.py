@@ -17,7 +17,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see docs/
 
 from PIL import Image  # noqa: E402
 
-from common.data import DataError  # noqa: E402
+from common.data import DataError, archive_key  # noqa: E402
 from detection import data as det_data  # noqa: E402
 from detection import train_net  # noqa: E402
 from tests.helpers import ROOT  # noqa: E402
@@ -71,7 +71,16 @@ def handful_of_raccoons(data_dir: Path, n_trainval=6, n_test=3) -> Path:
 
 
 def run_cli(capsys, *argv):
-    """``python -m detection.train_net *argv`` in this process: (exit status, stderr)."""
+    """``python -m detection.train_net *argv`` in this process: (exit status, stderr).
+    Detectron2's loggers are set up afresh (their handlers hold the stdout of the call
+    that made them, which pytest closes after each test)."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger.cache_clear()
+    for name in ("detectron2", "fvcore"):
+        logging.getLogger(name).handlers.clear()
     try:
         train_net.cli([str(a) for a in argv])
         code = 0
@@ -132,7 +141,8 @@ def test_dataset_found_in_archive_and_reported_missing(tmp_path, monkeypatch):
     with tarfile.open(tmp_path / "data" / "raccoon-voc.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "raccoon-voc", arcname="raccoon-voc")
     root = det_data.voc_root("raccoon", str(tmp_path / "data"))
-    assert root == tmp_path / "cache" / "raccoon-voc" and len(det_data.load_voc(root, "test", ("raccoon",))) == 2
+    key = archive_key(tmp_path / "data" / "raccoon-voc.tar.gz")[:16]
+    assert root == tmp_path / "cache" / f"raccoon-voc-{key}" and len(det_data.load_voc(root, "test", ("raccoon",))) == 2
     with pytest.raises(DataError, match=r"'voc_2007' not found under .*VOCdevkit/VOC2007"):
         det_data.voc_root("voc_2007", str(tmp_path / "data"))
     with pytest.raises(DataError, match="unknown detection dataset 'pets_trainval'"):
@@ -171,6 +181,32 @@ def test_weights_file_with_code_is_not_unpickled(tmp_path, capsys, voc):
     assert "pwned" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_torch_weights_file_with_code_is_refused_in_one_line(tmp_path, capsys, voc):
+    """A .pth or .pyth MODEL.WEIGHTS is read with weights_only=True: a file holding code runs
+    nothing and ends with one line naming it (exit 2); so does a file that is not there."""
+    import torch
+
+    def error_lines(err):
+        return [line for line in err.splitlines() if line.startswith(f"{train_net.PROG}: error:")]
+
+    for suffix in (".pth", ".pyth"):
+        evil = tmp_path / f"evil{suffix}"
+        torch.save({"model_state": {"x": Evil()}, "model": {"x": Evil()}}, evil)
+        code, err = run_cli(capsys, "--config-file", SMALL, "--data-dir", voc.parent, "MODEL.WEIGHTS", evil,
+                            "OUTPUT_DIR", tmp_path / "out")
+        assert code == 2 and "Traceback" not in err, err
+        assert error_lines(err) == [f"{train_net.PROG}: error: cannot read MODEL.WEIGHTS {evil} with "
+                                    "weights_only=True: it holds an object of print, not only tensors and plain "
+                                    "values; refusing to unpickle it (it could run code)"]
+        assert "pwned" not in capsys.readouterr().out
+        missing = tmp_path / f"missing{suffix}"
+        code, err = run_cli(capsys, "--config-file", SMALL, "--data-dir", voc.parent, "MODEL.WEIGHTS", missing,
+                            "OUTPUT_DIR", tmp_path / "out")
+        assert code == 2 and "Traceback" not in err
+        assert error_lines(err) == [f"{train_net.PROG}: error: MODEL.WEIGHTS {missing} does not exist"]
+
+
 # --- training, evaluation, resume ----------------------------------------------------------------------
 
 
@@ -204,3 +240,36 @@ def test_few_steps_train_evaluate_and_resume(tmp_path, capsys, tiny_checkpoints)
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert max(r["iteration"] for r in rows if "total_loss" in r) == 5
     assert json.loads(results.read_text())["iterations"] == 6
+
+
+# --- the recipe ------------------------------------------------------------------------------------------
+MOCO_VOC_24K = {"max_iter": 24000, "steps": (18000, 22000)}  # MoCo's pascal_voc_R_50_C4_24k.yaml
+
+
+@pytest.mark.parametrize("name", ["voc_R_50_C4_48k", "coco_R_50_C4_90k", "voc_small"])
+def test_configs_use_mocos_naive_sync_batchnorm(name, tmp_path):
+    """MoCo's C4 recipe normalises with naiveSyncBN (its configs: SyncBN gave a larger variance)."""
+    from detectron2.layers import NaiveSyncBatchNorm
+    from torch import nn
+
+    from detection.modeling import build_hvs_resnet_backbone
+
+    args = train_net.get_parser().parse_args(["--config-file", str(ROOT / "detection/configs" / f"{name}.yaml"),
+                                              "OUTPUT_DIR", str(tmp_path)])
+    cfg = train_net.setup(args)
+    assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    if name == "voc_small":  # the built layers (small enough to build here)
+        from detectron2.layers import ShapeSpec
+
+        backbone = build_hvs_resnet_backbone(cfg, ShapeSpec(channels=3))
+        norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, NaiveSyncBatchNorm) for m in norms)
+
+
+def test_voc_decays_are_mocos_scaled_with_the_schedule(tmp_path):
+    args = train_net.get_parser().parse_args(["--config-file", str(ROOT / "detection/configs/voc_R_50_C4_48k.yaml"),
+                                              "OUTPUT_DIR", str(tmp_path)])
+    cfg = train_net.setup(args)
+    scale = cfg.SOLVER.MAX_ITER / MOCO_VOC_24K["max_iter"]
+    assert cfg.SOLVER.MAX_ITER == 48000 and scale == 2
+    assert tuple(cfg.SOLVER.STEPS) == tuple(int(s * scale) for s in MOCO_VOC_24K["steps"]) == (36000, 44000)

@@ -119,6 +119,24 @@ def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path, image_root, capsys)
     assert [r["step"] for r in read_log(out) if r["type"] == "step"] == [1, 2, 3, 4]
 
 
+def test_a_resume_refused_for_a_damaged_log_writes_nothing(tmp_path, image_root):
+    """Every resume check passes before config.yaml is rewritten: a log damaged in the middle
+    refuses the resume and leaves the folder (its config of the trained lr) as it was."""
+    from common.logs import LogError
+
+    out = tmp_path / "r"
+    run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "run.stop_after_steps=2", "run.log_every=1"),
+        SimSiamMethod)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) >= 2
+    lines[0] = lines[0][:10]  # a damaged line that is not the last one
+    (out / "log.jsonl").write_text("\n".join(lines) + "\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(LogError, match="log.jsonl, line 1"):
+        run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "optim.lr=0.05"), SimSiamMethod)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
 def test_a_damaged_log_line_in_the_middle_is_named(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
@@ -158,6 +176,41 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch):
         return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
 
     monkeypatch.setattr(ckpt_io.os, "fdopen", full_disk)
+    with pytest.raises(ckpt_io.CheckpointError, match=f"the disk is full: could not write {path}"):
+        ckpt_io.save_atomic({"a": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_a_full_disk_is_named_when_torch_wraps_the_errno(tmp_path, monkeypatch):
+    """On a real file system the write fails inside torch.save's zip writer, which raises
+    RuntimeError("... unexpected pos ...") while handling OSError(ENOSPC); the file closes
+    without error afterwards.  The errno is found through the exception's chain."""
+    import errno
+    import io
+
+    path = tmp_path / "checkpoint.pth"
+    ckpt_io.save_atomic({"a": torch.ones(2)}, path)
+
+    class FillsUp(io.RawIOBase):  # accepts 1 KiB, then every write fails as on a full disk
+        def __init__(self, fd):
+            os.close(fd)
+            self.written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.written + len(b) > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(b)
+            return len(b)
+
+        def fileno(self):
+            raise OSError(errno.EBADF, "no descriptor")
+
+    monkeypatch.setattr(ckpt_io.os, "fdopen", lambda fd, mode: FillsUp(fd))
     with pytest.raises(ckpt_io.CheckpointError, match=f"the disk is full: could not write {path}"):
         ckpt_io.save_atomic({"a": torch.zeros(100_000)}, path)
     monkeypatch.undo()
@@ -273,3 +326,19 @@ def test_a_preemption_signal_waits_for_the_checkpoint_write(tmp_path):
         signal.signal(signal.SIGUSR2, old)
     assert seen == [True]  # handled once, after the rename
     assert torch.equal(torch.load(tmp_path / "ckpt.pth", weights_only=True)["w"], torch.ones(3))
+
+
+def test_an_evaluation_refuses_a_damaged_log_before_writing_its_config(tmp_path):
+    from common.logs import LogError
+    from eval.engine import eval_session
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "config.yaml").write_text("optim:\n  lr: 0.1\n")
+    (out / "log.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    cfg = {"run": {"device": "cpu", "output_dir": str(out), "seed": 0}, "train": {"batch_size": 4},
+           "eval": {"checkpoint": "x"}, "optim": {"lr": 0.5}}
+    with pytest.raises(LogError, match="log.jsonl, line 2"):
+        with eval_session(cfg, {"fingerprint": "f"}):
+            pass
+    assert (out / "config.yaml").read_text() == "optim:\n  lr: 0.1\n"

@@ -264,3 +264,33 @@ def test_cli_help_lists_every_key(capsys):
     for key, spec in knn.KNN_SPEC.items():
         assert f"{key} = {spec['default']!r}" in out, key
     assert "--checkpoint" in out and "--output" in out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("unknown_method", "was trained by method 'simsiam_v9', which this repository does not know"),
+    ("half_the_model", "its model dictionary does not fit the resnet18 of simsiam: "),
+    ("no_model", "is damaged: its entry 'model' is missing"),
+])
+def test_linear_and_knn_refuse_a_foreign_or_damaged_checkpoint(tiny_checkpoints, tmp_path, capsys, damage, message):
+    """A checkpoint of an unknown method, or whose model dictionary lost tensors: one line, exit 2."""
+    import torch
+
+    from eval import linear
+
+    ckpt = torch.load(tiny_checkpoints["simsiam"], weights_only=True)
+    if damage == "unknown_method":
+        ckpt["method"] = "simsiam_v9"
+    elif damage == "half_the_model":
+        keys = sorted(ckpt["model"])
+        ckpt["model"] = {k: ckpt["model"][k] for k in keys[: len(keys) // 2]}
+    else:
+        del ckpt["model"]
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    for entry, prog in ((main, "eval.knn"), (linear.main, "eval.linear")):
+        with pytest.raises(SystemExit) as exc:
+            entry(["--checkpoint", str(path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, (prog, err)
+        assert f": error: {path}" in err[0] and message in err[0], (prog, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]  # nothing written

@@ -154,8 +154,8 @@ def test_lars_groups_and_learning_rate_schedule(tmp_path):
     method = make(tmp_path, "optim.warmup_epochs=2", "train.epochs=10", "optim.lr=0.6")
     opt = method.build_optimizer(512)
     weights, others = opt.param_groups
-    assert weights["weight_decay"] == 1e-6 and weights["always_adapt"] and all(p.ndim > 1 for p in weights["params"])
-    assert others["weight_decay"] == 0.0 and not others["always_adapt"] and all(p.ndim <= 1 for p in others["params"])
+    assert weights["weight_decay"] == 1e-6 and weights["adapt"] and all(p.ndim > 1 for p in weights["params"])
+    assert others["weight_decay"] == 0.0 and not others["adapt"] and all(p.ndim <= 1 for p in others["params"])
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     model = method.model
     assert trained == {id(p) for p in [*model.base.parameters(), *model.predictor.parameters()]}
@@ -354,3 +354,86 @@ def test_torchrun_two_processes_vit_hvs(tmp_path, image_root):
                           weights["momentum.backbone.patch_embed.proj.weight"], rtol=1e-6, atol=1e-7)
     rank1 = sorted((out / "selection").glob("rank1*.npz"))
     assert rank1, "rank 1 wrote no selection log"
+
+
+# --- MoCo v3's ViT (its vits.py), re-stated from its definitions -------------------------------------
+def official_sincos(h, w, dim, temperature=10000.0):
+    """vits.py's build_2d_sincos_position_embedding: a (w, h) meshgrid in ij order, one quarter of
+    the width per sin / cos of each coordinate, omega_k = 1 / temperature^(k / (dim / 4)), a zero
+    row for [CLS]."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                                    indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    out_w = grid_w.flatten()[:, None] * omega[None]
+    out_h = grid_h.flatten()[:, None] * omega[None]
+    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), emb])[None]
+
+
+def official_init(vit, patch):
+    """vits.py's initialisation, in its order: every Linear (qkv: U(+-sqrt(6 / (out/3 + in))),
+    others xavier-uniform; zero bias), the class token N(0, 1e-6), the patch projection
+    U(+-sqrt(6 / (3 p^2 + dim))) with zero bias."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:
+                val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -val, val)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    val = math.sqrt(6.0 / float(3 * patch * patch + vit.embed_dim))
+    nn.init.uniform_(vit.patch_embed.proj.weight, -val, val)
+    nn.init.zeros_(vit.patch_embed.proj.bias)
+
+
+def test_vit_has_mocov3s_fixed_sincos_position_embedding_and_initialisation(tmp_path):
+    from common.backbones import build_vit
+    from mocov3.model import mocov3_vit, sincos_position_embedding
+
+    for grid, dim in ((8, 192), (14, 384)):
+        torch.testing.assert_close(sincos_position_embedding(grid, grid, dim), official_sincos(grid, grid, dim),
+                                   rtol=0, atol=0)
+    torch.manual_seed(3)
+    method = make(tmp_path, *TINY_VIT, "model.depth=2")
+    base = method.model.base.backbone
+    torch.testing.assert_close(base.pos_embed.detach(), official_sincos(4, 4, 192), rtol=0, atol=0)  # 16 px / 4
+    assert not base.pos_embed.requires_grad
+    assert torch.equal(method.model.momentum.backbone.pos_embed, base.pos_embed)
+    # the initialisation, draw for draw, from the same seed
+    ours, ref = build_vit("vit_tiny", 4, 16, depth=2), build_vit("vit_tiny", 4, 16, depth=2)
+    torch.manual_seed(5)
+    mocov3_vit(ours)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        official_init(ref, 4)
+    ref_state = ref.state_dict()
+    for name, tensor in ours.state_dict().items():
+        if name != "pos_embed":
+            assert torch.equal(tensor, ref_state[name]), name
+    # and the ranges those definitions give
+    qkv = ours.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= math.sqrt(6 / (192 + 192)) and qkv.abs().max() > 0.9 * math.sqrt(6 / (192 + 192))
+    proj = ours.patch_embed.proj.weight
+    assert proj.abs().max() <= math.sqrt(6 / (3 * 16 + 192)) and proj.abs().max() > 0.9 * math.sqrt(6 / (3 * 16 + 192))
+    assert ours.cls_token.abs().max() < 1e-5 and ours.cls_token.abs().max() > 0
+
+
+def test_vit_position_embedding_is_never_trained(tmp_path):
+    torch.manual_seed(0)
+    method = make(tmp_path, *TINY_VIT)
+    model = method.model
+    opt = method.build_optimizer(256)
+    pos = model.base.backbone.pos_embed
+    assert all(p is not pos for g in opt.param_groups for p in g["params"])
+    start = pos.detach().clone()
+    for it in range(2):
+        step = StepInfo(0, it, 2, method.schedule(opt, 1, it, 2))
+        loss, _ = method.training_loss(model, [torch.randn(4, 3, 16, 16) for _ in range(2)], None, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step)
+    assert torch.equal(pos, start)

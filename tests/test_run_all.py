@@ -58,3 +58,15 @@ def test_every_table5_policy_has_a_config():
     listed = text.split('ALL_POLICIES="')[1].split('"')[0].split()
     assert sorted(listed) == sorted(PAPER_TABLE5)
     assert all((ROOT / "configs" / "analysis" / f"{p}.yaml").is_file() for p in listed)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--gpus", "-3", "--gpus '-3': not a whole number (>= 0)"),
+    ("--gpus", "two", "--gpus 'two': not a whole number (>= 0)"),
+    ("--paper-epochs", "0", "--paper-epochs 0: below 1"),
+    ("--seeds", "0 x", "--seeds 'x': not a whole number (>= 0)"),
+])
+def test_bad_numbers_are_refused_before_anything_runs(tmp_path, option, value, message):
+    p = run_all(tmp_path, option, value, detectron2=True)
+    assert p.returncode == 2 and p.stderr.strip() == f"run_all.sh: {message}"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

@@ -88,7 +88,7 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
     opt = method.build_optimizer(256)
     adapted, plain = opt.param_groups
     assert adapted["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in adapted["params"])
-    assert plain["weight_decay"] == 0.0 and not plain["always_adapt"] and all(p.ndim == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0 and not plain["adapt"] and all(p.ndim == 1 for p in plain["params"])
     frozen = method.model.projector[-1].bias  # the head's last BN has no shift (SimCLR's center=False)
     assert not frozen.requires_grad and all(p is not frozen for p in plain["params"])
     # one step: BN/bias take plain SGD, weights the LARS update lr * trust * (g + wd w)
@@ -100,8 +100,9 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
     lr = opt.param_groups[0]["lr"]
     opt.step()
     assert torch.allclose(bn, bn0 - lr * 0.01)
-    trust = 1e-3 * w0.norm() / (w.grad.norm() + 1e-4 * w0.norm())
+    trust = 1e-3 * w0.norm() / (w.grad + 1e-4 * w0).norm()  # SimCLR's LARS: |g + wd w|
     assert torch.allclose(w, w0 - lr * trust * (w.grad + 1e-4 * w0), atol=1e-7)
+    assert adapted["lr_in_momentum"] and plain["lr_in_momentum"]  # SimCLR's classic momentum
     # schedule: 0.3 x 256/256, linear warm-up over 2 epochs, cosine to 0 over the other 8
     lrs = [method.schedule(opt, e, i, 4)["lr"] for e in range(10) for i in range(4)]
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.15) and lrs[8] == pytest.approx(0.3)

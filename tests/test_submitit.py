@@ -24,14 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]  # where jobs are submitted from: the
     (["--module", "simsiam.model"], "--module simsiam.model: not an entry point"),
     (["--module", "simsiam.main", "--", "--config", "configs/nope.yaml"], "--config configs/nope.yaml: no such file"),
     (["--module", "simsiam.main", "--nodes", "2"], "--nodes 2: the local executor runs on one node"),
+    (["--module", "simsiam.main", "--", "--config", "configs/simsiam_small.yaml", "foo.bar=1"],
+     "the entry point refuses its arguments, nothing submitted: python -m simsiam.main: error: unknown config "
+     "key 'foo.bar' on the command line"),
+    (["--module", "eval.knn", "--", "knn.ks=[0]"],
+     "the entry point refuses its arguments, nothing submitted: eval.knn: error: config knn.ks"),
+    (["--module", "simsiam.main", "--log-dir", "{file}/logs/%j"], "--log-dir {file}/logs/%j: cannot create or write "
+     "{file}/logs: Not a directory"),
 ])
-def test_errors_are_one_line(argv, message, capsys, tmp_path):
+def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where jobs are submitted from
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     with pytest.raises(SystemExit) as stop:
         launcher.main(["--executor", "local", "--log-dir", str(tmp_path / "%j"), *argv])
     err = capsys.readouterr().err
     assert stop.value.code == 2
-    assert err.startswith(f"python -m launch.submitit: error: {message}") and err.count("\n") == 1
-    assert not list(tmp_path.glob("*/*.pkl"))  # nothing was submitted
+    message = message.replace("{file}", str(tmp_path / "file"))
+    assert err.startswith(f"python -m launch.submitit: error: {message}") and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("*/*.pkl")) and not list(tmp_path.glob("%j"))  # nothing was submitted
 
 
 def test_lists_the_entry_points():

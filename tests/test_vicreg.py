@@ -165,8 +165,8 @@ def test_one_learning_rate_for_all_parameters(tmp_path):
     m = make(tmp_path, "train.epochs=10", "optim.warmup_epochs=2")
     opt = m.build_optimizer(512)
     weights, biases = opt.param_groups
-    assert weights["weight_decay"] == 1e-6 and weights["always_adapt"]
-    assert biases["weight_decay"] == 0.0 and not biases["always_adapt"] and all(p.ndim == 1 for p in biases["params"])
+    assert weights["weight_decay"] == 1e-6 and weights["adapt"]
+    assert biases["weight_decay"] == 0.0 and not biases["adapt"] and all(p.ndim == 1 for p in biases["params"])
     for e, i in ((0, 0), (1, 0), (2, 0), (6, 1), (9, 3)):
         step, warmup, total = e * 4 + i, 8, 40
         if step < warmup:
