@@ -216,12 +216,32 @@ class Selection:
     #                        reuse parts of it in its training step where that is exact
     resolution: float = 1.0  # fraction of the candidates' size that ``outputs`` were computed at
     rendered: bool = False   # the views were gathered from other renderings than ``outputs`` saw
+    dtype: Optional[torch.dtype] = None  # autocast dtype ``outputs`` were computed in (None: fp32)
+
+    def reusable(self) -> bool:
+        """Whether ``outputs`` are what the training step would compute for the
+        chosen views, so that a method may train on them instead of running a
+        network again: full-size candidates of the same rendering, computed in
+        fp32 or in the low precision of the autocast active now.  Call it inside
+        the training step's autocast.  (Outputs of a bf16 selection are never
+        reused by an fp16 or fp32 training step: they differ, and mixing bf16 with
+        fp16 tensors fails under autocast.)"""
+        if self.outputs is None or self.resolution != 1.0 or self.rendered:
+            return False
+        return self.dtype is None or self.dtype == active_autocast_dtype(self.indices.device.type)
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
         if self.scores is None:
             return None
         return self.scores.gather(1, self.choice[:, None]).squeeze(1)
+
+
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast active now on ``device_type`` (None: none active)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 @contextmanager
@@ -425,13 +445,16 @@ class HardViewSelector:
                              f"sample (pools {self.pools}), the loader gave {len(candidates)}")
         B, device = candidates[0].shape[0], candidates[0].device
         combos = self.combinations(generator).to(device)
+        dtype = None
         if self.mode == "random":
             choice = torch.randint(len(combos), (B,), generator=generator).to(device)
             scores = outputs = None
         else:
             small = resize_views(candidates, self.resolution, self.size_multiple)
             dtype = selection_dtype(self.precision, device)
-            autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+            # no weight cache: autocast caches its low-precision copies of the weights by weight, not by
+            # dtype, so a bf16 selection inside fp16 training would hand bf16 weights to the training forward
+            autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                         else torch.autocast(device.type, enabled=False))  # fp32, also inside training AMP
             with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model), autocast:
                 outputs = candidate_outputs(small)
@@ -445,4 +468,4 @@ class HardViewSelector:
             raise ValueError(f"{len(renders)} renderings for {len(candidates)} candidates")
         views = self.gather(candidates if renders is None else renders, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores,
-                         outputs=outputs, resolution=self.resolution, rendered=renders is not None)
+                         outputs=outputs, resolution=self.resolution, rendered=renders is not None, dtype=dtype)
