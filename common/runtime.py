@@ -168,8 +168,22 @@ def compile_backbones(model: "torch.nn.Module") -> list:
     return names
 
 
+def cuda_math(device, tf32: bool = True) -> None:
+    """On a GPU: TF32 for fp32 matrix products and convolutions, and cuDNN's
+    autotuner (``cudnn.benchmark``: the fastest algorithm for each input shape,
+    chosen at its first use), or neither with ``tf32=False``.  These are
+    process-wide flags; on a CPU nothing changes."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(tf32)
+
+
 def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None) of ``train.amp``."""
+    """(autocast context factory, GradScaler or None) of ``train.amp``; on a
+    GPU also TF32 and cuDNN autotuning as ``train.tf32`` says (:func:`cuda_math`)."""
+    cuda_math(device, cfg["train"].get("tf32", True))
     mode = cfg["train"]["amp"]
     if device.type != "cuda" or mode == "off":
         return nullcontext, None

@@ -15,6 +15,7 @@ GPU, one or several nodes).  Reads top to bottom:
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -107,6 +108,7 @@ def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, st
         "epoch": epoch, "step": step, "model": model_state, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "method_state": method.state_dict(), "rng": ckpt_io.rng_state(), "loop": loop or {},
+        "id": uuid.uuid4().hex,  # tells copies of checkpoints apart (ranks resuming from different ones)
     }, path)
 
 
@@ -225,6 +227,26 @@ def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
     return ckpt_io.load(path, expect_method=method_cls.name, expect_arch=method_cls.arch(cfg))
 
 
+def agree_on_checkpoint(path, state: dict | None) -> None:
+    """Every rank reads the run folder's checkpoint, only rank 0 writes it: on
+    nodes without a shared file system they may find different ones (or none)
+    and resume at different steps, then wait on each other for ever.  The ranks
+    compare what they found with rank 0's (step and identity) and stop, all of
+    them, with one line if any differs."""
+    found = None if state is None else (int(state["step"]), ckpt_io.identity(state))
+    seen = dist.all_gather_object(found)
+    if all(f == seen[0] for f in seen):
+        return
+
+    def what(f):
+        return "no checkpoint" if f is None else f"step {f[0]} (checkpoint {f[1][:12]})"
+
+    other = next(r for r, f in enumerate(seen) if f != seen[0])
+    raise ckpt_io.CheckpointError(
+        f"the ranks do not see the same {path}: rank 0 finds {what(seen[0])}, rank {other} {what(seen[other])}; "
+        "every node must read the checkpoint rank 0 writes (a shared run.output_dir, or a copy of it on every node)")
+
+
 def resume(r: Run, state: dict | None) -> None:
     """Continue from ``state`` (the run folder's checkpoint, its layer shapes
     checked against the built model): weights, optimizer, method state
@@ -334,6 +356,7 @@ def run(cfg: dict, method_cls) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the checkpoint path."""
     with run_session(cfg) as (device, run_dir):
         state = existing_checkpoint(cfg, method_cls)
+        agree_on_checkpoint(Path(cfg["run"]["output_dir"]) / "checkpoint.pth", state)
         r = build(cfg, method_cls, device)
         resume(r, state)
         run_dir.write_config(cfg)  # the run starts: nothing was written before this
