@@ -4,6 +4,7 @@ with one line), and the CUDA generators are restored per device that exists
 (a checkpoint saved with another number of visible GPUs)."""
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -49,9 +50,9 @@ def test_ranks_that_find_different_checkpoints_stop_with_one_line(tmp_path, imag
     ctx = mp.start_processes(resume_worker, args=([str(a), str(b)], str(image_root), free_port(), str(tmp_path)),
                              nprocs=2, join=False, start_method="spawn")
     try:
-        finished = ctx.join(timeout=240)
-        while not finished:
-            finished = ctx.join(timeout=1)
+        deadline = time.monotonic() + 180
+        while not ctx.join(timeout=5) and time.monotonic() < deadline:
+            pass
     except mp.ProcessExitedException:
         pass
     finally:
