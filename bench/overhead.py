@@ -290,7 +290,7 @@ def method_config(cfg: dict) -> tuple[dict, list]:
     entry = METHODS[cfg["bench"]["method"]]
     overrides = [f"method={cfg['bench']['method']}", *entry.overrides(cfg), "hvs.enabled=true",
                  f"train.batch_size={cfg['train']['batch_size']}", f"train.amp='{cfg['train']['amp']}'",
-                 f"run.device={cfg['run']['device']}"]
+                 f"train.tf32={str(cfg['train']['tf32']).lower()}", f"run.device={cfg['run']['device']}"]
     if cfg["bench"]["precision"]:  # filled by parse_args; empty: the method's own default
         overrides.append(f"hvs.precision={cfg['bench']['precision']}")
     return resolve({**COMMON_SPEC, **entry.cls.spec}, None, overrides), overrides
@@ -368,7 +368,8 @@ def benchmark(cfg: dict) -> dict:
             "batch_size": batch_size, "setting": entry.setting(mcfg), "pools": method.pools(),
             "max_combinations": mcfg["hvs"]["max_combinations"],
             "combinations": any_selector.num_combinations if any_selector else None,
-            "amp": cfg["train"]["amp"] if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
+            "amp": cfg["train"]["amp"] if device.type == "cuda" else "off",
+            "tf32": bool(cfg["train"]["tf32"]) and device.type == "cuda", "paper_setting": entry.paper_setting,
             "precision": precision, "selection_dtype": str(dtype or torch.float32).replace("torch.", ""),
             "native_bf16": native_bf16(device), "compile": bool(b["compile"]),
             "threads": torch.get_num_threads(), "warmup": b["warmup"], "repeats": b["repeats"],
@@ -436,6 +437,7 @@ BENCH_SPEC = {
     "bench.repeats": setting(7, "timed rounds; medians are reported", range="[1, inf)"),
     "run.device": COMMON_SPEC["run.device"],
     "train.amp": setting("off", "mixed precision (GPU only)", ["off", "bf16", "fp16"]),
+    "train.tf32": COMMON_SPEC["train.tf32"],
     "bench.output": setting("results/overhead.json", "the JSON file written"),
     "bench.precision": setting("", "precision of the HVS selectors (hvs.precision): fp32, bf16, fp16 (GPU) or auto "
                                    "(bf16 where native, else fp32); empty: the method's hvs.precision default; a "

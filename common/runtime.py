@@ -242,7 +242,10 @@ class EpochSampler(Sampler):
     ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
     (resuming a run stopped inside an epoch).  With ``tag_steps`` it yields
     ``(index, training step)`` pairs, the step counted with ``steps_per_epoch``
-    steps per epoch (for transforms that change over training)."""
+    steps per epoch (for transforms that change over training).  With
+    ``tag_epochs`` it yields ``(index, training step or None, epoch)``: the
+    epoch travels with every index, so that loader workers that persist
+    across epochs draw the views of the right epoch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  drop_last: bool = True):
@@ -256,6 +259,7 @@ class EpochSampler(Sampler):
             self.batches = math.ceil(self.per_rank / batch_size)
         self.epoch, self.skip = 0, 0
         self.tag_steps, self.steps_per_epoch = False, self.batches
+        self.tag_epochs = False
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
@@ -266,10 +270,13 @@ class EpochSampler(Sampler):
         total = self.per_rank * self.world
         perm = perm[:total] if self.drop_last else torch.cat([perm, perm[: total - self.n]])
         mine = perm[self.rank:: self.world][self.skip * self.bs:].tolist()
-        if not self.tag_steps:
+        if not self.tag_steps and not self.tag_epochs:
             return iter(mine)
         first = self.epoch * self.steps_per_epoch + self.skip
-        return iter((index, first + k // self.bs) for k, index in enumerate(mine))
+        steps = [first + k // self.bs if self.tag_steps else None for k in range(len(mine))]
+        if self.tag_epochs:
+            return iter(zip(mine, steps, [self.epoch] * len(mine)))
+        return iter(zip(mine, steps))
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.skip * self.bs)

@@ -73,9 +73,18 @@ def base_root(dataset) -> str:
     return str(getattr(dataset, "root", "?"))
 
 
+#: batches each loader worker prepares ahead of the training step
+PREFETCH = 4
+
+
 def make_loader(dataset, sampler, batch_size, num_workers, pin):
+    """The run's loader, made once: its workers persist across epochs (not
+    forked again every epoch; the sampler hands them the epoch with every
+    index, ``EpochSampler.tag_epochs``) and keep :data:`PREFETCH` batches ready."""
+    sampler.tag_epochs = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=pin, persistent_workers=False, collate_fn=collate)
+                      drop_last=True, pin_memory=pin, persistent_workers=num_workers > 0,
+                      prefetch_factor=PREFETCH if num_workers > 0 else None, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------
@@ -215,7 +224,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
                dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
                epochs=int(cfg["train"]["epochs"]),
                ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
-               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={})
+               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={}, loader=None)
 
 
 def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
@@ -308,8 +317,10 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     done_in_epoch = r.step - epoch * r.iters
     r.dataset.set_epoch(epoch)
     r.sampler.set_epoch(epoch, skip_batches=done_in_epoch)
-    loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
-                         r.device.type == "cuda")
+    if r.loader is None:
+        r.loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
+                               r.device.type == "cuda")
+    loader = r.loader
     epoch_loss, epoch_n, t_epoch = torch.zeros((), device=r.device), 0, time.time()
     if done_in_epoch and r.loop_state:  # resumed inside this epoch: the sums of its first steps
         epoch_loss += r.loop_state["epoch_loss"]
