@@ -228,6 +228,20 @@ def kernel_launches(fn) -> int:
                and e.name not in NO_KERNEL)
 
 
+def kernel_launches_as_on_gpu(fn) -> int:
+    """:func:`kernel_launches` of a device step run on a CPU with the batch
+    sizes of an accelerator (no CPU chunking of the photometric part, the
+    accelerator's group size for crops), so that the count is a GPU's."""
+    from common import photometric, resample
+
+    saved = photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES
+    photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = 1 << 62, resample.ACCELERATOR_MAX_VALUES
+    try:
+        return kernel_launches(fn)
+    finally:
+        photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = saved
+
+
 def paper_dino_transform(where: str):
     """DINO's multi-crop transform with HVS at the paper's setting, rendering
     as ``augment.device=where``, and its device step (None for ``loader``)."""
@@ -275,7 +289,7 @@ def paper_dino(base, images: int, batch_size: int, workers: int, device: str = "
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             row["device_step_s_per_image"] = (clock() - t0) / len(params)
-            row["kernel_launches_per_batch"] = kernel_launches(lambda: step(views_to(views, "cpu"), params))
+            row["kernel_launches_per_batch"] = kernel_launches_as_on_gpu(lambda: step(views_to(views, "cpu"), params))
             row["kernel_batch"] = len(params)
         out[where] = row
     return out

@@ -383,11 +383,10 @@ class DeviceViews(DevicePhotometric):
     def __call__(self, images, params: torch.Tensor):
         from common.resample import crop_resize_flip
 
-        if hasattr(images, "images"):
-            images = images.images()
         V = len(self.recipes)
+        packed = hasattr(images, "pixels")  # a DecodedBatch: cropped without a kernel per image
         if isinstance(images, torch.Tensor) or len(images) != params.shape[0] or params.shape[1] not in (V, 2 * V) \
-                or any(image.dim() != 3 for image in images):
+                or (not packed and any(image.dim() != 3 for image in images)):
             raise ValueError(f"device views: expected the {params.shape[0]} decoded images [3, H, W] of the batch "
                              f"and {V} or {2 * V} parameter rows per image, got {type(images).__name__} and "
                              f"{tuple(params.shape)}")

@@ -130,7 +130,7 @@ def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4):
         counter.mark(*method.loss.buffers())
     for k in range(steps):
         candidates, params, _, _ = collate([dataset[i] for i in range(k * batch, (k + 1) * batch)])
-        counter.mark(*candidates)  # moved to the device by the loop
+        counter.mark(*([candidates.pixels] if hasattr(candidates, "pixels") else candidates))  # moved by the loop
         counter.where = []
         with counter:
             if photometric is not None:
@@ -148,6 +148,7 @@ PATHS = {
     "dino": ("dino", ["hvs.enabled=true"]),
     "dino_capped": ("dino", ["hvs.enabled=true", "hvs.max_combinations=5"]),
     "dino_model": ("dino", ["hvs.enabled=true", "augment.device=model"]),
+    "dino_model_crop": ("dino", ["hvs.enabled=true", "augment.device=model_crop"]),
 }
 
 
