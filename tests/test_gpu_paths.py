@@ -103,11 +103,12 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
         return out
 
 
-def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4):
+def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
     """Host synchronisations of each of ``steps`` training steps on batches
     of the run's own dataset: the photometric step (``augment.device=model``),
     ``common.train.train_step`` and the divergence guard's update, as the loop
-    runs them between logging steps."""
+    runs them between logging steps.  ``fp16``: under fp16 autocast with a
+    GradScaler (on the CPU)."""
     from common.augment import collate
     from common.method import StepInfo
     from common.photometric import device_photometric
@@ -122,7 +123,10 @@ def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4):
     selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
                                 precision=h["precision"], size_multiple=method.size_multiple)
     optimizer = method.build_optimizer(8)
-    ctx = StepContext(method, method.model, method.model, optimizer, nullcontext, None, selector, cpu)
+    autocast, scaler = nullcontext, None
+    if fp16:
+        autocast, scaler = (lambda: torch.autocast("cpu", dtype=torch.float16)), torch.amp.GradScaler("cpu")
+    ctx = StepContext(method, method.model, method.model, optimizer, autocast, scaler, selector, cpu)
     guard = DivergenceGuard(cpu)
     counts, counter = [], SyncCounter(monkeypatch)
     counter.mark(*method.model.parameters(), *method.model.buffers(), guard.first_bad)
@@ -168,6 +172,19 @@ def test_no_host_synchronisation_in_a_training_step(path, tmp_path, image_root, 
         method_cls, cfg = DINOMethod, dino_cfg(tmp_path, image_root, *overrides)
     counts = counted_steps(monkeypatch, method_cls, cfg)
     assert counts == [[]] * len(counts)
+
+
+@pytest.mark.slow  # fp16 on a CPU is slow
+def test_one_host_synchronisation_per_step_under_fp16(tmp_path, image_root, monkeypatch, one_thread):
+    """Under fp16 the GradScaler reads its found-infinity flag once a step
+    (whether to skip the optimizer step), and nothing else synchronises."""
+    from simsiam.method import SimSiamMethod
+    from tests.helpers import tiny_cfg
+
+    counts = counted_steps(monkeypatch, SimSiamMethod, tiny_cfg(SimSiamMethod, tmp_path, image_root,
+                                                                 "hvs.enabled=true"), fp16=True)
+    assert [[w.split(" at ")[0] for w in c] for c in counts] == [["item"]] * len(counts)
+    assert all("common/train.py" in c[0] for c in counts)  # the scaler.step of train_step
 
 
 def test_the_counter_sees_a_synchronisation(monkeypatch):
