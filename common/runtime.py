@@ -180,6 +180,18 @@ def cuda_math(device, tf32: bool = True) -> None:
     torch.backends.cudnn.benchmark = bool(tf32)
 
 
+@contextmanager
+def exact_fp32():
+    """fp32 matrix products and convolutions without TF32 inside the block
+    (a full-precision reference where :func:`cuda_math` turned TF32 on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def amp_settings(cfg, device):
     """(autocast context factory, GradScaler or None) of ``train.amp``; on a
     GPU also TF32 and cuDNN autotuning as ``train.tf32`` says (:func:`cuda_math`)."""

@@ -268,3 +268,14 @@ def test_selection_uses_local_statistics_under_syncbatchnorm(tmp_path, monkeypat
         for bn_mode in ("batch", "batch_update"):
             assert out[bn_mode] == {"same_scores": True, "same_choice": True, "same_buffers": True, "sync_layers": 2,
                                     "forward_restored": True}, bn_mode
+
+
+def test_exact_fp32_reference_turns_tf32_off_and_back(cuda_flags):
+    """bench.overhead's fp32 reference choices run without TF32 (the agreement of
+    a TF32 selection is measured against exact fp32), the flags restored after."""
+    from common.runtime import exact_fp32
+
+    amp_settings({"train": {"amp": "off"}}, torch.device("cuda"))
+    with exact_fp32():
+        assert cuda_flags()[:2] == (False, False)
+    assert cuda_flags() == (True, True, True)
