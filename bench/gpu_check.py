@@ -21,10 +21,17 @@ Runs five sections and writes ONE JSON (default ``bench/gpu_check.json`` on GPU,
    (``python -m bench.gpu_check --child MEMFILE MODULE ARGS...`` runs the module
    as ``python -m MODULE ARGS...`` would and records its peaks at exit).
 5. ``signal``: SimSiam on the full CIFAR-10 training set, baseline and HVS with
-   the same seed and the same number of steps (as many as fit in about
-   ``--signal-seconds`` for the HVS arm, from a measured step time), with
-   ``augment.device=model_crop``, then
+   the same seed and the same number of steps (as many as fit in the section's
+   time, from the whole wall time of a probe run: start-up, loader workers and
+   checkpoints included), with ``augment.device=model_crop``, then
    ``python -m eval.knn`` on both checkpoints; k-NN top-1 of both.
+
+The whole check is bounded by ``--budget-seconds`` (default 450 s: it fits 8
+minutes on one GPU) by construction: each section has a share of it
+(:data:`SHARES`; time a section leaves unused passes to the next), every
+subprocess runs under a timeout that ends by its section's deadline (a run that
+no longer fits is recorded as skipped), and the loader section stops timing at
+its deadline.
 
 ``--tiny`` makes every section tiny (small models, 16 px images, a synthetic
 image folder unless ``--data-dir`` is given); with ``--device cpu`` it runs
@@ -55,6 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("simsiam", "simclr", "dino", "ibot")
 AMPS = ("bf16", "fp16")
 SECTIONS = ("smoke", "overhead", "loader", "signal")
+#: each section's share of ``--budget-seconds`` (the sections run in this order)
+SHARES = {"smoke": 0.30, "overhead": 0.27, "loader": 0.08, "signal": 0.35}
+#: a subprocess is not started with less than this many seconds left in its section
+MIN_RUN_S = 5.0
 
 
 # ---------------------------------------------------------------------------
@@ -94,6 +105,11 @@ class Check:
         self.commands: list = []
         self.memory: dict = {}
         self._synthetic = None
+        self.deadline = float("inf")  # time.monotonic() by which the running section must end
+
+    def remaining(self) -> float:
+        """Seconds left in the running section."""
+        return self.deadline - time.monotonic()
 
     # --- data ------------------------------------------------------------------
     def synthetic(self) -> Path:
@@ -114,7 +130,12 @@ class Check:
 
     # --- subprocesses ----------------------------------------------------------
     def run(self, section: str, name: str, module: str, args: list, timeout: float) -> dict:
-        """Run ``python -m module args`` through the memory shim; a record of it."""
+        """Run ``python -m module args`` through the memory shim; a record of it.
+        The run is killed at ``timeout`` seconds or at the section's deadline,
+        whichever comes first; it is skipped if fewer than :data:`MIN_RUN_S` are left."""
+        timeout = min(timeout, self.remaining())
+        if timeout < MIN_RUN_S:
+            return {"ok": None, "status": "skipped: the section's time budget is spent", "seconds": 0.0}
         memfile = self.work / "mem" / f"{section}_{name}.json"
         memfile.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m " + module + " " + " ".join(shlex.quote(a) for a in args)
@@ -179,6 +200,9 @@ class Check:
                 args = [*self.method_overrides(method), f"run.output_dir={run_dir}",
                         f"run.stop_after_steps={steps}", f"train.amp={amp}"]
                 rec = self.run("smoke", key, f"{method}.main", args, timeout=180 if self.cuda else 300)
+                if rec["ok"] is None:
+                    out[key] = rec
+                    continue
                 if not self.cuda:
                     rec["note"] = "AMP off on CPU: this run is fp32"
                 rows = _log_rows(run_dir)
@@ -215,8 +239,14 @@ class Check:
             if self.cuda:
                 timing.append("train.amp=bf16")
         for method, base in runs.items():
-            for prec in ("fp32", "bf16"):
+            # DINO's fp32 selection once more without TF32 and cuDNN autotuning (train.tf32=false): what they buy
+            for prec in ("fp32", "bf16", *(["fp32_no_tf32"] if method == "dino" else [])):
                 key = f"{method}/{prec}"
+                if prec == "fp32_no_tf32":
+                    if not self.cuda:
+                        out[key] = {"ok": None, "status": "skipped (CPU: TF32 and cuDNN autotuning are GPU settings)"}
+                        continue
+                    base, prec = [*base, "train.tf32=false"], "fp32"
                 if not precision_key:
                     out[key] = {"ok": None, "status": "not run: bench.overhead has no precision key "
                                                       "(selection runs in the training step's precision)"}
@@ -232,7 +262,7 @@ class Check:
                 if result.exists():
                     res = json.loads(result.read_text())
                     rec.update(setting=res.get("setting"), combinations=res.get("combinations"),
-                               baseline_step_s=res.get("baseline_step_s"), amp=res.get("amp"),
+                               baseline_step_s=res.get("baseline_step_s"), amp=res.get("amp"), tf32=res.get("tf32"),
                                factors={str(r["resolution"]): r["factor"] for r in res["rows"]},
                                agreement={str(r["resolution"]): r.get("agreement") for r in res["rows"]},
                                selection_s={str(r["resolution"]): r["selection_s"] for r in res["rows"]},
@@ -261,6 +291,10 @@ class Check:
                "cpu_count": os.cpu_count()}
         for where in ("loader", "model_crop"):
             for n in (2, 4):
+                key = f"N={n}" if where == "loader" else f"{where} N={n}"
+                if self.remaining() < MIN_RUN_S:
+                    out[key] = {"ok": None, "status": "skipped: the section's time budget is spent"}
+                    continue
                 transform = MultiViewTransform(slots=[(ViewRecipe(size=size), n)])
                 step = device_photometric({"augment": {"device": where}}, transform)
                 ds = MultiViewDataset(base, transform, seed=0)
@@ -271,6 +305,8 @@ class Check:
                 next(it)  # worker start-up and the first batch: not timed
                 t0, done = time.perf_counter(), 0
                 for _ in range(batches):
+                    if self.remaining() <= 0:  # the section's deadline: stop timing here
+                        break
                     try:
                         views, params, *_ = next(it)
                     except StopIteration:
@@ -283,7 +319,6 @@ class Check:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 del it
-                key = f"N={n}" if where == "loader" else f"{where} N={n}"
                 out[key] = {"batches": done, "seconds": round(dt, 3),
                             "images_per_s": done * batch / dt if done else None,
                             "views_per_s": done * batch * n / dt if done else None}
@@ -314,19 +349,22 @@ class Check:
             run_dir = self.work / "signal" / "hvs"
             rec = self.run("signal", "hvs_probe", "simsiam.main",
                            [*common, arms["hvs"], f"run.output_dir={run_dir}", f"run.stop_after_steps={probe}"],
-                           timeout=300)
-            rows = [r for r in _log_rows(run_dir) if r["step"] > 10]
-            step_s = sum(r["step_time"] for r in rows) / len(rows) if rows else None
-            out["probe"] = {**rec, "steps": probe, "hvs_step_s": step_s}
-            if not step_s:
-                raise RuntimeError(f"signal probe gave no step time: {rec.get('error', '')}")
-            steps = max(probe, int(self.args.signal_seconds / step_s))
+                           timeout=self.remaining() / 3)
+            if not rec["ok"]:
+                raise RuntimeError(f"signal probe failed: {rec.get('error', rec.get('status', ''))}")
+            # the probe's whole wall time per step (start-up, loader workers, checkpoint included), an upper
+            # bound of a step's cost; a quarter of what is left is kept for the two k-NN evaluations
+            per_step = rec["seconds"] / probe
+            train_s = 0.75 * self.remaining()
+            steps = max(probe, int((train_s + probe * per_step) / (2 * per_step)))
+            out["probe"] = {**rec, "steps": probe, "wall_per_step_s": per_step}
         out["steps"] = steps
-        for arm, flag in arms.items():
+        for k, (arm, flag) in enumerate(arms.items()):
             run_dir = self.work / "signal" / arm
+            left = 2 * (len(arms) - k)  # training runs and k-NN evaluations still to run, this one included
             rec = self.run("signal", arm, "simsiam.main",
                            [*common, flag, f"run.output_dir={run_dir}", f"run.stop_after_steps={steps}"],
-                           timeout=max(300, 3 * self.args.signal_seconds))
+                           timeout=self.remaining() * (0.5 if k == 0 else 0.75))
             rows = _log_rows(run_dir)
             rec["final_loss"] = rows[-1]["loss"] if rows else None
             rec["epochs_done"] = rows[-1]["epoch"] + 1 if rows else None
@@ -336,7 +374,8 @@ class Check:
                         f"data.num_workers={0 if self.tiny else min(8, os.cpu_count() or 1)}"]
             if self.tiny:
                 knn_args.append("knn.ks=[1,3]")
-            knn = self.run("signal", f"knn_{arm}", "eval.knn", knn_args, timeout=300)
+            knn = self.run("signal", f"knn_{arm}", "eval.knn", knn_args,
+                           timeout=self.remaining() / (left - 1))
             if knn_json.exists():
                 res = json.loads(knn_json.read_text())
                 ks = res["knn"]
@@ -400,15 +439,17 @@ def parse_args(argv=None):
     p.add_argument("--loader-batch", type=int, default=128)
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--loader-workers", type=int, default=8)
-    p.add_argument("--signal-seconds", type=float, default=75.0,
-                   help="time box of the HVS arm (s); the baseline runs as many steps "
-                        "(default 75: the whole check in about 8 min)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="wall time of the whole check, shared by the sections (default 450: within 8 minutes; "
+                        "with --tiny 1200, a CPU self-test on a shared machine)")
     p.add_argument("--signal-steps", type=int, default=0, help="fixed steps per arm instead of the time box")
     args = p.parse_args(argv)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.budget_seconds is None:
+        args.budget_seconds = 1200.0 if args.tiny else 450.0
     if args.output is None:
         args.output = str(ROOT / "bench" / ("gpu_check.json" if args.device == "cuda" else "gpu_check_cpu.json"))
     return args
@@ -427,8 +468,12 @@ def main(argv=None) -> dict:
               "sections": {}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    shares = {name: SHARES[name] for name in args.sections}
+    start, used = time.monotonic(), 0.0
     for name in args.sections:
-        print(f"[gpu_check] section {name} ...", flush=True)
+        used += shares[name] / sum(shares.values())
+        check.deadline = start + used * args.budget_seconds  # what an earlier section left passes on
+        print(f"[gpu_check] section {name} ({check.remaining():.0f} s) ...", flush=True)
         t0 = time.perf_counter()
         try:
             section = {"ok": True, **getattr(check, name)()}

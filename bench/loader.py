@@ -28,6 +28,17 @@ machine whose cores are shared, where the wall clock does not.  ``cost_vs_n2``:
 the CPU cost per image over that of N = 2 of the same size and loader (the
 goal at 224 px with N = 4: at most x1.35); ``wall_cost_vs_n2`` the same from
 the wall clock.
+
+``--paper-dino`` measures instead the three training paths (``augment.device``
+loader, model, model_crop) at the paper's DINO setting with HVS
+(``configs/dino_paper.yaml``: 4 global candidates of 224 px and 16 local ones
+of 96 px per image): images per second per CPU core of the loader workers
+(from their CPU time), the bytes per image they send to the training process,
+and for the device paths their step's cost per image on ``--device`` and the
+number of kernels it launches for one batch, counted with the profiler on a
+CPU (every leaf ``aten::`` operation that computes or copies, not views)::
+
+    python -m bench.loader --paper-dino --data-dir ../shared/data --dataset imagenet --batch-size 64
 """
 from __future__ import annotations
 
@@ -49,6 +60,8 @@ from common.data import DataError, build_dataset
 from common.photometric import device_photometric
 
 LOADERS = ("ours", "ours_model", "ours_model_crop", "torchvision")
+#: the training paths (augment.device) compared by ``--paper-dino``
+DEVICE_PATHS = ("loader", "model", "model_crop")
 #: augment.device of our loaders; those on the device have a timed device step and a ``<name>_total``
 OURS = {"ours": "loader", "ours_model": "model", "ours_model_crop": "model_crop"}
 ON_DEVICE = ("ours_model", "ours_model_crop")
@@ -193,6 +206,95 @@ def benchmark(base, sizes, views, images: int, batch_size: int, workers: int, re
     return rows
 
 
+#: profiler events that launch no kernel on a GPU (views, metadata, allocation)
+NO_KERNEL = {"aten::view", "aten::as_strided", "aten::empty", "aten::empty_strided", "aten::reshape", "aten::expand",
+             "aten::narrow", "aten::slice", "aten::select", "aten::t", "aten::transpose", "aten::unsqueeze",
+             "aten::squeeze", "aten::permute", "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::unbind",
+             "aten::split", "aten::lift_fresh", "aten::result_type", "aten::resolve_conj", "aten::resolve_neg",
+             "aten::empty_like", "aten::split_with_sizes", "aten::chunk", "aten::expand_as", "aten::view_as",
+             "aten::contiguous", "aten::to", "aten::_to_copy", "aten::is_nonzero", "aten::item",
+             "aten::_local_scalar_dense", "aten::numpy_T", "aten::movedim", "aten::flatten"}
+
+
+def kernel_launches(fn) -> int:
+    """Kernels ``fn()`` launches, counted with ``torch.profiler`` on a CPU:
+    the leaf ``aten::`` operations (those that call no other operation), less
+    :data:`NO_KERNEL`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children
+               and e.name not in NO_KERNEL)
+
+
+def kernel_launches_as_on_gpu(fn) -> int:
+    """:func:`kernel_launches` of a device step run on a CPU with the batch
+    sizes of an accelerator (no CPU chunking of the photometric part, the
+    accelerator's group size for crops), so that the count is a GPU's."""
+    from common import photometric, resample
+
+    saved = photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES
+    photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = 1 << 62, resample.ACCELERATOR_MAX_VALUES
+    try:
+        return kernel_launches(fn)
+    finally:
+        photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = saved
+
+
+def paper_dino_transform(where: str):
+    """DINO's multi-crop transform with HVS at the paper's setting, rendering
+    as ``augment.device=where``, and its device step (None for ``loader``)."""
+    from common.config import COMMON_SPEC, resolve
+    from common.multicrop import multicrop_transform
+    from dino.method import DINOMethod
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = resolve({**COMMON_SPEC, **DINOMethod.spec}, root / "configs" / "dino_paper.yaml",
+                  ["hvs.enabled=true", f"augment.device={where}"])
+    transform = multicrop_transform(cfg, hvs_on=True)
+    return transform, device_photometric(cfg, transform)
+
+
+def payload_bytes(views) -> int:
+    """Bytes the loader sends for a batch (views, or the decoded images of model_crop)."""
+    if isinstance(views, (list, tuple)):
+        return sum(v.numel() * v.element_size() for v in views)
+    return views.pixels.numel() * views.pixels.element_size()
+
+
+def paper_dino(base, images: int, batch_size: int, workers: int, device: str = "cpu") -> dict:
+    """Per ``augment.device``: images per second per core of the loader
+    workers, bytes per image sent, and for the device paths the step's
+    seconds per image on ``device`` and its kernel launches per batch
+    (profiler, on a CPU)."""
+    base = Subset(base, list(range(min(images, len(base)))))
+    empty = read_all(EmptyItems(len(base)), batch_size, workers)[1]
+    out = {"setting": "DINO paper, HVS: 4 global candidates 224 px + 16 local candidates 96 px per image",
+           "images": len(base), "batch_size": batch_size, "workers": workers}
+    for where in DEVICE_PATHS:
+        transform, step = paper_dino_transform(where)
+        dataset = MultiViewDataset(base, transform, seed=0)
+        wall, cpu, count = read_all(dataset, batch_size, workers)
+        cpu_per_image = max(1e-9, cpu - empty) / count
+        views, params, _, _ = next(iter(DataLoader(dataset, batch_size=min(batch_size, len(base)), shuffle=False,
+                                                   collate_fn=collate)))
+        row = {"images_per_s_per_core": 1.0 / cpu_per_image, "cpu_ms_per_image": cpu_per_image * 1e3,
+               "wall_images_per_s": count / wall, "bytes_per_image": payload_bytes(views) / len(params)}
+        if step is not None:
+            moved = views_to(views, device)
+            clock = time.process_time if device == "cpu" else time.perf_counter
+            t0 = clock()
+            step(moved, params)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            row["device_step_s_per_image"] = (clock() - t0) / len(params)
+            row["kernel_launches_per_batch"] = kernel_launches_as_on_gpu(lambda: step(views_to(views, "cpu"), params))
+            row["kernel_batch"] = len(params)
+        out[where] = row
+    return out
+
+
 def names_of(loaders) -> list:
     """The loaders and, after each on the device, its total with the device step."""
     return [k for name in loaders for k in ((name, f"{name}_total") if name in ON_DEVICE else (name,))]
@@ -229,6 +331,8 @@ def main(argv=None) -> list:
                         "torchvision")
     p.add_argument("--device", default="cpu", help="where the device-side steps are timed (default cpu)")
     p.add_argument("--output", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--paper-dino", action="store_true",
+                   help="measure the three augment.device paths at the paper's DINO setting with HVS instead")
     args = p.parse_args(argv)
     random.seed(0)
     torch.manual_seed(0)
@@ -237,6 +341,19 @@ def main(argv=None) -> list:
     except DataError as err:
         print(f"python -m bench.loader: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if args.paper_dino:
+        res = paper_dino(base, args.images, args.batch_size, args.workers, args.device)
+        print(res["setting"] + f"; {res['images']} images, batch {res['batch_size']}, {res['workers']} workers")
+        for where in DEVICE_PATHS:
+            r = res[where]
+            step = (f", device step {r['device_step_s_per_image'] * 1e3:.2f} ms/image on {args.device}, "
+                    f"{r['kernel_launches_per_batch']} kernels per batch of {r['kernel_batch']}"
+                    if "kernel_launches_per_batch" in r else "")
+            print(f"{where}: {r['images_per_s_per_core']:.1f} images/s per core, "
+                  f"{r['bytes_per_image'] / 2**20:.2f} MiB per image{step}")
+        if args.output:
+            write_json_atomic(args.output, res)
+        return res
     loaders = tuple(name for name in LOADERS if name in args.loaders)
     rows = benchmark(base, args.sizes, args.views, args.images, args.batch_size, args.workers, args.repeats,
                      loaders, args.device)

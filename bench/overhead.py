@@ -61,7 +61,7 @@ from common.config import COMMON_SPEC, ConfigError, resolve, setting
 from common.hvs import PRECISIONS, HardViewSelector, native_bf16, selection_dtype
 from common.method import StepInfo
 from common.multicrop import multicrop_pools
-from common.runtime import amp_settings, compile_backbones, seed_everything
+from common.runtime import amp_settings, compile_backbones, exact_fp32, seed_everything
 from common.train import StepContext, train_step
 from barlowtwins.method import BarlowTwinsMethod
 from byol.method import BYOLMethod
@@ -239,14 +239,14 @@ class Step:
         return time.perf_counter() - t0, t_sel
 
     def reference_choice(self, candidates, selector, generator) -> torch.Tensor:
-        """The per-sample choice of ``selector`` (the fp32 reference) on the model
-        as it is now, called as the training step calls it, without training;
-        the global RNG (iBOT's masks) is restored afterwards, so the timed step
-        that follows draws the same random parts."""
+        """The per-sample choice of ``selector`` (the fp32 reference, without
+        TF32) on the model as it is now, called as the training step calls it,
+        without training; the global RNG (iBOT's masks) is restored afterwards,
+        so the timed step that follows draws the same random parts."""
         step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, 0, 0, 1))
         model, method = self.ctx.model, self.method
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.ctx.autocast():
+        with torch.random.fork_rng(devices=devices), exact_fp32(), self.ctx.autocast():
             sel = selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
                            lambda outputs, combos: method.combination_scores(outputs, combos, step), generator)
         return sel.choice
@@ -290,7 +290,7 @@ def method_config(cfg: dict) -> tuple[dict, list]:
     entry = METHODS[cfg["bench"]["method"]]
     overrides = [f"method={cfg['bench']['method']}", *entry.overrides(cfg), "hvs.enabled=true",
                  f"train.batch_size={cfg['train']['batch_size']}", f"train.amp='{cfg['train']['amp']}'",
-                 f"run.device={cfg['run']['device']}"]
+                 f"train.tf32={str(cfg['train']['tf32']).lower()}", f"run.device={cfg['run']['device']}"]
     if cfg["bench"]["precision"]:  # filled by parse_args; empty: the method's own default
         overrides.append(f"hvs.precision={cfg['bench']['precision']}")
     return resolve({**COMMON_SPEC, **entry.cls.spec}, None, overrides), overrides
@@ -317,8 +317,10 @@ def benchmark(cfg: dict) -> dict:
     dtype = selection_dtype(precision, device)    # None: the selection runs in fp32
     configs = [None] + list(b["resolutions"])     # None: the baseline
     selectors = {r: SplitSelector(build_selector(method, mcfg, r), step.ctx.sync) for r in configs if r is not None}
+    # the choices of a reduced-precision selection, or of an fp32 one in TF32, against exact fp32 ones
+    tf32 = device.type == "cuda" and bool(mcfg["train"]["tf32"])
     references = ({r: build_selector(method, mcfg, r, "fp32") for r in selectors}
-                  if dtype is not None and mcfg["hvs"]["mode"] != "random" else {})
+                  if (dtype is not None or tf32) and mcfg["hvs"]["mode"] != "random" else {})
     times = {r: [] for r in configs}
     sel_times = {r: [] for r in configs}
     split = {r: {"forward": [], "scoring": [], "gather": [], "training": []} for r in selectors}
@@ -368,7 +370,8 @@ def benchmark(cfg: dict) -> dict:
             "batch_size": batch_size, "setting": entry.setting(mcfg), "pools": method.pools(),
             "max_combinations": mcfg["hvs"]["max_combinations"],
             "combinations": any_selector.num_combinations if any_selector else None,
-            "amp": cfg["train"]["amp"] if device.type == "cuda" else "off", "paper_setting": entry.paper_setting,
+            "amp": cfg["train"]["amp"] if device.type == "cuda" else "off",
+            "tf32": bool(cfg["train"]["tf32"]) and device.type == "cuda", "paper_setting": entry.paper_setting,
             "precision": precision, "selection_dtype": str(dtype or torch.float32).replace("torch.", ""),
             "native_bf16": native_bf16(device), "compile": bool(b["compile"]),
             "threads": torch.get_num_threads(), "warmup": b["warmup"], "repeats": b["repeats"],
@@ -436,10 +439,12 @@ BENCH_SPEC = {
     "bench.repeats": setting(7, "timed rounds; medians are reported", range="[1, inf)"),
     "run.device": COMMON_SPEC["run.device"],
     "train.amp": setting("off", "mixed precision (GPU only)", ["off", "bf16", "fp16"]),
+    "train.tf32": COMMON_SPEC["train.tf32"],
     "bench.output": setting("results/overhead.json", "the JSON file written"),
     "bench.precision": setting("", "precision of the HVS selectors (hvs.precision): fp32, bf16, fp16 (GPU) or auto "
                                    "(bf16 where native, else fp32); empty: the method's hvs.precision default; a "
-                                   "reduced one also reports the choices' agreement with fp32 selection",
+                                   "reduced one (or fp32 in TF32 on a GPU) also reports the choices' agreement "
+                                   "with exact fp32 selection",
                                ["", *PRECISIONS]),
     "bench.compile": setting(False, "wrap the method's model with torch.compile (baseline and HVS steps); "
                                     "exit status 2 if compiling fails"),

@@ -21,7 +21,8 @@ its per-image BYOL loss, read from one table of cosines between the online
 predictions and the target projections of all candidates (one forward of each
 network, :func:`byol.loss.pair_scores`).  The target's outputs of the chosen
 views are reused in the training step where exact (``hvs.reuse_target``):
-full-size selection on the trained rendering and no BatchNorm in the target.
+full-size selection on the trained rendering, in fp32 or in the training
+step's autocast dtype, and no BatchNorm in the target.
 A ResNet target has BatchNorm, whose batch statistics differ between the
 candidates' forward and the training forward, so with the recipe above the
 target runs again on the chosen views.
@@ -120,8 +121,7 @@ class BYOLMethod(TwoViews, PairMethod):
     def can_reuse_target(self, selection) -> bool:
         """Whether the selection's target projections are those the training
         step would compute (see the module docstring)."""
-        return (self.reuse_teacher and selection is not None and selection.outputs is not None
-                and selection.resolution == 1.0 and not selection.rendered)
+        return self.reuse_teacher and selection is not None and selection.reusable()
 
     @staticmethod
     def chosen_targets(selection) -> tuple:

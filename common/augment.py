@@ -463,12 +463,14 @@ class MultiViewDataset(EpochSeededDataset):
     """``(views, params [V, len(PARAM_NAMES)], label, index)`` drawn by a
     :class:`MultiViewTransform` from a :class:`random.Random` of the sample's seed.
     The key is an index, or ``(index, training step)`` where the transform
-    depends on the step (an :class:`IoUPolicy`; see ``EpochSampler.tag_steps``)."""
+    depends on the step (an :class:`IoUPolicy`; see ``EpochSampler.tag_steps``),
+    or ``(index, training step or None, epoch)`` (``EpochSampler.tag_epochs``:
+    loader workers that persist across epochs)."""
 
     def __getitem__(self, key):
-        index, step = key if isinstance(key, tuple) else (key, None)
+        index, step, epoch = (*key, self.epoch)[:3] if isinstance(key, tuple) else (key, None, self.epoch)
         img, label = self.base[index]
-        rng = random.Random(sample_seed(self.seed, self.epoch, index))
+        rng = random.Random(sample_seed(self.seed, epoch, index))
         views, params = self.transform(img, rng, step=step)
         return views, params, label, index
 

@@ -214,6 +214,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the generators of :func:`rng_state`.  The CUDA generators are
+    restored per device that exists here and was saved: a run resumed with
+    another number of visible GPUs (8 under torchrun, 1 per task under a
+    cluster's GPU binding) restores the first ones and leaves the others."""
     import random
 
     import numpy as np
@@ -222,7 +226,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
+
+
+def identity(ckpt: dict) -> str:
+    """What tells two copies of a checkpoint apart: its ``id`` (a random token
+    written with it), or for a checkpoint without one, a hash of its weights."""
+    return str(ckpt.get("id") or state_fingerprint(ckpt["model"]))
 
 
 def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
@@ -278,10 +289,15 @@ def fingerprint(module) -> str:
     """SHA-256 of a module's parameters and buffers (names, shapes, dtypes and
     bytes), to recognise the same weights (e.g. that a frozen backbone did not
     change, or that an evaluation resumes on the checkpoint it started from)."""
+    return state_fingerprint(module.state_dict())
+
+
+def state_fingerprint(state: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, shapes, dtypes and bytes)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

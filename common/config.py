@@ -79,6 +79,7 @@ COMMON_SPEC = {
     "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
     "train.batch_size": setting(512, "global batch size (split evenly over ranks)", range="[1, inf)"),
     "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
+    "train.tf32": setting(True, "on GPU: TF32 matrix products and convolutions and cuDNN autotuning (cudnn.benchmark), as DINO's and MoCo v3's code; false: full fp32 products and cuDNN's default algorithm choice"),
     "train.compile": setting(False, "torch.compile the backbones (training step and selection forward); off by default: on CPU it did not pay (see docs/performance.md)"),
     "train.sync_bn": setting(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),
     "hvs.enabled": setting(False, "hard view selection on (N candidates per crop slot) or off (the baseline)"),

@@ -55,6 +55,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / world()
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` (a small picklable value) of every rank, in rank order."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

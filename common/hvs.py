@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.numerics import to_device
+
 MODES = ("hard", "easy", "random")
 #: BatchNorm behaviour during the selection forward:
 #:  - ``batch``: batch statistics of the candidates (as the authors' code), running
@@ -46,6 +48,8 @@ MODES = ("hard", "easy", "random")
 #:  - ``batch_update``: batch statistics, and the running statistics keep the
 #:    update of the selection forward (exactly the authors' code);
 #:  - ``running``: BatchNorm layers in eval mode, using the running statistics.
+#: Under DDP with SyncBatchNorm the batch statistics are those of each rank's own
+#: candidates (:func:`local_batch_statistics`), as in a single-process run.
 BN_MODES = ("batch", "batch_update", "running")
 RESOLUTIONS = (1.0, 0.75, 0.5, 0.25)
 #: precision of the selection forward: ``auto`` (bf16 where the device supports it, else fp32)
@@ -216,6 +220,19 @@ class Selection:
     #                        reuse parts of it in its training step where that is exact
     resolution: float = 1.0  # fraction of the candidates' size that ``outputs`` were computed at
     rendered: bool = False   # the views were gathered from other renderings than ``outputs`` saw
+    dtype: Optional[torch.dtype] = None  # autocast dtype ``outputs`` were computed in (None: fp32)
+
+    def reusable(self) -> bool:
+        """Whether ``outputs`` are what the training step would compute for the
+        chosen views, so that a method may train on them instead of running a
+        network again: full-size candidates of the same rendering, computed in
+        fp32 or in the low precision of the autocast active now.  Call it inside
+        the training step's autocast.  (Outputs of a bf16 selection are never
+        reused by an fp16 or fp32 training step: they differ, and mixing bf16 with
+        fp16 tensors fails under autocast.)"""
+        if self.outputs is None or self.resolution != 1.0 or self.rendered:
+            return False
+        return self.dtype is None or self.dtype == active_autocast_dtype(self.indices.device.type)
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
@@ -224,13 +241,23 @@ class Selection:
         return self.scores.gather(1, self.choice[:, None]).squeeze(1)
 
 
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast active now on ``device_type`` (None: none active)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 @contextmanager
 def batchnorm_mode(model: nn.Module, bn_mode: str):
-    """Context for the selection forward; see :data:`BN_MODES`."""
+    """Context for the selection forward; see :data:`BN_MODES`.  In the batch
+    modes a SyncBatchNorm layer (DDP on GPUs, ``train.sync_bn``) uses the
+    statistics of this rank's candidates, as a BatchNorm layer does
+    (:func:`local_batch_statistics`)."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"hvs.bn_mode={bn_mode!r} is not one of {BN_MODES}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bn_mode == "batch_update" or not bns:
+    if not bns:
         yield
         return
     if bn_mode == "running":
@@ -243,14 +270,40 @@ def batchnorm_mode(model: nn.Module, bn_mode: str):
             for m, flag in zip(bns, flags):
                 m.train(flag)
         return
-    saved = [[b.clone() for b in m.buffers()] for m in bns]
+    saved = [[b.clone() for b in m.buffers()] for m in bns] if bn_mode == "batch" else None
+    try:
+        with local_batch_statistics(bns):
+            yield
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for m, bufs in zip(bns, saved):
+                    for b, s in zip(m.buffers(), bufs):
+                        b.copy_(s)
+
+
+def _local_batchnorm(module: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    return nn.modules.batchnorm._BatchNorm.forward(module, x)
+
+
+@contextmanager
+def local_batch_statistics(bns: Sequence[nn.Module]):
+    """SyncBatchNorm layers computed as BatchNorm: the mean and variance of
+    this rank's batch, no all-gather.  Under DDP, SyncBatchNorm in train mode
+    gathers every layer's statistics from all ranks (one collective and a host
+    synchronisation per layer: 24 for a ResNet-18, 57 for a ResNet-50); in the
+    selection forward that would make each rank's choice depend on the other
+    ranks' candidates, unlike a single-process run and the authors' code, which
+    score the candidates with the statistics of the GPU's own batch.  The
+    training forward keeps SyncBatchNorm."""
+    syncs = [m for m in bns if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    for m in syncs:
+        m.forward = functools.partial(_local_batchnorm, m)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, bufs in zip(bns, saved):
-                for b, s in zip(m.buffers(), bufs):
-                    b.copy_(s)
+        for m in syncs:
+            del m.forward
 
 
 @contextmanager
@@ -336,6 +389,7 @@ class HardViewSelector:
         self.num_combinations = num_pool_combinations(self.pools)
         # the full table [C, S]: built here only when every step compares all of it
         self._table = pool_combinations(self.pools) if not self.capped else None
+        self._device_tables: dict = {}  # the full table on each device it was used on (uncapped)
         # slot -> pool, so that candidates of one pool (same shape) are stacked together
         self.slot_pool = [p for p, (_, k) in enumerate(self.pools) for _ in range(k)]
         self.pool_start = [sum(n for n, _ in self.pools[:p]) for p in range(len(self.pools))]
@@ -390,6 +444,17 @@ class HardViewSelector:
             return self._table[torch.tensor(ranks, dtype=torch.long)]
         return torch.tensor(unrank_combinations(self.pools, ranks), dtype=torch.long)
 
+    def device_combinations(self, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """:meth:`combinations` on ``device`` without a host synchronisation:
+        the full table is copied there once and kept; a capped subset (drawn on
+        the host) is sent every step without waiting (:func:`common.numerics.to_device`)."""
+        if self.capped:
+            return to_device(self.combinations(generator), device)
+        key = str(torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = to_device(self.all_combos, device)
+        return self._device_tables[key]
+
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Row index per sample: argmax (hard) or argmin (easy); the random mode
         chooses in :meth:`__call__` without scores."""
@@ -424,14 +489,17 @@ class HardViewSelector:
             raise ValueError(f"the selector expects {self.num_candidates} candidate views per "
                              f"sample (pools {self.pools}), the loader gave {len(candidates)}")
         B, device = candidates[0].shape[0], candidates[0].device
-        combos = self.combinations(generator).to(device)
+        combos = self.device_combinations(device, generator)
+        dtype = None
         if self.mode == "random":
-            choice = torch.randint(len(combos), (B,), generator=generator).to(device)
+            choice = to_device(torch.randint(len(combos), (B,), generator=generator), device)
             scores = outputs = None
         else:
             small = resize_views(candidates, self.resolution, self.size_multiple)
             dtype = selection_dtype(self.precision, device)
-            autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+            # no weight cache: autocast caches its low-precision copies of the weights by weight, not by
+            # dtype, so a bf16 selection inside fp16 training would hand bf16 weights to the training forward
+            autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                         else torch.autocast(device.type, enabled=False))  # fp32, also inside training AMP
             with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model), autocast:
                 outputs = candidate_outputs(small)
@@ -445,4 +513,4 @@ class HardViewSelector:
             raise ValueError(f"{len(renders)} renderings for {len(candidates)} candidates")
         views = self.gather(candidates if renders is None else renders, indices)
         return Selection(views=views, indices=indices, choice=choice, combos=combos, scores=scores,
-                         outputs=outputs, resolution=self.resolution, rendered=renders is not None)
+                         outputs=outputs, resolution=self.resolution, rendered=renders is not None, dtype=dtype)

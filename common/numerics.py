@@ -1,4 +1,5 @@
-"""Numerical helpers shared by the losses."""
+"""Numerical helpers shared by the losses, and the host-to-device copy of
+small arrays that the training step uses."""
 from __future__ import annotations
 
 import torch
@@ -18,3 +19,14 @@ def collapse_std(x: torch.Tensor) -> torch.Tensor:
     sphere, 0 for collapsed (constant) outputs.  Logged by every method as
     ``out_std`` (Appendix F.2: easy selection collapses)."""
     return torch.nn.functional.normalize(precise(x.detach()), dim=1).std(dim=0).mean()
+
+
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """A small host array, list or tensor on ``device`` without waiting for
+    the device's queued work: on a GPU copied from pinned memory with
+    ``non_blocking=True`` (a blocking copy, or an index given as a Python list,
+    would synchronise the training step with the GPU)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

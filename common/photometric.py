@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from common.augment import P
+from common.numerics import to_device
 
 ORDER_COLUMNS = [P[f"order{k}"] for k in range(4)]
 FACTOR_COLUMNS = [P["brightness"], P["contrast"], P["saturation"], P["hue"]]
@@ -59,13 +60,6 @@ BLUR_PASSES = 3  # PIL's GaussianBlur: three box passes per direction
 # ----------------------------------------------------------------------------
 # the operations, on float32 images [n, 3, H, W] holding integers 0..255
 # ----------------------------------------------------------------------------
-def to_device(values, device, dtype=None) -> torch.Tensor:
-    """A small host array or list on ``device`` without waiting for the
-    device's queued work (a blocking copy would synchronise the training
-    step with the GPU)."""
-    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
@@ -144,10 +138,10 @@ class HSVTables:
         q1, q2 = _f32(d1 / safe), _f32(d2 / safe)
         hues = [_f32(q2 - q1), _f32(2.0 + q1 - q2), _f32(4.0 + q1 - q2)]
         self.hue = torch.cat([torch.where(c == 0, 0.0, torch.trunc(_f32(torch.fmod(h / 6.0 + 1.0, 1.0)) * 255.0))
-                              for h in hues]).to(device=device, dtype=torch.float32)  # [3 * 65536]
+                              for h in hues]).to(torch.float32)  # [3 * 65536]
         cr, mx = d1, torch.where(d2 == 0, 1.0, d2)  # index c * 256 + max
         sat = torch.trunc(_f32(cr / mx) * 255.0).clamp(0, 255)
-        self.sat = torch.where((cr == 0) | (cr > d2), 0.0, sat).to(device=device, dtype=torch.float32)
+        self.sat = torch.where((cr == 0) | (cr > d2), 0.0, sat).to(torch.float32)
         s, h = d1, d2  # index s * 256 + h
         h6 = h * 6.0 / 255.0
         i = torch.floor(h6)
@@ -157,7 +151,8 @@ class HSVTables:
         sectors = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
         pick = sectors[torch.remainder(i, 6).long()]  # [65536, 3]
         pick[s == 0] = 0
-        self.channel = torch.gather(factors, 0, pick.T).to(device)  # [3, 65536] float64: channel = round(v * factor)
+        self.channel = torch.gather(factors, 0, pick.T)  # [3, 65536] float64: channel = round(v * factor)
+        self.hue, self.sat, self.channel = (to_device(t, device) for t in (self.hue, self.sat, self.channel))
 
     _cache: dict = {}
 
@@ -312,12 +307,12 @@ def apply_photometric(images: torch.Tensor, params: torch.Tensor, chunk: int | N
     x = images.to(torch.float32)
     p = params.detach().to("cpu", torch.float64)
     jitter = p[:, P["jitter"]] > 0
-    factors = to_device(params.detach()[:, FACTOR_COLUMNS].to(torch.float32), x.device)
+    factors = params.detach()[:, FACTOR_COLUMNS].to("cpu", torch.float32)  # selected on the host, then sent
     for k in range(4):  # round k: each jittered sample runs the operation it drew k-th
         for j, op in enumerate(JITTER_OPS):
             rows = torch.nonzero(jitter & (p[:, ORDER_COLUMNS[k]] == j)).flatten().tolist()
             if rows:
-                _apply(x, rows, op, factors[rows, j])
+                _apply(x, rows, op, to_device(factors[rows, j], x.device))
     _apply(x, torch.nonzero(p[:, P["gray"]] > 0).flatten().tolist(), grayscale)
     blurred = torch.nonzero(p[:, P["blur_sigma"]] > 0).flatten().tolist()
     sigma32 = params.detach().to("cpu", torch.float32)[:, P["blur_sigma"]]
@@ -388,11 +383,10 @@ class DeviceViews(DevicePhotometric):
     def __call__(self, images, params: torch.Tensor):
         from common.resample import crop_resize_flip
 
-        if hasattr(images, "images"):
-            images = images.images()
         V = len(self.recipes)
+        packed = hasattr(images, "pixels")  # a DecodedBatch: cropped without a kernel per image
         if isinstance(images, torch.Tensor) or len(images) != params.shape[0] or params.shape[1] not in (V, 2 * V) \
-                or any(image.dim() != 3 for image in images):
+                or (not packed and any(image.dim() != 3 for image in images)):
             raise ValueError(f"device views: expected the {params.shape[0]} decoded images [3, H, W] of the batch "
                              f"and {V} or {2 * V} parameter rows per image, got {type(images).__name__} and "
                              f"{tuple(params.shape)}")

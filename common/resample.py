@@ -38,6 +38,8 @@ from common.augment import P
 from common.photometric import to_device
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
+#: values a group's first pass holds at most, on a CPU and on an accelerator
+CPU_MAX_VALUES, ACCELERATOR_MAX_VALUES = 1 << 24, 1 << 27
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
@@ -180,10 +182,27 @@ def pillow_vertical_first() -> bool:
     return torch.equal(got, vh)
 
 
+def padded_group(pixels: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, H: int, W: int) -> torch.Tensor:
+    """Images of a packed batch (:class:`common.augment.DecodedBatch`: ``pixels``
+    flat uint8, image g from ``starts[g]`` in [h, w, 3] order, ``shapes`` [G, 2]
+    its (h, w)) zero-padded to [G, 3, H, W] int32 with one gather: a fixed
+    number of kernels whatever the number of images."""
+    device = pixels.device
+    h, w, start = (to_device(a.astype(np.int64), device).view(-1, 1, 1, 1)
+                   for a in (shapes[:, 0], shapes[:, 1], starts))
+    y = torch.arange(H, device=device).view(1, 1, H, 1)
+    x = torch.arange(W, device=device).view(1, 1, 1, W)
+    c = torch.arange(3, device=device).view(1, 3, 1, 1)
+    inside = (y < h) & (x < w)
+    index = torch.where(inside, start + (y * w + x) * 3 + c, 0)
+    return torch.where(inside, pixels[index].to(torch.int32), 0)
+
+
 def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str,
                      max_values: int | None = None) -> torch.Tensor:
-    """The views of a batch: ``images`` the B decoded images (a list of uint8
-    [3, H_i, W_i], any device, or a tensor [B, 3, H, W]), ``params`` [B, n,
+    """The views of a batch: ``images`` the B decoded images (a
+    :class:`common.augment.DecodedBatch`, or a list of uint8 [3, H_i, W_i],
+    any device, or a tensor [B, 3, H, W]), ``params`` [B, n,
     len(PARAM_NAMES)] (CPU) the rows of ``n`` views of each image, all of
     output ``size`` and ``interpolation``.  Returns [B, n, 3, size, size]
     float32 levels, equal to ``img.crop(box).resize((size, size), filter)``
@@ -192,31 +211,42 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
     Images of similar size go together (sorted by area), zero-padded to the
     largest of their group, a group's first pass holding at most about
     ``max_values`` values (default 2^24 on a CPU, 2^27 on an accelerator:
-    fewer, larger groups)."""
+    fewer, larger groups).  A group's kernels do not depend on its number of
+    images: a packed batch is padded with one gather, and the views are
+    written to the output with one indexed copy per order of the passes."""
+    packed = images if hasattr(images, "pixels") else None
     if isinstance(images, torch.Tensor):
         images = list(images.unbind(0))
     B, n = params.shape[:2]
     if len(images) != B:
         raise ValueError(f"{len(images)} images and parameter rows of {B}")
+    if packed is not None:
+        shapes = packed.shapes.numpy().astype(np.int64).reshape(B, 2)
+        starts = np.concatenate([[0], np.cumsum(shapes.prod(1) * 3)[:-1]]).astype(np.int64)
+    else:
+        shapes = np.array([image.shape[-2:] for image in images]).reshape(B, 2)
     p = params.detach().to("cpu", torch.float64).numpy()
     geometry = np.stack([p[..., P[k]] for k in ("crop_x", "crop_y", "crop_w", "crop_h", "flip")]).astype(np.int64)
-    shapes = np.array([image.shape[-2:] for image in images]).reshape(B, 2)
     x0, y0, cw, ch, _ = geometry
     bad = ((x0 < 0) | (y0 < 0) | (cw < 1) | (ch < 1) | (x0 + cw > shapes[:, 1:2]) | (y0 + ch > shapes[:, 0:1])).any(1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"crop boxes outside image {i} of the batch ({shapes[i, 1]}x{shapes[i, 0]})")
-    out = torch.empty(B, n, 3, size, size, dtype=torch.float32, device=images[0].device)
+    device = packed.pixels.device if packed is not None else images[0].device
+    out = torch.empty(B, n, 3, size, size, dtype=torch.float32, device=device)
     if max_values is None:
-        max_values = 1 << (24 if out.device.type == "cpu" else 27)
+        max_values = CPU_MAX_VALUES if out.device.type == "cpu" else ACCELERATOR_MAX_VALUES
     first_v = vertical_first(cw, ch, size)
     group: list = []
 
     def flush():
         H, W = shapes[group].max(0)
-        x = torch.zeros(len(group), 3, H, W, dtype=torch.int32, device=out.device)
-        for j, i in enumerate(group):
-            x[j, :, : shapes[i, 0], : shapes[i, 1]] = images[i]
+        if packed is not None:
+            x = padded_group(packed.pixels, starts[group], shapes[group], int(H), int(W))
+        else:
+            x = torch.zeros(len(group), 3, H, W, dtype=torch.int32, device=out.device)
+            for j, i in enumerate(group):
+                x[j, :, : shapes[i, 0], : shapes[i, 1]] = images[i]
         for vfirst in (False, True):  # the views of each order, in slots padded to the most any image has
             chosen = first_v[group] == vfirst
             k = int(chosen.sum(1).max())
@@ -227,9 +257,12 @@ def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str
             for j, (i, views) in enumerate(zip(group, slots)):
                 sub[:, j, : len(views)] = geometry[:, i, views]
             views = _resize(x, sub, size, interpolation, vfirst)
-            for j, (i, vs) in enumerate(zip(group, slots)):
-                if len(vs):
-                    out[i, to_device(vs, out.device)] = views[j, : len(vs)].to(torch.float32)
+            # view v of image i is slot s of group member j: one indexed copy for all of them
+            dst = np.concatenate([i * n + vs for i, vs in zip(group, slots)])
+            src = np.concatenate([j * k + np.arange(len(vs)) for j, vs in enumerate(slots)])
+            flat = views.reshape(len(group) * k, 3, size, size)
+            out.view(B * n, 3, size, size).index_copy_(
+                0, to_device(dst, out.device), flat.index_select(0, to_device(src, out.device)).to(torch.float32))
         group.clear()
 
     for i in np.argsort(shapes.prod(1), kind="stable"):

@@ -168,8 +168,34 @@ def compile_backbones(model: "torch.nn.Module") -> list:
     return names
 
 
+def cuda_math(device, tf32: bool = True) -> None:
+    """On a GPU: TF32 for fp32 matrix products and convolutions, and cuDNN's
+    autotuner (``cudnn.benchmark``: the fastest algorithm for each input shape,
+    chosen at its first use), or neither with ``tf32=False``.  These are
+    process-wide flags; on a CPU nothing changes."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(tf32)
+
+
+@contextmanager
+def exact_fp32():
+    """fp32 matrix products and convolutions without TF32 inside the block
+    (a full-precision reference where :func:`cuda_math` turned TF32 on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None) of ``train.amp``."""
+    """(autocast context factory, GradScaler or None) of ``train.amp``; on a
+    GPU also TF32 and cuDNN autotuning as ``train.tf32`` says (:func:`cuda_math`)."""
+    cuda_math(device, cfg["train"].get("tf32", True))
     mode = cfg["train"]["amp"]
     if device.type != "cuda" or mode == "off":
         return nullcontext, None
@@ -228,7 +254,10 @@ class EpochSampler(Sampler):
     ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
     (resuming a run stopped inside an epoch).  With ``tag_steps`` it yields
     ``(index, training step)`` pairs, the step counted with ``steps_per_epoch``
-    steps per epoch (for transforms that change over training)."""
+    steps per epoch (for transforms that change over training).  With
+    ``tag_epochs`` it yields ``(index, training step or None, epoch)``: the
+    epoch travels with every index, so that loader workers that persist
+    across epochs draw the views of the right epoch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  drop_last: bool = True):
@@ -242,6 +271,7 @@ class EpochSampler(Sampler):
             self.batches = math.ceil(self.per_rank / batch_size)
         self.epoch, self.skip = 0, 0
         self.tag_steps, self.steps_per_epoch = False, self.batches
+        self.tag_epochs = False
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
@@ -252,10 +282,13 @@ class EpochSampler(Sampler):
         total = self.per_rank * self.world
         perm = perm[:total] if self.drop_last else torch.cat([perm, perm[: total - self.n]])
         mine = perm[self.rank:: self.world][self.skip * self.bs:].tolist()
-        if not self.tag_steps:
+        if not self.tag_steps and not self.tag_epochs:
             return iter(mine)
         first = self.epoch * self.steps_per_epoch + self.skip
-        return iter((index, first + k // self.bs) for k, index in enumerate(mine))
+        steps = [first + k // self.bs if self.tag_steps else None for k in range(len(mine))]
+        if self.tag_epochs:
+            return iter(zip(mine, steps, [self.epoch] * len(mine)))
+        return iter(zip(mine, steps))
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.skip * self.bs)

@@ -15,6 +15,7 @@ GPU, one or several nodes).  Reads top to bottom:
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -72,9 +73,18 @@ def base_root(dataset) -> str:
     return str(getattr(dataset, "root", "?"))
 
 
+#: batches each loader worker prepares ahead of the training step
+PREFETCH = 4
+
+
 def make_loader(dataset, sampler, batch_size, num_workers, pin):
+    """The run's loader, made once: its workers persist across epochs (not
+    forked again every epoch; the sampler hands them the epoch with every
+    index, ``EpochSampler.tag_epochs``) and keep :data:`PREFETCH` batches ready."""
+    sampler.tag_epochs = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=pin, persistent_workers=False, collate_fn=collate)
+                      drop_last=True, pin_memory=pin, persistent_workers=num_workers > 0,
+                      prefetch_factor=PREFETCH if num_workers > 0 else None, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------
@@ -107,6 +117,7 @@ def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, st
         "epoch": epoch, "step": step, "model": model_state, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "method_state": method.state_dict(), "rng": ckpt_io.rng_state(), "loop": loop or {},
+        "id": uuid.uuid4().hex,  # tells copies of checkpoints apart (ranks resuming from different ones)
     }, path)
 
 
@@ -213,7 +224,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
                dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
                epochs=int(cfg["train"]["epochs"]),
                ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
-               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={})
+               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={}, loader=None)
 
 
 def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
@@ -223,6 +234,26 @@ def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
     if not path.exists():
         return None
     return ckpt_io.load(path, expect_method=method_cls.name, expect_arch=method_cls.arch(cfg))
+
+
+def agree_on_checkpoint(path, state: dict | None) -> None:
+    """Every rank reads the run folder's checkpoint, only rank 0 writes it: on
+    nodes without a shared file system they may find different ones (or none)
+    and resume at different steps, then wait on each other for ever.  The ranks
+    compare what they found with rank 0's (step and identity) and stop, all of
+    them, with one line if any differs."""
+    found = None if state is None else (int(state["step"]), ckpt_io.identity(state))
+    seen = dist.all_gather_object(found)
+    if all(f == seen[0] for f in seen):
+        return
+
+    def what(f):
+        return "no checkpoint" if f is None else f"step {f[0]} (checkpoint {f[1][:12]})"
+
+    other = next(r for r, f in enumerate(seen) if f != seen[0])
+    raise ckpt_io.CheckpointError(
+        f"the ranks do not see the same {path}: rank 0 finds {what(seen[0])}, rank {other} {what(seen[other])}; "
+        "every node must read the checkpoint rank 0 writes (a shared run.output_dir, or a copy of it on every node)")
 
 
 def resume(r: Run, state: dict | None) -> None:
@@ -286,8 +317,10 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     done_in_epoch = r.step - epoch * r.iters
     r.dataset.set_epoch(epoch)
     r.sampler.set_epoch(epoch, skip_batches=done_in_epoch)
-    loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
-                         r.device.type == "cuda")
+    if r.loader is None:
+        r.loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
+                               r.device.type == "cuda")
+    loader = r.loader
     epoch_loss, epoch_n, t_epoch = torch.zeros((), device=r.device), 0, time.time()
     if done_in_epoch and r.loop_state:  # resumed inside this epoch: the sums of its first steps
         epoch_loss += r.loop_state["epoch_loss"]
@@ -334,6 +367,7 @@ def run(cfg: dict, method_cls) -> Path:
     """Train (or resume) the run described by ``cfg``; returns the checkpoint path."""
     with run_session(cfg) as (device, run_dir):
         state = existing_checkpoint(cfg, method_cls)
+        agree_on_checkpoint(Path(cfg["run"]["output_dir"]) / "checkpoint.pth", state)
         r = build(cfg, method_cls, device)
         resume(r, state)
         main, rc = dist.is_main(), cfg["run"]

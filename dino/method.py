@@ -90,7 +90,7 @@ class DINOMethod(SSLMethod):
         "optim.momentum_teacher": setting(0.996, "teacher EMA momentum at the start (cosine schedule to 1)", range="[0, 1]"),
         "optim.clip_grad": setting(3.0, "clip each parameter's gradient to this norm (0: off)", range="[0, inf)"),
         "optim.freeze_last_layer": setting(1, "epochs during which the head's last layer is not updated", range="[0, inf)"),
-        "hvs.reuse_teacher": setting(True, "reuse the selection's teacher outputs of the chosen global views in the training step where exact (hvs.resolution=1 and no BatchNorm in the teacher)"),
+        "hvs.reuse_teacher": setting(True, "reuse the selection's teacher outputs of the chosen global views in the training step where exact (hvs.resolution=1, no BatchNorm in the teacher, the selection in fp32 or in the training step's autocast dtype)"),
         **multicrop_spec(),
     }
 
@@ -195,10 +195,9 @@ class DINOMethod(SSLMethod):
 
     def can_reuse_teacher(self, selection) -> bool:
         """Whether the selection's teacher outputs are those of the training step
-        (full-size crops of the same rendering, ``hvs.reuse_teacher``, no
-        BatchNorm in the teacher)."""
-        return (self.reuse_teacher and selection is not None and selection.outputs is not None
-                and selection.resolution == 1.0 and not selection.rendered)
+        (full-size crops of the same rendering and precision, ``hvs.reuse_teacher``,
+        no BatchNorm in the teacher; :meth:`common.hvs.Selection.reusable`)."""
+        return self.reuse_teacher and selection is not None and selection.reusable()
 
     def training_loss(self, model, views, selection, step: StepInfo):
         reuse = self.chosen_globals(selection, "teacher") if self.can_reuse_teacher(selection) else None

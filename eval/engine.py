@@ -74,7 +74,7 @@ EVAL_SPEC = {
     "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
     "train.batch_size": setting(256, "global batch size (split evenly over ranks)", range="[1, inf)"),
     # the same meaning as in pretraining: one declaration
-    **{key: COMMON_SPEC[key] for key in ("run.device", "run.ckpt_every_steps", "run.stop_after_steps", "train.amp")},
+    **{key: COMMON_SPEC[key] for key in ("run.device", "run.ckpt_every_steps", "run.stop_after_steps", "train.amp", "train.tf32")},
 }
 
 #: command-line flags that stand for config keys

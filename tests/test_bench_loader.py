@@ -1,6 +1,8 @@
 """The loader benchmark reads images through every loader and reports every row."""
 import json
 
+import pytest
+
 from bench.loader import goal, main
 
 
@@ -50,3 +52,33 @@ def test_cpu_seconds_count_the_workers(image_root):
     _, with_worker, count_worker = read_all(ours(base, 64, 8), batch_size=8, workers=1)
     assert count == count_worker == len(base)
     assert with_worker > 0.5 * in_parent  # the parent alone only waits: its own time is far less than the work
+
+
+def test_kernel_launches_count_computing_operations_only():
+    import torch
+
+    from bench.loader import kernel_launches
+
+    x = torch.ones(4, 4)
+    assert kernel_launches(lambda: x.view(16)) == 0  # a view launches nothing
+    assert kernel_launches(lambda: (x + 1).mul_(2)) == 2
+    assert kernel_launches(lambda: [x[i] * 2 for i in range(3)]) == 3  # one per image: three launches
+
+
+@pytest.mark.slow
+def test_paper_dino_paths(tmp_path, image_root):
+    """The three augment.device paths at the paper's DINO setting: images/s per
+    core, uint8 transport (4 x fewer bytes than float32 views), and kernel
+    launches of the device steps."""
+    res = main(["--paper-dino", "--data-dir", str(image_root), "--dataset", "imagefolder", "--images", "2",
+                "--batch-size", "2", "--workers", "0", "--output", str(tmp_path / "p.json")])
+    assert "4 global candidates 224 px + 16 local candidates 96 px" in res["setting"]
+    for where in ("loader", "model", "model_crop"):
+        assert res[where]["images_per_s_per_core"] > 0 and res[where]["bytes_per_image"] > 0
+    # float32 views of 4 x 224^2 + 16 x 96^2 pixels, then the same in uint8
+    views = 3 * (4 * 224 ** 2 + 16 * 96 ** 2)
+    assert res["loader"]["bytes_per_image"] == 4 * views and res["model"]["bytes_per_image"] == views
+    for where in ("model", "model_crop"):
+        assert res[where]["kernel_launches_per_batch"] > 0 and res[where]["kernel_batch"] == 2
+    assert "kernel_launches_per_batch" not in res["loader"]
+    assert json.loads((tmp_path / "p.json").read_text()) == res

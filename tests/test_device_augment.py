@@ -170,6 +170,29 @@ def test_crop_resize_flip_replays_pil_exactly(interpolation, size):
     for k, image in enumerate(packed.images()):
         padded[k, :, : image.shape[1], : image.shape[2]] = image
     assert torch.equal(resample.crop_resize_flip(padded, params, size, interpolation), got)
+    # the packed batch itself (the training path): padded by one gather, the same pixels
+    assert torch.equal(resample.crop_resize_flip(packed, params, size, interpolation), got)
+    assert torch.equal(resample.crop_resize_flip(packed, params, size, interpolation, max_values=1), got)
+
+
+def test_model_crop_kernels_do_not_grow_with_the_batch():
+    """Crop, resize and flip of a packed batch launch as many kernels for 12
+    images as for 3 (of the same sizes, in one group): none per image."""
+    from bench.loader import kernel_launches
+
+    g = np.random.default_rng(0)
+    shapes = [(40, 30), (30, 40), (36, 36)]
+
+    def launches(copies):
+        images = [to_uint8(Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+                  for _ in range(copies) for h, w in shapes]
+        packed, _ = collate([(image, 0) for image in images])
+        params = torch.zeros(len(images), 2, len(PARAM_NAMES))
+        params[..., P["crop_w"]], params[..., P["crop_h"]], params[..., P["flip"]] = 20.0, 20.0, 1.0
+        params[:, 1, P["flip"]] = 0.0
+        return kernel_launches(lambda: resample.crop_resize_flip(packed, params, 8, "bicubic"))
+
+    assert launches(4) == launches(1)
 
 
 def test_crop_outside_its_image_is_an_error():

@@ -43,3 +43,40 @@ def test_gpu_check_tiny_cpu(tmp_path):
     assert set(top1) == {"hvs", "baseline"}
     assert all(isinstance(v, float) and 0 <= v <= 100 for v in top1.values())
     assert sections["memory"]["smoke"]  # a peak per subprocess
+
+
+def test_every_section_and_subprocess_ends_by_its_deadline(tmp_path, monkeypatch):
+    """The check fits --budget-seconds by construction: the sections' deadlines
+    split the budget (the last one is its end), and a subprocess runs under a
+    timeout that ends by its section's deadline, or is skipped."""
+    import time
+
+    from bench import gpu_check
+
+    seen = {}
+
+    def section(name):
+        def run(self):
+            seen[name] = self.deadline
+            return {}
+        return run
+
+    for name in gpu_check.SECTIONS:
+        monkeypatch.setattr(gpu_check.Check, name, section(name))
+    start = time.monotonic()
+    gpu_check.main(["--device", "cpu", "--budget-seconds", "100", "--output", str(tmp_path / "c.json"),
+                    "--work-dir", str(tmp_path / "w")])
+    deadlines = [seen[name] for name in gpu_check.SECTIONS]
+    assert deadlines == sorted(deadlines) and start < deadlines[0]
+    assert start + 100 <= deadlines[-1] <= time.monotonic() + 100  # the budget's end, measured from main's start
+
+    timeouts = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, timeout, **k: timeouts.append(timeout)
+                        or subprocess.CompletedProcess(a, 0, "", ""))
+    check = gpu_check.Check(gpu_check.parse_args(["--device", "cpu", "--work-dir", str(tmp_path / "w")]))
+    check.deadline = time.monotonic() + 60
+    assert check.run("smoke", "a", "simsiam.main", [], timeout=300)["ok"] is True
+    assert timeouts and timeouts[0] <= 60
+    check.deadline = time.monotonic() + gpu_check.MIN_RUN_S / 2
+    rec = check.run("smoke", "b", "simsiam.main", [], timeout=300)
+    assert rec["ok"] is None and "skipped" in rec["status"] and len(timeouts) == 1

@@ -116,3 +116,65 @@ def test_train_compile_compiles_the_backbones_in_place(tmp_path, image_root, mon
         SimSiamMethod)
     assert len(calls) == 1 and all(k.startswith(("backbone.", "projector.", "predictor."))
                                    for k in ckpt_io.load(out / "checkpoint.pth")["model"])
+
+
+# --- the selection's autocast inside the training step's autocast --------------------
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_step(method_name, amp, precision, monkeypatch):
+    """One training step (``common.train.train_step``) of a tiny SimSiam or DINO
+    under CPU autocast ``amp`` with the selection in ``precision`` (fp16 allowed
+    on the CPU here: CPU autocast computes it); returns (loss, gradients)."""
+    from common.method import StepInfo
+    from common.train import StepContext, train_step
+    from dino.method import DINOMethod
+    from tests.helpers import dino_cfg, multicrop_candidates
+
+    real = hvs.selection_dtype
+    monkeypatch.setattr(hvs, "selection_dtype", lambda p, d: torch.float16 if p == "fp16" else real(p, d))
+    torch.manual_seed(0)
+    if method_name == "simsiam":
+        m = SimSiamMethod(tiny_cfg(SimSiamMethod, "unused", "unused", "hvs.enabled=true"), CPU)
+        candidates = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    else:
+        m = DINOMethod(dino_cfg("unused", "unused", "hvs.enabled=true"), CPU)
+        candidates = multicrop_candidates(m, B=4)
+    optimizer = m.build_optimizer(8)
+    dtype = AMP[amp]
+    autocast = (lambda: torch.autocast("cpu", enabled=False)) if dtype is None else \
+        (lambda: torch.autocast("cpu", dtype=dtype))
+    selector = HardViewSelector(m.pools(), precision=precision, size_multiple=m.size_multiple)
+    ctx = StepContext(m, m.model, m.model, optimizer, autocast, None, selector, CPU)
+    loss, _, sel, _ = train_step(ctx, candidates, StepInfo(0, 0, 1, m.schedule(optimizer, 0, 0, 1)))
+    assert sel.dtype is hvs.DTYPES.get(precision)
+    return loss, {name: p.grad for name, p in m.model.named_parameters()}
+
+
+@pytest.mark.parametrize("method_name", ["simsiam", "dino"])
+@pytest.mark.parametrize("amp", list(AMP))
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_training_amp_with_every_selection_precision(method_name, amp, precision, monkeypatch, one_thread):
+    """A bf16 selection inside fp16 training (or fp16 inside bf16) used to hand the
+    training forward the selection's cached low-precision weights and crash; now
+    every combination trains, with the gradients of the fp32 step present and finite."""
+    loss, grads = amp_step(method_name, amp, precision, monkeypatch)
+    _, reference = amp_step(method_name, "off", "fp32", monkeypatch)
+    assert torch.isfinite(loss)
+    assert [k for k, g in grads.items() if g is not None] == [k for k, g in reference.items() if g is not None]
+    assert any(g is not None for g in grads.values())
+    for name, g in grads.items():
+        if g is not None:
+            assert torch.isfinite(g).all(), name
+            assert bool(g.any()) == bool(reference[name].any()), name  # the same gradients are non-zero
+
+
+def test_outputs_are_reused_only_in_their_own_precision():
+    model, candidates = Probe(), [torch.randn(4, 8) for _ in range(3)]
+    for precision, reused_in in (("fp32", (None, torch.bfloat16, torch.float16)), ("bf16", (torch.bfloat16,))):
+        sel = select(precision, candidates, model)
+        for dtype in (None, torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                assert sel.reusable() == (dtype in reused_in), (precision, dtype)
+    sel.resolution = 0.5
+    assert not sel.reusable()
