@@ -169,8 +169,20 @@ def compile_backbones(model: "torch.nn.Module") -> list:
 
 
 def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None) of ``train.amp``."""
+    """(autocast context factory, GradScaler or None) of ``train.amp``.  On a
+    CPU only ``bf16`` turns autocast on, and only where the CPU computes bf16
+    natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than
+    fp32, and the step stays in fp32 (with a warning)."""
     mode = cfg["train"]["amp"]
+    if device.type == "cpu" and mode == "bf16":
+        from common.hvs import cpu_has_bf16
+
+        if cpu_has_bf16():
+            return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
+        if dist.is_main():
+            print("warning: train.amp=bf16: this CPU has neither AVX512-BF16 nor AMX; training in fp32",
+                  file=sys.stderr, flush=True)
+        return nullcontext, None
     if device.type != "cuda" or mode == "off":
         return nullcontext, None
     if mode == "auto":

@@ -272,7 +272,7 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
         f"**Our scale:** {scale}", "",
         "Each of our runs is beside the paper's row of the same method, protocol and backbone family (ours: "
         "ResNet-18/50 beside RN50, ViTs beside ViT-S/16).  Numbers at our scale are not comparable in absolute "
-        "terms; compare the sign and size of the difference.", "",
+        "terms; compare the difference and its interval.", "",
         f"## Table 1: pretraining dataset (paper: ImageNet, {paper_epochs} epochs{long})", "",
         f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split; our linear: top-1 of the last epoch.",
         "", UNCERTAINTY, "",
@@ -303,7 +303,32 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
     from analysis.section5 import render as section5  # the analyses of run_all.sh --evals analysis
 
     lines += section5(results)
+    lines += wall_times(results)
     return "\n".join(lines) + "\n"
+
+
+def wall_times(results: Path) -> list:
+    """The wall time of every part run_all.sh ran (``timings.tsv``: label,
+    seconds, end time; the rows of a label are summed, so a part run in
+    several sittings counts all of them)."""
+    path = results / "timings.tsv"
+    if not path.is_file():
+        return []
+    total: dict = defaultdict(int)
+    sittings: dict = defaultdict(int)
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[1].isdigit():
+            total[parts[0]] += int(parts[1])
+            sittings[parts[0]] += 1
+    if not total:
+        return []
+    clock = lambda s: f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"  # noqa: E731
+    lines = ["", "## Wall time of each part (run_all.sh, `timings.tsv`)", "",
+             "| Part | Wall time (h:mm:ss) | Sittings |", "|---|---|---|"]
+    lines += [f"| {label} | {clock(total[label])} | {sittings[label]} |" for label in total]
+    lines.append(f"| **all parts** | {clock(sum(total.values()))} | — |")
+    return lines
 
 
 def main(argv=None):
