@@ -169,11 +169,15 @@ def plot(result: dict, out_dir: Path) -> list:
     fig, ax = new_figure()
     epochs = low.get("by_epoch")
     if epochs:  # per epoch, with the Wilson 95 % band and the chance of a random choice
-        x = np.asarray(epochs["epoch"])
-        ax.fill_between(x, epochs["low"], epochs["high"], alpha=0.3, step="mid" if len(x) == 1 else None,
-                        label="95 % interval (Wilson)")
-        ax.plot(x, epochs["fraction"], marker="o", label="chosen pair has the lowest IoU")
-        ax.plot(x, epochs["chance_with_ties"], color="gray", linestyle="--", label="chance (random choice)")
+        from matplotlib.ticker import MaxNLocator
+
+        x, frac = np.asarray(epochs["epoch"]), np.asarray(epochs["fraction"], np.float64)
+        ax.fill_between(x, epochs["low"], epochs["high"], alpha=0.3, label="95 % interval (Wilson)")
+        ax.errorbar(x, frac, yerr=[frac - np.asarray(epochs["low"]), np.asarray(epochs["high"]) - frac],
+                    marker="o", capsize=3, label="chosen pair has the lowest IoU")  # visible for one epoch too
+        ax.plot(x, epochs["chance_with_ties"], color="gray", linestyle="--", marker="_",
+                label="chance (random choice)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch")
     else:  # no epoch in the log: per logged step, the interval of the whole run
         ax.plot(low["steps"], low["per_step"], marker=".", label="chosen pair has the lowest IoU")

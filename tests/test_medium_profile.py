@@ -17,8 +17,8 @@ def test_narrow_resnet_has_torchvisions_layout():
     assert narrow.layer4[0].conv1.weight.shape == (128, 64, 3, 3)
     assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     zeroed = build_resnet("resnet18_w16", cifar_stem=True, zero_init_residual=True)
-    assert all(float(b.bn2.weight.abs().sum()) == 0 for layer in (zeroed.layer1, zeroed.layer4) for b in layer)
-    assert float(narrow.layer1[0].bn2.weight.sum()) == 16  # as torchvision's without zero_init_residual
+    assert all(not b.bn2.weight.detach().any() for layer in (zeroed.layer1, zeroed.layer4) for b in layer)
+    assert narrow.layer1[0].bn2.weight.detach().sum().item() == 16  # as torchvision's without zero_init_residual
     standard = build_backbone("resnet18_w64", cifar_stem=True)  # W = 64 is ResNet-18 itself
     reference = build_backbone("resnet18", cifar_stem=True)
     assert {k: v.shape for k, v in standard.state_dict().items()} == \
