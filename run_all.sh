@@ -36,7 +36,7 @@ usage: bash run_all.sh [options]
       medium   CPU, built to show signal on two cores (docs/evidence.md): SimSiam with a narrow
                ResNet-18 (resnet18_w16, CIFAR stem) on all 50,000 CIFAR-10 training images at 32 px,
                batch 128, bf16 autocast where the CPU has it; baseline + HVS, seeds "0 1 2"; k-NN and
-               the fast linear probe on the full 10,000-image test set; the analyses of the HVS
+               the fast linear probe (configs/linear_medium.yaml) on the full 10,000-image test set; the analyses of the HVS
                selection logs (--evals selection).  Resumable: re-run the same command to go on
                (or run it in parts: --seeds 0, then --seeds 1, ...).  SimCLR: --methods "simsiam simclr"
                (configs/simclr_medium.yaml; doubles the time)
@@ -136,11 +136,11 @@ case "$PROFILE" in
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
            SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); BYOL, MoCo v3, Barlow Twins and VICReg (beyond the paper): ResNet-18 (CIFAR stem) at 32 px, MoCo v3's ViT: ViT-tiny/4 at 32 px; k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (1 epoch, configs/finetune_small.yaml)";;
   medium)  CFG=medium;             KNN=()
-           LIN=(--config configs/linear_small.yaml); FT=(); T1=(); TR=()
+           LIN=(--config configs/linear_medium.yaml); FT=(); T1=(); TR=()
            TRANSFER_DEFAULT="none"; DETECTION=()
            DEFAULT_SEEDS="0 1 2"; DEFAULT_METHODS="simsiam"; DEFAULT_EVALS="knn linear selection"
-           SELECTION_ARGS=(--max-rows 30000 --null-shuffles 20); PREDICT_ARGS=(--max-rows 10000)
-           SCALE="medium CPU profile: all 50,000 CIFAR-10 training images at 32 px, ResNet-18 with 16 channels in its first stage (resnet18_w16, CIFAR stem), batch 128, bf16 autocast of the training step (configs/<method>_medium.yaml); HVS N = 4; k-NN bank and linear probe: the 50,000 training images, tested on all 10,000 test images; linear probe in fast mode (configs/linear_small.yaml); fANOVA on 30,000 rows per run with a 20-shuffle permutation null";;
+           SELECTION_ARGS=(--max-rows 30000 --null-shuffles 20); PREDICT_ARGS=(--max-rows 4000)
+           SCALE="medium CPU profile: all 50,000 CIFAR-10 training images at 32 px, ResNet-18 with 16 channels in its first stage (resnet18_w16, CIFAR stem), batch 128, bf16 autocast of the training step (configs/<method>_medium.yaml); HVS N = 4; k-NN bank and linear probe: the 50,000 training images, tested on all 10,000 test images; linear probe in fast mode at batch 4,096 (configs/linear_medium.yaml); fANOVA on 30,000 rows per run with a 20-shuffle permutation null; predictability on 4,000 samples per run";;
   gpu)     CFG=cifar10_gpu;        KNN=()
            LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
