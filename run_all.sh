@@ -11,6 +11,7 @@
 #   bash run_all.sh                                   # small CPU profile: SimSiam, SimCLR, DINO, iBOT, ~40 min
 #   bash run_all.sh --methods "simsiam simclr"        # the two ResNet methods only
 #   bash run_all.sh --methods "byol mocov3 barlowtwins vicreg"   # the methods beyond the paper
+#   bash run_all.sh --profile medium                  # CPU, full CIFAR-10, 3 seeds, built to show signal (docs/evidence.md)
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
 #
@@ -26,12 +27,19 @@ cd "$(dirname "$0")"
 usage() {
   cat <<'EOF'
 usage: bash run_all.sh [options]
-  --profile small|gpu|gpu-tin|paper  scale to run (default small)
+  --profile small|medium|gpu|gpu-tin|paper  scale to run (default small)
       small    1,500 CIFAR-10 images, 1 epoch, CPU: RN18 (CIFAR stem) for SimSiam, SimCLR and
                dino_resnet, ViT-tiny/4 with 32 px global and 16 px local crops for DINO (8 local
                crops) and iBOT (10 local crops) (configs/<method>_small.yaml; baseline + HVS at
                23 steps on 2 cores: pretraining SimSiam + SimCLR ~6 min, DINO ~6 min, iBOT ~7 min,
                dino_resnet ~16 min; evaluation ~18 min, most of it the transfer of SimSiam and DINO)
+      medium   CPU, built to show signal on two cores (docs/evidence.md): SimSiam with a narrow
+               ResNet-18 (resnet18_w16, CIFAR stem) on all 50,000 CIFAR-10 training images at 32 px,
+               batch 128, bf16 autocast where the CPU has it; baseline + HVS, seeds "0 1 2"; k-NN and
+               the fast linear probe (configs/linear_medium.yaml) on the full 10,000-image test set; the analyses of the HVS
+               selection logs (--evals selection).  Resumable: re-run the same command to go on
+               (or run it in parts: --seeds 0, then --seeds 1, ...).  SimCLR: --methods "simsiam simclr"
+               (configs/simclr_medium.yaml; doubles the time)
       gpu      CIFAR-10, 100 epochs, same backbones (<method>_cifar10_gpu.yaml; SimSiam and SimCLR about
                a GPU-hour each; DINO and iBOT not yet timed on a GPU)
       gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's and iBOT's ViT-tiny with 8 px patches
@@ -42,22 +50,25 @@ usage: bash run_all.sh [options]
                run by hand)
   --data-dir PATH     data root (default: $HVS_DATA_DIR); may hold cifar10.tar.gz etc.
   --gpus N            processes per node for torchrun (default: 0 = one process, CPU or 1 GPU)
-  --seeds "0 1 2"     seeds (default "0")
+  --seeds "0 1 2"     seeds (default "0"; medium: "0 1 2")
   --methods "simsiam simclr dino ibot"  method tokens to run (default: these four); one of
                       simsiam, simclr, dino (ViT), dino_resnet (DINO with a ResNet), ibot (ViT), and
                       beyond the paper (their paper columns say "no paper number"): byol, mocov3,
                       mocov3_vit (ViT; small and paper profiles), barlowtwins, vicreg
   --paper-epochs 100|300      paper rows beside ours (300: the long schedule, 200 for SimCLR; default 100)
   --evals "knn linear transfer attention detection"   evaluations to run (default: the first four, and
-                      detection in the paper profile, and in the others when Detectron2 is importable)
+                      detection in the paper profile, and in the others when Detectron2 is importable;
+                      medium: "knn linear selection")
       knn        weighted k-NN on the pretraining dataset (Table 1)
       linear     the method's linear probe on the pretraining dataset (Table 1); small profile: fast
                  mode (configs/linear_small.yaml), gpu: the full protocol, paper: the protocol
       transfer   linear probe and finetuning on the transfer datasets (Table 2), for the methods
                  of --transfer-methods
       attention  attention maps of the ViT methods, HVS above the baseline (Appendix J)
-      analysis   the paper's Section 5 (not in the default): IoU of the selected views, fANOVA and
-                 predictability from every HVS run's selection log (analysis/), and the runs of the
+      selection  the analyses of every HVS run's selection log (analysis/): IoU of the selected views
+                 (the lowest-IoU fraction per epoch with its interval beside chance), fANOVA with its
+                 permutation null, predictability; no extra training runs
+      analysis   the paper's Section 5 (not in the default): selection, and the runs of the
                  experiments: easy selection, N = 8 views and static colour (SimSiam), the manual IoU
                  policies (--iou-policies; SimSiam and DINO) and the STN adversary (--stn-modes; DINO),
                  each with a linear probe
@@ -82,7 +93,7 @@ usage: bash run_all.sh [options]
 EOF
 }
 
-PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS="0"; METHODS="simsiam simclr dino ibot"; PAPER_EPOCHS=100
+PROFILE=small; DATA_DIR="${HVS_DATA_DIR:-}"; GPUS=0; SEEDS=default; METHODS=default; PAPER_EPOCHS=100
 RESULTS=results; RUNS=runs; EXTRA=(); EVALS=default; TRANSFER=default
 TRANSFER_METHODS="simsiam dino"; DETECTION_METHODS="simsiam dino_resnet"; IOU_POLICIES=default; STN_MODES=default
 while [ $# -gt 0 ]; do
@@ -121,6 +132,9 @@ if [ -z "$DATA_DIR" ]; then
 fi
 export HVS_DATA_DIR="$DATA_DIR"
 
+# profile defaults that the options override; the selection analyses' options (fANOVA rows and
+# null shuffles, predictability rows) are the analyses' own defaults unless a profile sets them
+DEFAULT_SEEDS="0"; DEFAULT_METHODS="simsiam simclr dino ibot"; DEFAULT_EVALS=""; SELECTION_ARGS=(); PREDICT_ARGS=()
 # profile -> config file suffix, k-NN options, scale line of the summary, evaluation settings:
 # LIN / FT: extra configs of eval.linear / eval.finetune (layered on the method's protocol),
 # T1 / TR: data subsets of Table 1's and Table 2's evaluations, TRANSFER_DEFAULT: Table 2's datasets
@@ -130,6 +144,12 @@ case "$PROFILE" in
            T1=(data.train_subset=1500 data.test_subset=1000); TR=(data.train_subset=5000 data.test_subset=2000)
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
            SCALE="small CPU profile: 1,500 CIFAR-10 training images, 1 epoch (23 steps of batch 64); ResNet-18 (CIFAR stem) at 32 px for SimSiam, SimCLR and DINO-ResNet; DINO's ViT-tiny/4 with 2 global crops of 32 px and 8 local crops of 16 px (4,096 prototypes); iBOT's ViT-tiny/4 with 2 block-masked global crops of 32 px and 10 local crops of 16 px (4,096 prototypes shared by [CLS] and patch tokens); BYOL, MoCo v3, Barlow Twins and VICReg (beyond the paper): ResNet-18 (CIFAR stem) at 32 px, MoCo v3's ViT: ViT-tiny/4 at 32 px; k-NN bank and linear probe = those 1,500 images, 1,000 test images; linear probe in fast mode (configs/linear_small.yaml); transfer to Tiny-ImageNet-100 at 32 px (5,000 training images, 2,000 test images): linear probe (fast mode) and finetuning (1 epoch, configs/finetune_small.yaml)";;
+  medium)  CFG=medium;             KNN=()
+           LIN=(--config configs/linear_medium.yaml); FT=(); T1=(); TR=()
+           TRANSFER_DEFAULT="none"; DETECTION=()
+           DEFAULT_SEEDS="0 1 2"; DEFAULT_METHODS="simsiam"; DEFAULT_EVALS="knn linear selection"
+           SELECTION_ARGS=(--max-rows 30000 --null-shuffles 20); PREDICT_ARGS=(--max-rows 4000)
+           SCALE="medium CPU profile: all 50,000 CIFAR-10 training images at 32 px, ResNet-18 with 16 channels in its first stage (resnet18_w16, CIFAR stem), batch 128, bf16 autocast of the training step (configs/<method>_medium.yaml); HVS N = 4; k-NN bank and linear probe: the 50,000 training images, tested on all 10,000 test images; linear probe in fast mode at batch 4,096 (configs/linear_medium.yaml); fANOVA on 30,000 rows per run with a 20-shuffle permutation null; predictability on 4,000 samples per run";;
   gpu)     CFG=cifar10_gpu;        KNN=()
            LIN=(--config configs/linear_gpu.yaml); FT=(--config configs/finetune_gpu.yaml); T1=(); TR=()
            TRANSFER_DEFAULT="tiny-imagenet-100"; DETECTION=(raccoon:voc_small)
@@ -143,9 +163,11 @@ case "$PROFILE" in
            TRANSFER_DEFAULT="cifar10 cifar100 flowers102 inat21 food101"
            DETECTION=(voc:voc_R_50_C4_48k coco:coco_R_50_C4_90k)
            SCALE="paper profile: ImageNet, 100 epochs; ResNet-50, batch 512 (SimSiam, DINO-ResNet) / 4096 (SimCLR, Table 10); DINO's ViT-S/16 with 224/96 px global/local crops, batch 512; iBOT's ViT-S/16 with 2 x 224 px + 10 x 96 px crops (8,192 shared prototypes), batch 512; linear probe: the method's protocol; transfer at 224 px with Tables 11 and 12";;
-  *) echo "run_all.sh: unknown profile '$PROFILE' (small, gpu, gpu-tin, paper)" >&2; exit 2;;
+  *) echo "run_all.sh: unknown profile '$PROFILE' (small, medium, gpu, gpu-tin, paper)" >&2; exit 2;;
 esac
 [ "$TRANSFER" = default ] && TRANSFER="$TRANSFER_DEFAULT"
+[ "$SEEDS" = default ] && SEEDS="$DEFAULT_SEEDS"
+[ "$METHODS" = default ] && METHODS="$DEFAULT_METHODS"
 ALL_POLICIES="iou_0.30-0.35 iou_0.30-0.35_alt iou_0.40-0.60 iou_0.40-0.60_alt iou_0.10-0.80 iou_1.00-0.10"
 ALL_STN="translation-scale-sym translation-scale rotation-translation rotation-translation-scale rotation-translation-scale-sym affine"
 if [ "$PROFILE" = small ]; then
@@ -165,12 +187,13 @@ for mode in $STN_MODES; do
 done
 [ "$TRANSFER" = none ] && TRANSFER=""
 HAVE_D2=false; python -c "import detectron2" 2>/dev/null && HAVE_D2=true
+if [ "$EVALS" = default ] && [ -n "$DEFAULT_EVALS" ]; then EVALS="$DEFAULT_EVALS"; fi
 if [ "$EVALS" = default ]; then
   EVALS="knn linear transfer attention"
   if [ "$PROFILE" = paper ] || $HAVE_D2; then EVALS="$EVALS detection"; fi
 fi
 for e in $EVALS; do
-  case "$e" in knn|linear|transfer|attention|detection|analysis) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention, detection, analysis)" >&2; exit 2;; esac
+  case "$e" in knn|linear|transfer|attention|detection|selection|analysis) ;; *) echo "run_all.sh: unknown evaluation '$e' (knn, linear, transfer, attention, detection, selection, analysis)" >&2; exit 2;; esac
 done
 has() { [[ " $EVALS " == *" $1 "* ]]; }
 if has detection && ! $HAVE_D2; then
@@ -179,6 +202,13 @@ if has detection && ! $HAVE_D2; then
 fi
 # a result is (re)computed when missing or older than the checkpoint it evaluates
 stale() { [ ! -f "$1" ] || [ "$2" -nt "$1" ]; }
+# timed LABEL COMMAND...: run COMMAND and add its wall time to $OUT/timings.tsv (label, seconds, end time);
+# the summary sums the rows of a label, so a run done in parts counts all of them
+timed() {
+  local label="$1" t0=$SECONDS; shift
+  "$@"
+  printf '%s\t%s\t%s\n' "$label" "$((SECONDS - t0))" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$OUT/timings.tsv"
+}
 
 if [ "$GPUS" -gt 0 ]; then
   LAUNCH=(torchrun --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m)
@@ -221,8 +251,9 @@ probe() {
   local run_dir="$RUNS/$PROFILE/${1}_${2}_s${3}" stem="$OUT/${1}_${2}_s${3}"
   if stale "${stem}_linear.json" "$run_dir/checkpoint.pth"; then
     echo "=== linear probe: $1 $2 seed $3" >&2
-    "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$run_dir/checkpoint.pth" ${LIN[@]+"${LIN[@]}"} ${T1[@]+"${T1[@]}"} \
-      "run.seed=$3" --output-dir "$run_dir/eval/linear" --output "${stem}_linear.json"
+    timed "$1 $2 s$3: linear probe" "${LIN_LAUNCH[@]}" eval.linear --checkpoint "$run_dir/checkpoint.pth" \
+      ${LIN[@]+"${LIN[@]}"} ${T1[@]+"${T1[@]}"} "run.seed=$3" --output-dir "$run_dir/eval/linear" \
+      --output "${stem}_linear.json"
   fi
 }
 # the end of a run's training log (loss, collapse measure) as <stem>_train.json
@@ -238,10 +269,11 @@ analyse_run() {
   local run_dir="$1" base_dir="$2" dest="$3" scores="$4"
   mkdir -p "$dest"
   if stale "$dest/iou.json" "$run_dir/checkpoint.pth"; then
-    python -m analysis.iou --run "$run_dir" --baseline "$base_dir" --output "$dest"
+    timed "$(basename "$run_dir"): IoU analysis" python -m analysis.iou --run "$run_dir" --baseline "$base_dir" --output "$dest"
   fi
   if [ "$scores" = scores ] && stale "$dest/importance.json" "$run_dir/checkpoint.pth"; then
-    python -m analysis.importance --run "$run_dir" --output "$dest"
+    timed "$(basename "$run_dir"): fANOVA and its null" python -m analysis.importance --run "$run_dir" --output "$dest" \
+      ${SELECTION_ARGS[@]+"${SELECTION_ARGS[@]}"}
   fi
 }
 for method in $METHODS; do
@@ -254,10 +286,11 @@ for method in $METHODS; do
       ckpt="$run_dir/checkpoint.pth"
       stem="$OUT/${method}_${variant}_s${seed}"
       echo "=== $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
-      "${LAUNCH[@]}" "$entry.main" --config "$config" --output-dir "$run_dir" \
-        "run.seed=$seed" "hvs.enabled=$hvs" ${EXTRA[@]+"${EXTRA[@]}"}
+      timed "$method $variant s$seed: pretraining" "${LAUNCH[@]}" "$entry.main" --config "$config" \
+        --output-dir "$run_dir" "run.seed=$seed" "hvs.enabled=$hvs" ${EXTRA[@]+"${EXTRA[@]}"}
       if has knn && stale "${stem}_knn.json" "$ckpt"; then
-        python -m eval.knn --checkpoint "$ckpt" ${KNN[@]+"${KNN[@]}"} --output "${stem}_knn.json"
+        timed "$method $variant s$seed: k-NN" python -m eval.knn --checkpoint "$ckpt" ${KNN[@]+"${KNN[@]}"} \
+          --output "${stem}_knn.json"
       fi
       if has linear; then probe "$method" "$variant" "$seed"; fi
       if has transfer && [[ " $TRANSFER_METHODS " == *" $method "* ]]; then
@@ -307,7 +340,7 @@ done
 # Section 5 (--evals analysis): the analyses of the selection logs, then the runs of the experiments
 # that change how views are made, each probed linearly as Table 1
 # ----------------------------------------------------------------------------
-if has analysis; then
+if has analysis || has selection; then
   for method in $METHODS; do
     entry="${method%%_*}"; config="configs/${method}_${CFG}.yaml"
     hvs_runs=()
@@ -315,6 +348,7 @@ if has analysis; then
       base_dir="$RUNS/$PROFILE/${method}_baseline_s${seed}"
       hvs_runs+=("$RUNS/$PROFILE/${method}_hvs_s${seed}")
       analyse_run "${hvs_runs[-1]}" "$base_dir" "$OUT/analysis/${method}_hvs_s${seed}" scores
+      has analysis || continue  # selection: the analyses of the logs only, no experiment runs
       for variant in baseline hvs; do  # the rows the experiments stand beside
         training_summary "$method" "$variant" "$seed"
         if [ "$method" = simsiam ] || [ "$method" = dino ]; then probe "$method" "$variant" "$seed"; fi
@@ -345,7 +379,8 @@ if has analysis; then
     dest="$OUT/analysis/${method}_hvs"
     if stale "$dest/predict.json" "${hvs_runs[-1]}/checkpoint.pth"; then
       mkdir -p "$dest"
-      python -m analysis.predict --run "${hvs_runs[@]}" --output "$dest"
+      timed "${method}_hvs: predictability" python -m analysis.predict --run "${hvs_runs[@]}" --output "$dest" \
+        ${PREDICT_ARGS[@]+"${PREDICT_ARGS[@]}"}
     fi
   done
 fi

@@ -23,7 +23,13 @@ brightness 5.1 %, relative centre distance 3.3 %, colour-jitter distance
 
     python -m analysis.importance --run runs/small/simsiam_hvs_s0 --output results/importance
 
-writes ``importance.json`` and ``importance.png`` (the bar chart).
+Beside every importance stands its permutation null (:data:`NULL_SHUFFLES`
+shuffles of the loss against the metrics, the same forest settings): on
+shuffled data the forest still gives every metric a few percent, so only an
+importance above the null's 95th percentile says that the loss depends on
+that metric (:func:`analysis.stats.permutation_null`).
+
+writes ``importance.json`` and ``importance.png`` (the bar chart with the null).
 """
 from __future__ import annotations
 
@@ -38,11 +44,18 @@ from analysis.fanova import fanova
 from analysis.logs import (AnalysisError, SelectionData, load_selection, new_figure, run_cli, run_summary,
                            save_figure, write_json)
 from analysis.metrics import PAIR_METRICS, sample_pair_metrics
+from analysis.stats import permutation_null
 
 PAPER = {"source": "HVS paper, Appendix D, Fig. 8 (SimSiam+HVS, 300k logged samples, raw loss, automl fanova)",
          "importance": {"iou": 0.152, "brightness": 0.051, "centre_distance": 0.033, "colour_distance": 0.023,
                         "contrast": 0.016, "saturation": 0.014, "hue": 0.006},
          "all_parameters_jointly": 0.017}
+#: shuffles of the loss in the permutation null (its 95th percentile is then between the 19th and 20th value)
+NULL_SHUFFLES = 20
+NULL_DESCRIPTION = ("importances of the same forest fitted to the loss shuffled against the metrics, {k} shuffles; a "
+                    "metric is above the null when its importance exceeds both its own 95th percentile and the 95th "
+                    "percentile of the largest importance of each shuffle (about 5 % chance that any metric of pure "
+                    "noise is marked)")
 TARGETS = {"raw": "the combination's per-sample loss as logged (the paper)",
            "centred": "the combination's per-sample loss minus the mean over the sample's compared combinations"}
 
@@ -88,14 +101,32 @@ def pair_table(data: SelectionData, metrics: list, max_rows: int = 300_000, seed
 
 
 def analyse(data: SelectionData, metrics=None, max_rows: int = 300_000, trees: int = 16, seed: int = 0,
-            target: str = "raw", min_samples_leaf: int = 1, threads: Optional[int] = None) -> dict:
-    """Every number of the importance analysis (the JSON written by the CLI)."""
+            target: str = "raw", min_samples_leaf: int = 1, threads: Optional[int] = None,
+            null_shuffles: int = NULL_SHUFFLES) -> dict:
+    """Every number of the importance analysis (the JSON written by the CLI),
+    with the permutation null of ``null_shuffles`` shuffles of the loss (0:
+    none)."""
     metrics = list(PAIR_METRICS) if metrics is None else list(metrics)
     X, y, available = pair_table(data, metrics, max_rows, seed, target)
     if len(y) < 10:
         raise AnalysisError(f"{data.run_dir}: only {len(y)} scored (sample, combination) rows; log more steps")
     fit = fanova(X, y, n_trees=trees, seed=seed, min_samples_leaf=min_samples_leaf, n_jobs=threads or -1)
     importance = dict(zip(metrics, fit.importance))
+    null = None
+    if null_shuffles > 0:
+        def forest(X_, y_):  # the settings of the observed fit
+            return fanova(X_, y_, n_trees=trees, seed=seed, min_samples_leaf=min_samples_leaf,
+                          n_jobs=threads or -1).importance
+
+        perm = permutation_null(forest, X, y, k=null_shuffles, seed=seed, observed=fit.importance)
+        null = {"shuffles": null_shuffles, "level": perm["level"],
+                "description": NULL_DESCRIPTION.format(k=null_shuffles),
+                "percentile_95": dict(zip(metrics, perm["threshold"])),
+                "family_percentile_95": perm["family_threshold"],
+                "above_null": dict(zip(metrics, perm["above"].tolist())),
+                "mean": dict(zip(metrics, perm["null"].mean(axis=0))),
+                "sum_first_order_95": float(np.quantile(perm["null"].sum(axis=1), perm["level"])),
+                "importances": {m: perm["null"][:, i] for i, m in enumerate(metrics)}}
     return {"analysis": "importance", **run_summary(data),
             "target": target, "target_description": TARGETS[target],
             "n_rows": len(y), "n_rows_available": available, "max_rows": max_rows,
@@ -103,14 +134,16 @@ def analyse(data: SelectionData, metrics=None, max_rows: int = 300_000, trees: i
             "metrics": {n: PAIR_METRICS[n] for n in metrics},
             "importance": importance, "importance_std": dict(zip(metrics, fit.std)),
             "ranking": sorted(metrics, key=lambda n: -importance[n]),
-            "sum_first_order": float(fit.importance.sum()),
+            "sum_first_order": float(fit.importance.sum()), "null": null,
             "method_note": "first-order fANOVA (uniform measure on the metrics' bounding box) over a scikit-learn "
                            "RandomForestRegressor; see analysis/fanova.py",
             "paper": PAPER}
 
 
 def plot(result: dict, path: Path) -> str:
-    """Bar chart of the importances (percent), ours beside the paper's."""
+    """Bar chart of the importances (percent), ours beside the paper's, with
+    the permutation null: its shuffles as dots and its 95th percentile as a
+    bar end; a star marks a metric above the null."""
     names = result["ranking"]
     ours = np.array([result["importance"][n] or 0.0 for n in names]) * 100
     paper = np.array([PAPER["importance"].get(n, np.nan) for n in names]) * 100
@@ -118,16 +151,36 @@ def plot(result: dict, path: Path) -> str:
     y = np.arange(len(names))
     ax.barh(y - 0.2, ours, height=0.4, label=f"this run ({result['target']} loss)")
     ax.barh(y + 0.2, paper, height=0.4, label="paper (Fig. 8)")
+    null = result.get("null")
+    if null:
+        for i, n in enumerate(names):
+            values = np.asarray(null["importances"][n], np.float64) * 100
+            ax.plot(values, np.full(len(values), y[i] - 0.2), "k.", markersize=2,
+                    label=f"null: {null['shuffles']} shuffles of the loss" if i == 0 else None)
+            ax.plot([100 * null["percentile_95"][n]] * 2, [y[i] - 0.42, y[i] + 0.02], color="red",
+                    label="null 95th percentile" if i == 0 else None)
+            if null["above_null"][n]:
+                ax.text(ours[i], y[i] - 0.2, " *", va="center", color="red")
+        ax.axvline(100 * null["family_percentile_95"], color="red", linestyle=":",
+                   label="null 95th pct. of the largest metric")
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set(xlabel="first-order fANOVA importance (% of variance)",
            title=f"Importance of pair metrics for the loss ({result['n_rows']} rows)")
-    ax.legend()
+    ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 
 def summary(result: dict) -> str:
-    rows = "\n".join(f"  {n:16s} {100 * result['importance'][n]:6.2f} %"
+    null = result.get("null")
+
+    def beside(n):
+        if not null:
+            return ""
+        mark = "above the null" if null["above_null"][n] else "within the null"
+        return f"  (null 95th pct {100 * null['percentile_95'][n]:5.2f} %: {mark})"
+
+    rows = "\n".join(f"  {n:16s} {100 * result['importance'][n]:6.2f} %" + beside(n)
                      + (f"   (paper {100 * PAPER['importance'][n]:.1f} %)" if n in PAPER["importance"] else "")
                      for n in result["ranking"])
     return (f"{result['run']}: fANOVA over {result['n_rows']} (sample, combination) rows, {result['target']} loss, "
@@ -151,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use at most this many (sample, combination) rows, drawn at random (default 300000)")
     parser.add_argument("--trees", type=int, default=16, help="trees of the random forest (default 16)")
     parser.add_argument("--min-samples-leaf", type=int, default=1, help="of the forest's trees (default 1)")
+    parser.add_argument("--null-shuffles", type=int, default=NULL_SHUFFLES,
+                        help=f"shuffles of the loss in the permutation null, each one more forest fit "
+                             f"(default {NULL_SHUFFLES}; 0: no null)")
     parser.add_argument("--seed", type=int, default=0, help="row subsample and forest seed (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="threads of the forest (default: all cores)")
     return parser
@@ -161,8 +217,10 @@ def _run(args) -> dict:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AnalysisError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     metrics = parse_metrics(args.metrics)
+    if args.null_shuffles < 0:
+        raise AnalysisError(f"--null-shuffles {args.null_shuffles} must be 0 (no null) or more")
     result = analyse(load_selection(args.run), metrics, args.max_rows, args.trees, args.seed, args.target,
-                     args.min_samples_leaf, args.threads)
+                     args.min_samples_leaf, args.threads, args.null_shuffles)
     args.output.mkdir(parents=True, exist_ok=True)
     result["figures"] = [plot(result, args.output / "importance.png")]
     write_json(args.output / "importance.json", result)

@@ -8,10 +8,13 @@ crops):
 * ``compared``: mean IoU over the distinct compared pairs (what a random
   choice among them gives on average);
 * ``lowest``: whether the chosen pair has the lowest IoU among the compared
-  pairs (ties count as lowest).  Its chance level is the mean over samples of
+  pairs (ties count as lowest), with its Wilson 95 % interval over the
+  samples, overall, per epoch (epochs from the run's ``log.jsonl``) and over
+  the last epoch.  Its chance level is the mean over samples of
   1 / (number of distinct compared pairs): 1/6 for N = 4 pair methods, usually
   1/4 for DINO.  ``chance_with_ties`` counts every pair tied at the lowest IoU
-  as a hit (the exact rate of a uniformly random choice).
+  as a hit (the exact rate of a uniformly random choice; the intervals are
+  compared with it, ``above_chance``).
 
 Per logged step these are averaged over the step's samples; a straight line
 (``numpy.polyfit``, degree 1, every logged step weighted equally) is fitted to
@@ -25,7 +28,7 @@ compares the chosen pairs with all compared pairs.
     python -m analysis.iou --run runs/small/simsiam_hvs_s0 --baseline runs/small/simsiam_s0 --output results/iou
 
 writes ``iou.json`` (every number) and ``iou_lowest_fraction.png`` (Fig. 3
-left), ``iou_histogram.png`` (Fig. 3 right), ``iou_over_training.png`` (Fig. 4
+left: per epoch, with its 95 % band and the chance line), ``iou_histogram.png`` (Fig. 3 right), ``iou_over_training.png`` (Fig. 4
 left).
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 from analysis.logs import (AnalysisError, SelectionData, load_selection, new_figure, run_cli, run_summary,
                            save_figure, write_json)
 from analysis.metrics import sample_pair_metrics
+from analysis.stats import proportion, wilson
 
 TIE = 1e-9  # IoUs closer than this count as equal
 PAPER = {"source": "HVS paper, Section 5.1, Fig. 3 and Fig. 4 left (SimSiam+HVS, ResNet-50, 100 epochs, N=4, 3 seeds)",
@@ -81,10 +85,54 @@ def _curve(values: np.ndarray, steps: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "steps": s, "per_step": m, "fit": linear_fit(s, m)}
 
 
+def epoch_ends(run_dir: Path) -> list:
+    """Training step at the end of every completed epoch, from the run's
+    ``log.jsonl`` (its ``"type": "epoch"`` rows); [] without them."""
+    import json
+
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    ends = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a stopped run
+            continue
+        if isinstance(row, dict) and row.get("type") == "epoch" and "step" in row and "epoch" in row:
+            ends[int(row["epoch"])] = int(row["step"])
+    return [ends[e] for e in sorted(ends)]
+
+
+def by_epoch(data: SelectionData, per: dict) -> Optional[dict]:
+    """The lowest-IoU fraction per epoch with its Wilson 95 % interval and the
+    chance of a random choice in that epoch; None when the run's log names no
+    completed epoch.  Logged steps after the last completed epoch form a
+    partial last epoch."""
+    ends = epoch_ends(data.run_dir)
+    if not ends:
+        return None
+    epoch = np.searchsorted(np.asarray(ends), data.sample_step, side="right")  # step s < ends[e] -> epoch e
+    numbers = np.unique(epoch)
+    hits = np.array([per["lowest"][epoch == e].sum() for e in numbers])
+    counts = np.array([(epoch == e).sum() for e in numbers])
+    chance = np.array([(per["n_lowest"] / per["n_pairs"])[epoch == e].mean() for e in numbers])
+    low, high = wilson(hits, counts)
+    return {"epoch": numbers + 1, "complete": numbers < len(ends), "k": hits, "n": counts,
+            "fraction": hits / counts, "low": low, "high": high, "chance_with_ties": chance}
+
+
 def analyse(data: SelectionData, baseline: Optional[SelectionData] = None, bins: int = 20) -> dict:
     """Every number of the IoU analysis (the JSON written by the CLI)."""
     per, steps = sample_iou(data), data.sample_step
     edges = np.linspace(0.0, 1.0, bins + 1)
+    lowest, tie_chance = per["lowest"], float((per["n_lowest"] / per["n_pairs"]).mean())
+    epochs = by_epoch(data, per)
+    last_steps = data.sample_step == data.step.max()
+    if epochs is not None:  # the last epoch of the log (a partial one only if no complete epoch follows it)
+        last = epochs["epoch"][-1] - 1
+        last_steps = np.searchsorted(np.asarray(epoch_ends(data.run_dir)), data.sample_step, side="right") == last
+    last_chance = float((per["n_lowest"] / per["n_pairs"])[last_steps].mean())
     result = {"analysis": "iou", **run_summary(data),
               "mean_compared_pairs": float(per["n_pairs"].mean()),
               "chosen_iou": _curve(per["chosen"], steps),
@@ -92,7 +140,13 @@ def analyse(data: SelectionData, baseline: Optional[SelectionData] = None, bins:
               "lowest_iou_fraction": {
                   "overall": float(per["lowest"].mean()),
                   "chance": float((1.0 / per["n_pairs"]).mean()),
-                  "chance_with_ties": float((per["n_lowest"] / per["n_pairs"]).mean()),
+                  "chance_with_ties": tie_chance,
+                  # Wilson 95 % interval over the samples, beside the exact chance of a random choice
+                  "interval": proportion(int(lowest.sum()), len(lowest), chance=tie_chance),
+                  "last_epoch": {"epoch": None if epochs is None else int(epochs["epoch"][-1]),
+                                 **proportion(int(lowest[last_steps].sum()), int(last_steps.sum()),
+                                              chance=last_chance)},
+                  "by_epoch": epochs,
                   **dict(zip(("steps", "per_step"), per_step(per["lowest"], steps)))},
               "baseline": None}
     reference, reference_name = per["compared"], "all compared pairs (mean per sample)"
@@ -113,10 +167,25 @@ def plot(result: dict, out_dir: Path) -> list:
     out_dir, paths = Path(out_dir), []
     low = result["lowest_iou_fraction"]
     fig, ax = new_figure()
-    ax.plot(low["steps"], low["per_step"], marker=".", label="chosen pair has the lowest IoU")
-    ax.axhline(low["chance"], color="gray", linestyle="--", label=f"chance ({low['chance']:.3f})")
-    ax.set(xlabel="training step", ylabel="fraction of samples", ylim=(0, 1),
-           title="Selected pair = lowest-IoU pair (Fig. 3 left)")
+    epochs = low.get("by_epoch")
+    if epochs:  # per epoch, with the Wilson 95 % band and the chance of a random choice
+        from matplotlib.ticker import MaxNLocator
+
+        x, frac = np.asarray(epochs["epoch"]), np.asarray(epochs["fraction"], np.float64)
+        ax.fill_between(x, epochs["low"], epochs["high"], alpha=0.3, label="95 % interval (Wilson)")
+        ax.errorbar(x, frac, yerr=[frac - np.asarray(epochs["low"]), np.asarray(epochs["high"]) - frac],
+                    marker="o", capsize=3, label="chosen pair has the lowest IoU")  # visible for one epoch too
+        ax.plot(x, epochs["chance_with_ties"], color="gray", linestyle="--", marker="_",
+                label="chance (random choice)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch")
+    else:  # no epoch in the log: per logged step, the interval of the whole run
+        ax.plot(low["steps"], low["per_step"], marker=".", label="chosen pair has the lowest IoU")
+        ax.axhspan(low["interval"]["low"], low["interval"]["high"], alpha=0.3, label="95 % interval, whole run")
+        ax.axhline(low["chance_with_ties"], color="gray", linestyle="--",
+                   label=f"chance ({low['chance_with_ties']:.3f})")
+        ax.set(xlabel="training step")
+    ax.set(ylabel="fraction of samples", ylim=(0, 1), title="Selected pair = lowest-IoU pair (Fig. 3 left)")
     ax.legend()
     paths.append(save_figure(fig, out_dir / "iou_lowest_fraction.png"))
 
@@ -159,7 +228,8 @@ def summary(result: dict) -> str:
              + (f"; linear fit {fit['at_first_step']:.3f} (step {fit['first_step']}) -> {fit['at_last_step']:.3f} "
                 f"(step {fit['last_step']})" if fit else ""),
              f"the selected pair is the lowest-IoU pair in {low['overall']:.1%} of samples "
-             f"(chance {low['chance']:.1%}; paper, SimSiam N=4: over 40%, chance 16.7%)"]
+             f"(95% interval {low['interval']['low']:.1%} to {low['interval']['high']:.1%}; chance of a random "
+             f"choice {low['chance_with_ties']:.1%}; paper, SimSiam N=4: over 40%, chance 16.7%)"]
     if result["baseline"] is not None:
         base = result["baseline"]["iou"]
         lines.append(f"baseline {result['baseline']['run']}: IoU {base['mean']:.3f}"

@@ -27,7 +27,8 @@ its hyperparameters; it stayed below 40 % either way).  Reported:
 
 Beside every accuracy, the chance levels: ``uniform`` = 1 / number of classes,
 and ``majority`` = accuracy of always answering the most frequent class of the
-training part.
+training part; ``interval``: the accuracy over all test parts together and
+the majority-class accuracy, each with its Wilson 95 % interval.
 
     python -m analysis.predict --run runs/small/simsiam_hvs_s{0,1,2} --output results/predict
 
@@ -45,6 +46,7 @@ import numpy as np
 from analysis.logs import (AnalysisError, SelectionData, load_selection, new_figure, run_cli, run_summary,
                            save_figure, write_json)
 from analysis.metrics import PAIR_METRICS, pair_metrics
+from analysis.stats import proportion
 
 PAPER = {"source": "HVS paper, Section 5.2 (SimSiam+HVS logs, 300k samples per seed; train on 2 seeds, test on the "
                    "third; also 5-fold CV, tuned hyperparameters)",
@@ -118,8 +120,20 @@ def evaluate(X_train, y_train, X_test, y_test, max_iter: int, learning_rate: flo
         predicted = np.full(len(y_test), majority)
     else:
         predicted = _classifier(max_iter, learning_rate, seed).fit(X_train, y_train).predict(X_test)
-    return {"accuracy": float((predicted == y_test).mean()),
-            "majority": float((y_test == majority).mean()), "n_train": len(y_train), "n_test": len(y_test)}
+    hits, majority_hits = int((predicted == y_test).sum()), int((y_test == majority).sum())
+    return {"accuracy": hits / len(y_test), "majority": majority_hits / len(y_test),
+            "n_train": len(y_train), "n_test": len(y_test), "hits": hits, "majority_hits": majority_hits}
+
+
+def pooled(rows: list, uniform: float) -> dict:
+    """The accuracy over the test parts of ``rows`` together (each test sample
+    counted once) with its Wilson 95 % interval, beside the uniform chance,
+    and the majority-class accuracy with its own interval."""
+    n = sum(r["n_test"] for r in rows)
+    acc = proportion(sum(r["hits"] for r in rows), n, chance=uniform)
+    maj = proportion(sum(r["majority_hits"] for r in rows), n)
+    acc["above_majority"] = bool(acc["low"] > maj["high"])
+    return {"accuracy": acc, "majority": maj}
 
 
 def analyse(runs: list, folds: int = 5, max_rows: int = 300_000, max_iter: int = 100, learning_rate: float = 0.1,
@@ -153,29 +167,35 @@ def _analyse(runs, folds, max_rows, max_iter, learning_rate, seed) -> dict:
                 np.concatenate([t[0] for t in rest]), np.concatenate([t[1] for t in rest]), *tables[i],
                 max_iter, learning_rate, seed)})
     mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    uniform = 1.0 / len(classes)
     return {"analysis": "predict", "runs": [run_summary(d) for d in runs],
             "pair_definition": runs[0].pair_definition,
             "classifier": f"sklearn HistGradientBoostingClassifier(max_iter={max_iter}, learning_rate={learning_rate}, "
                           f"random_state={seed}), untuned",
             "classes": classes, "class_counts": np.bincount(y, minlength=len(classes)),
             "n_samples": len(y), "n_features": len(names), "feature_names": names,
-            "chance": {"uniform": 1.0 / len(classes), "majority": mean(per_fold, "majority")},
+            "chance": {"uniform": uniform, "majority": mean(per_fold, "majority")},
             "cross_validation": {"folds": folds, "per_fold": per_fold, "accuracy": mean(per_fold, "accuracy"),
-                                 "majority": mean(per_fold, "majority")},
+                                 "majority": mean(per_fold, "majority"), "interval": pooled(per_fold, uniform)},
             "held_out_runs": held_out,
             "held_out_accuracy": mean(held_out, "accuracy") if held_out else None,
+            "held_out_interval": pooled(held_out, uniform) if held_out else None,
             "held_out_note": None if held_out else f"needs 3 or more runs (given {len(runs)})",
             "paper": PAPER}
 
 
 def plot(result: dict, path: Path) -> str:
     """Accuracy of the cross-validation and of every held-out run, with chance."""
-    labels, values = [f"{result['cross_validation']['folds']}-fold CV"], [result["cross_validation"]["accuracy"]]
+    cv = result["cross_validation"]
+    labels, values = [f"{cv['folds']}-fold CV"], [cv["accuracy"]]
+    intervals = [cv["interval"]["accuracy"]] if cv.get("interval") else [None]
     for row in result["held_out_runs"] or []:
         labels.append(f"held out: {Path(row['test_run']).name}")
         values.append(row["accuracy"])
+        intervals.append(proportion(row["hits"], row["n_test"]) if "hits" in row else None)
     fig, ax = new_figure(max(5.0, 1.2 * len(labels) + 2), 4.0)
-    ax.bar(range(len(values)), values)
+    err = np.array([[v - i["low"], i["high"] - v] if i else [0.0, 0.0] for v, i in zip(values, intervals)]).T
+    ax.bar(range(len(values)), values, yerr=err, capsize=4, label="accuracy, 95 % interval (Wilson)")
     ax.set_xticks(range(len(values)), labels, rotation=20, ha="right")
     ax.axhline(result["chance"]["uniform"], color="gray", linestyle="--", label="chance (1 / classes)")
     ax.axhline(result["chance"]["majority"], color="black", linestyle=":", label="majority class")
@@ -186,10 +206,12 @@ def plot(result: dict, path: Path) -> str:
 
 
 def summary(result: dict) -> str:
+    cv = result["cross_validation"]["interval"]
     lines = [f"{len(result['runs'])} run(s), {result['n_samples']} samples, {len(result['classes'])} classes, "
              f"{result['n_features']} features",
-             f"{result['cross_validation']['folds']}-fold CV accuracy {result['cross_validation']['accuracy']:.3f} "
-             f"(chance {result['chance']['uniform']:.3f}, majority {result['chance']['majority']:.3f}; "
+             f"{result['cross_validation']['folds']}-fold CV accuracy {cv['accuracy']['value']:.3f} "
+             f"[{cv['accuracy']['low']:.3f}, {cv['accuracy']['high']:.3f}] (chance {result['chance']['uniform']:.3f}, "
+             f"majority {cv['majority']['value']:.3f} [{cv['majority']['low']:.3f}, {cv['majority']['high']:.3f}]; "
              "paper: never above 0.40)"]
     for row in result["held_out_runs"] or []:
         lines.append(f"held out {row['test_run']}: accuracy {row['accuracy']:.3f} (majority {row['majority']:.3f})")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from analysis.importance import PAPER as PAPER_IMPORTANCE
 from analysis.iou import PAPER as PAPER_IOU
 from analysis.predict import PAPER as PAPER_PREDICT
+from analysis.stats import difference_cells, format_interval, over_seeds, value_cell
 
 #: Table 5 (delta of top-1 linear accuracy to the baseline, 100 epochs, 2 seeds): policy -> (SimSiam, DINO)
 PAPER_TABLE5 = {"iou_0.30-0.35": (-0.80, -1.47), "iou_0.30-0.35_alt": (0.10, -0.45), "iou_0.40-0.60": (0.55, -0.40),
@@ -39,7 +39,7 @@ PAPER_TABLE6 = {"baseline": (86.1, 92.7), "translation-scale-sym": (83.7, 90.3),
 VARIANT = r"(?P<variant>baseline|hvs|easy|n_views_8|static_color|iou_[\d.]+-[\d.]+(?:_alt)?|stn-[a-z\-]+)"
 TOKEN = r"(?P<token>[a-z0-9]+(?:_[a-z0-9]+)*?)"
 STEM = re.compile(TOKEN + "_" + VARIANT + r"_s(?P<seed>\d+)_(?P<kind>linear|train)\.json$")
-FOLDER = re.compile(TOKEN + "_" + VARIANT + r"(?:_s\d+)?")
+FOLDER = re.compile(TOKEN + "_" + VARIANT + r"(?:_s(?P<seed>\d+))?")
 
 
 def policy_label(policy: str) -> str:
@@ -48,30 +48,14 @@ def policy_label(policy: str) -> str:
     return f"range({m[1]}-{m[2]})" + ("+alternating" if m[3] else "") if m else policy
 
 
-def fmt(values, signed=False, scale=1.0, digits=2) -> str:
-    """Mean ± sd over seeds (one value: itself; none: a dash)."""
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "—"
-    f = f"{'+' if signed else ''}.{digits}f"
-    if len(values) == 1:
-        return f"{values[0]:{f}}"
-    return f"{statistics.mean(values):{f}} ± {statistics.stdev(values):.{digits}f}"
-
-
-def pct(values) -> str:
-    """Fractions as percentages."""
-    cell = fmt(values, scale=100)
-    return cell if cell == "—" else f"{cell} %"
-
-
 def paper_fmt(value, signed=False) -> str:
     return "—" if value is None else f"{value:{'+.2f' if signed else '.2f'}}"
 
 
 def read_runs(results: Path) -> dict:
-    """{(token, variant): {"linear": {seed: top1}, "train": {seed: report}}} of the results folder."""
-    runs = defaultdict(lambda: {"linear": {}, "train": {}})
+    """{(token, variant): {"linear": {seed: top1}, "n_test": {seed: test images}, "train": {seed: report}}}
+    of the results folder."""
+    runs = defaultdict(lambda: {"linear": {}, "n_test": {}, "train": {}})
     for path in sorted(results.glob("*.json")):
         m = STEM.match(path.name)
         if not m:
@@ -79,81 +63,162 @@ def read_runs(results: Path) -> dict:
         report = json.loads(path.read_text())
         value = report["top1"] if m["kind"] == "linear" else report
         runs[(m["token"], m["variant"])][m["kind"]][int(m["seed"])] = value
+        if m["kind"] == "linear":
+            runs[(m["token"], m["variant"])]["n_test"][int(m["seed"])] = report.get("n_test")
     return runs
 
 
-def deltas(runs: dict, token: str, variant: str, reference: str = "baseline") -> list:
-    """Per-seed differences of linear top-1, variant minus reference, over the seeds both have."""
-    a, b = runs.get((token, variant), {}).get("linear", {}), runs.get((token, reference), {}).get("linear", {})
-    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+def delta(runs: dict, token: str, variant: str, reference: str = "baseline") -> str:
+    """Linear top-1 of ``variant`` minus ``reference``, paired by seed, with its
+    95 % interval and the plain verdict (:func:`analysis.stats.difference_cells`)."""
+    a, b = runs.get((token, variant), {}), runs.get((token, reference), {})
+    if not a.get("linear") or not b.get("linear"):
+        return "—"
+    n_test = {s: b["n_test"].get(s) or a["n_test"].get(s) for s in b["linear"]}
+    cell, verdict = difference_cells(a["linear"], b["linear"], n_test,
+                                     names=(variant, "the baseline" if reference == "baseline" else reference))
+    return cell if cell == "—" else f"{cell}: {verdict}"
 
 
-def linear(runs: dict, token: str, variant: str) -> list:
-    return list(runs.get((token, variant), {}).get("linear", {}).values())
+def linear(runs: dict, token: str, variant: str) -> str:
+    """Linear top-1 over seeds with its interval (:func:`analysis.stats.value_cell`)."""
+    run = runs.get((token, variant), {})
+    return value_cell(run.get("linear", {}), run.get("n_test"))
 
 
-def out_std(runs: dict, token: str, variant: str) -> list:
-    return [r["last"].get("out_std") for r in runs.get((token, variant), {}).get("train", {}).values()]
+def out_std(runs: dict, token: str, variant: str) -> str:
+    train = runs.get((token, variant), {}).get("train", {})
+    return value_cell({s: r["last"].get("out_std") for s, r in train.items()}, digits=4)
 
 
 def read_analyses(results: Path, name: str) -> dict:
-    """{(token, run): [report per seed]} of ``analysis/*/<name>.json``."""
+    """{(token, run): [report per seed]} of ``analysis/*/<name>.json`` (each
+    report's ``_seed``: the seed of its folder, None for a pooled one)."""
     found = defaultdict(list)
     for path in sorted((results / "analysis").glob(f"*/{name}.json")):
         m = FOLDER.fullmatch(path.parent.name)
         if m:
-            found[(m["token"], m["variant"])].append(json.loads(path.read_text()))
+            report = json.loads(path.read_text())
+            report["_seed"] = None if m["seed"] is None else int(m["seed"])
+            found[(m["token"], m["variant"])].append(report)
     return found
+
+
+def fraction_cell(parts: list) -> str:
+    """A fraction in percent: one run, its Wilson interval (``parts``: the
+    :func:`analysis.stats.proportion` dicts of the runs); several, mean ± sd and
+    the t-interval over runs; the chance beside it is a column of its own."""
+    parts = [p for p in parts if p and p.get("value") is not None]
+    if not parts:
+        return "—"
+    if len(parts) == 1:
+        p = parts[0]
+        mark = " (above chance)" if p.get("above_chance") else ""
+        return f"{100 * p['value']:.1f} % {format_interval(100 * p['low'], 100 * p['high'], 1)}{mark}"
+    s = over_seeds([100 * p["value"] for p in parts])
+    return f"{s['mean']:.1f} ± {s['sd']:.1f} % {format_interval(s['low'], s['high'], 1)} ({s['n']} seeds)"
 
 
 # ----------------------------------------------------------------------------
 # the tables
 # ----------------------------------------------------------------------------
 def selected_views_table(results: Path) -> list:
-    """Section 5.1 / 5.2: lowest-IoU fraction, IoU shift, GBT accuracy, per HVS run."""
+    """Section 5.1 / 5.2: lowest-IoU fraction (overall and last epoch, with
+    their intervals beside chance), IoU shift, GBT accuracy (with its interval
+    beside chance and the majority class), per HVS run."""
     iou, predict = read_analyses(results, "iou"), read_analyses(results, "predict")
     rows = []
     for (token, run), reports in sorted(iou.items()):
-        lowest = [r["lowest_iou_fraction"]["overall"] for r in reports]
-        chance = [r["lowest_iou_fraction"]["chance"] for r in reports]
+        lows = [r["lowest_iou_fraction"] for r in reports]
+        overall = [low.get("interval") or {"value": low["overall"]} for low in lows]
+        last = [low.get("last_epoch") for low in lows]
+        chance = [low.get("chance_with_ties", low["chance"]) for low in lows]
         fit = [(r["chosen_iou"]["fit"]["at_first_step"], r["chosen_iou"]["fit"]["at_last_step"]) for r in reports]
-        base = [r["baseline"]["iou"]["mean"] for r in reports if r.get("baseline")]
+        base = {i: r["baseline"]["iou"]["mean"] for i, r in enumerate(reports) if r.get("baseline")}
         pred = predict.get((token, run), [])
-        acc = [p["cross_validation"]["accuracy"] for p in pred if p.get("cross_validation")]
-        held = [p["held_out_accuracy"] for p in pred if p.get("held_out_accuracy") is not None]
-        rows.append(f"| {token} | {run} | {pct(lowest)} | {pct(chance)} | "
-                    f"{fmt([f for f, _ in fit])} → {fmt([l_ for _, l_ in fit])} | "
-                    f"{fmt([r['chosen_iou']['mean'] for r in reports])} | {fmt(base)} | "
-                    f"{pct(acc)} | {pct(held)} |")
+        rows.append(f"| {token} | {run} | {fraction_cell(overall)} | {fraction_cell(last)} | "
+                    f"{100 * min(chance):.1f}" + (f"–{100 * max(chance):.1f}" if max(chance) > min(chance) else "")
+                    + f" % | {value_cell(dict(enumerate(f for f, _ in fit)))} → "
+                    f"{value_cell(dict(enumerate(l_ for _, l_ in fit)))} | "
+                    f"{value_cell(dict(enumerate(r['chosen_iou']['mean'] for r in reports)))} | "
+                    f"{value_cell(base)} | {gbt_cells(pred)} |")
     if not rows:
         return []
-    return ["| Method | Run | Chosen = lowest-IoU pair | Chance | Chosen IoU, linear fit first → last step | "
-            "Chosen IoU mean | Baseline IoU mean | GBT 5-fold accuracy | GBT held-out seed |",
-            "|---|---|---|---|---|---|---|---|---|",
+    return ["| Method | Run | Chosen = lowest-IoU pair, all logged steps | Same, last epoch | Chance (random "
+            "choice) | Chosen IoU, linear fit first → last step | Chosen IoU mean | Baseline IoU mean | "
+            "GBT 5-fold accuracy | GBT held-out seed | GBT chance / majority class |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
-            f"| Paper: SimSiam | hvs | > 40 % | {100 * PAPER_IOU['chance']:.1f} % | "
+            f"| Paper: SimSiam | hvs | > 40 % | — | {100 * PAPER_IOU['chance']:.1f} % | "
             f"{PAPER_IOU['chosen_iou_fit_first']:.2f} → {PAPER_IOU['chosen_iou_fit_last']:.2f} | — | "
             f"higher than HVS | ≤ {100 * PAPER_PREDICT['max_test_accuracy']:.0f} % | "
-            f"≤ {100 * PAPER_PREDICT['max_test_accuracy']:.0f} % |"]
+            f"≤ {100 * PAPER_PREDICT['max_test_accuracy']:.0f} % | {100 * PAPER_PREDICT['chance']:.1f} % / — |"]
+
+
+def gbt_cells(pred: list) -> str:
+    """GBT 5-fold | held-out | chance / majority cells of a predict.json (pooled over all seeds' runs)."""
+    if not pred:
+        return "— | — | —"
+    p = pred[0]
+    cv, held = p.get("cross_validation") or {}, p.get("held_out_interval")
+    if cv.get("interval"):
+        acc, maj = cv["interval"]["accuracy"], cv["interval"]["majority"]
+        mark = " (above majority)" if acc.get("above_majority") else ""
+        cv_cell = f"{fraction_cell([acc])}{mark}"
+        chance = f"{100 * p['chance']['uniform']:.1f} % / {fraction_cell([maj])}"
+    else:  # a file of an older version: no interval
+        cv_cell = f"{100 * cv['accuracy']:.1f} % (no interval)" if cv.get("accuracy") is not None else "—"
+        chance = f"{100 * p['chance']['uniform']:.1f} % / —" if p.get("chance") else "—"
+    if held:
+        mark = " (above majority)" if held["accuracy"].get("above_majority") else ""
+        held_cell = f"{fraction_cell([held['accuracy']])}{mark}"
+    elif p.get("held_out_accuracy") is not None:
+        held_cell = f"{100 * p['held_out_accuracy']:.1f} % (no interval)"
+    else:
+        held_cell = "—"
+    return f"{cv_cell} | {held_cell} | {chance}"
 
 
 def importance_table(results: Path) -> list:
-    """Appendix D / Fig. 8: the fANOVA importance of every pair metric for the loss."""
+    """Appendix D / Fig. 8: the fANOVA importance of every pair metric for the
+    loss, one column per run, each beside its permutation null's 95th
+    percentile; **bold**: above the null."""
     found = read_analyses(results, "importance")
     if not found:
         return []
-    columns = sorted(found)
+    columns = [(key, r) for key in sorted(found) for r in sorted(found[key], key=lambda r: r["_seed"] or 0)]
     metrics = list(PAPER_IMPORTANCE["importance"])
-    for reports in found.values():
-        for r in reports:
-            metrics += [m for m in r["importance"] if m not in metrics]
-    head = "| Metric | " + " | ".join(f"{t} {run}" for t, run in columns) + " | Paper (SimSiam) |"
+    for _, r in columns:
+        metrics += [m for m in r["importance"] if m not in metrics]
+    head = ("| Metric | " + " | ".join(f"{t} {run}" + ("" if r["_seed"] is None else f" s{r['_seed']}")
+                                         for (t, run), r in columns) + " | Paper (SimSiam) |")
     lines = [head, "|---" * (len(columns) + 2) + "|"]
     for metric in metrics:
-        cells = [pct([r["importance"].get(metric) for r in found[c]]) for c in columns]
+        cells = [importance_cell(r, metric) for _, r in columns]
         paper = PAPER_IMPORTANCE["importance"].get(metric)
-        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {pct([paper])} |")
+        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {'—' if paper is None else f'{100 * paper:.2f} %'} |")
+    shuffles = sorted({r["null"]["shuffles"] for _, r in columns if r.get("null")})
+    lines.append("| sum of first order | " + " | ".join(
+        f"{100 * r['sum_first_order']:.2f} %" + (f" (null {100 * r['null']['sum_first_order_95']:.2f} %)"
+                                                 if r.get("null") else "") if r.get("sum_first_order") is not None
+        else "—" for _, r in columns) + " | — |")
+    if shuffles:
+        lines += ["", f"In brackets: the 95th percentile of the same metric's importance over "
+                      f"{' / '.join(map(str, shuffles))} shuffles of the loss against the metrics (the same forest "
+                      "settings); **bold**: above it and above the 95th percentile of the largest importance of "
+                      "each shuffle, i.e. the loss depends on that metric beyond what a forest finds in noise."]
     return lines
+
+
+def importance_cell(report: dict, metric: str) -> str:
+    value = report["importance"].get(metric)
+    if value is None:
+        return "—"
+    null = report.get("null")
+    if not null:
+        return f"{100 * value:.2f} % (no null)"
+    cell = f"{100 * value:.2f} % ({100 * null['percentile_95'][metric]:.2f} %)"
+    return f"**{cell}**" if null["above_null"].get(metric) else cell
 
 
 def table5(runs: dict) -> list:
@@ -163,11 +228,11 @@ def table5(runs: dict) -> list:
     lines = ["| IoU policy | SimSiam Δ ours | SimSiam Δ paper | DINO Δ ours | DINO Δ paper |", "|---|---|---|---|---|"]
     for policy in policies:
         paper = PAPER_TABLE5.get(policy, (None, None))
-        lines.append(f"| {policy_label(policy)} | {fmt(deltas(runs, 'simsiam', policy), signed=True)} | "
-                     f"{paper_fmt(paper[0], True)} | {fmt(deltas(runs, 'dino', policy), signed=True)} | "
+        lines.append(f"| {policy_label(policy)} | {delta(runs, 'simsiam', policy)} | "
+                     f"{paper_fmt(paper[0], True)} | {delta(runs, 'dino', policy)} | "
                      f"{paper_fmt(paper[1], True)} |")
-    lines.append(f"| baseline (top-1) | {fmt(linear(runs, 'simsiam', 'baseline'))} | "
-                 f"{PAPER_TABLE5_BASELINE['simsiam']:.2f} | {fmt(linear(runs, 'dino', 'baseline'))} | "
+    lines.append(f"| baseline (top-1) | {linear(runs, 'simsiam', 'baseline')} | "
+                 f"{PAPER_TABLE5_BASELINE['simsiam']:.2f} | {linear(runs, 'dino', 'baseline')} | "
                  f"{PAPER_TABLE5_BASELINE['dino']:.2f} |")
     return lines
 
@@ -180,10 +245,10 @@ def table6(runs: dict) -> list:
              "|---|---|---|---|---|---|"]
     for mode in modes:
         variant = f"stn-{mode}"
-        delta = "—" if mode == "baseline" else fmt(deltas(runs, "dino", variant, "stn-baseline"), signed=True)
+        change = "—" if mode == "baseline" else delta(runs, "dino", variant, "stn-baseline")
         paper = PAPER_TABLE6[mode]
-        lines.append(f"| {mode} | {'—' if mode == 'baseline' else 'TCP'} | {fmt(linear(runs, 'dino', variant))} | "
-                     f"{delta} | {paper_fmt(paper[0])} | {paper_fmt(paper[1])} |")
+        lines.append(f"| {mode} | {'—' if mode == 'baseline' else 'TCP'} | {linear(runs, 'dino', variant)} | "
+                     f"{change} | {paper_fmt(paper[0])} | {paper_fmt(paper[1])} |")
     return lines
 
 
@@ -201,9 +266,9 @@ def views_table(runs: dict) -> list:
     for variant, what, paper in rows:
         if ("simsiam", variant) not in runs:
             continue
-        delta = "—" if variant == "hvs" else fmt(deltas(runs, "simsiam", variant, "hvs"), signed=True)
-        lines.append(f"| {variant} | {what} | {fmt(linear(runs, 'simsiam', variant))} | {delta} | "
-                     f"{fmt(out_std(runs, 'simsiam', variant), digits=4)} | {paper} |")
+        change = "—" if variant == "hvs" else delta(runs, "simsiam", variant, "hvs")
+        lines.append(f"| {variant} | {what} | {linear(runs, 'simsiam', variant)} | {change} | "
+                     f"{out_std(runs, 'simsiam', variant)} | {paper} |")
     return lines
 
 
@@ -214,12 +279,15 @@ def render(results: Path) -> list:
     parts = [
         ("### Selected views (Section 5.1, Fig. 3 and 4; Section 5.2, predictability)",
          "From the selection logs: the fraction of samples whose chosen pair has the lowest IoU of the pairs "
-         "compared (DINO and iBOT: the pair of global crops), the IoU of the chosen pair over training (linear "
-         "fit), and gradient-boosted trees predicting the chosen pair from the logged parameters.",
+         "compared (DINO and iBOT: the pair of global crops), with its Wilson 95 % interval over the logged samples "
+         "(several seeds: the t-interval over seeds) beside the chance of a random choice; the IoU of the chosen "
+         "pair over training (linear fit); and gradient-boosted trees predicting the chosen pair from the logged "
+         "parameters, their accuracy over all test parts with its Wilson interval beside chance (1 / pairs) and "
+         "the majority-class accuracy.",
          selected_views_table(results)),
         ("### What the loss depends on (Appendix D, Fig. 8): first-order fANOVA importance",
          "Share of the variance of the per-pair loss explained by each pair metric alone (functional ANOVA over a "
-         "random forest, `analysis/fanova.py`).",
+         "random forest, `analysis/fanova.py`), beside its permutation null.",
          importance_table(results)),
         ("### Manual IoU policy (Table 5): Δ of linear top-1 to the baseline",
          "The crops of the pair (DINO: the global crops) are redrawn until their IoU is at most a threshold "
@@ -237,6 +305,7 @@ def render(results: Path) -> list:
             lines += ["", title, "", text, "", *table]
     if lines:
         lines = ["", "## Section 5: what makes a view hard (`run_all.sh --evals analysis`)", "",
-                 "At our scale: one short run per row, so these numbers show that every analysis runs end to end "
-                 "and which way it points, not the paper's effect sizes."] + lines
+                 "Brackets are 95 % intervals (one seed: Wilson on its test set or logged samples; several: the "
+                 "Student-t interval over seeds); differences are paired by seed, with the verdict \"no difference "
+                 "detectable at this scale\" when their interval contains 0."] + lines
     return lines

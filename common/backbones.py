@@ -1,10 +1,20 @@
 """Backbones from torchvision, with the CIFAR stem for small images."""
 from __future__ import annotations
 
+import re
+
 import torchvision
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: ``resnet18_w<W>`` / ``resnet34_w<W>``: the same network with W channels in the stem and the first stage
+#: (W, 2W, 4W, 8W per stage; the standard network is W = 64), for CPU-sized runs
+NARROW = re.compile(r"(resnet18|resnet34)_w(\d+)")
+
+
+def is_resnet(arch: str) -> bool:
+    """A torchvision ResNet name or its narrow variant ``resnet18_w<W>``."""
+    return arch in RESNETS or NARROW.fullmatch(arch) is not None
 
 
 def build_resnet(arch: str, cifar_stem: bool = False, zero_init_residual: bool = True) -> nn.Module:
@@ -13,16 +23,56 @@ def build_resnet(arch: str, cifar_stem: bool = False, zero_init_residual: bool =
 
     ``cifar_stem`` replaces the 7x7/2 convolution and the max-pool by one 3x3/1
     convolution, the usual adaptation for 32-64 px images (SimSiam's CIFAR
-    experiments)."""
-    if arch not in RESNETS:
-        raise ValueError(f"model.arch={arch!r} is not one of {RESNETS}")
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    experiments).  ``resnet18_w<W>`` (and ``resnet34_w<W>``) is timm's ResNet
+    with the torchvision layout and parameter names and W, 2W, 4W, 8W channels
+    (:data:`NARROW`)."""
+    narrow = NARROW.fullmatch(arch)
+    if arch not in RESNETS and not narrow:
+        raise ValueError(f"model.arch={arch!r} is not one of {RESNETS} or resnet18_w<W> / resnet34_w<W>")
+    if narrow:
+        width = int(narrow.group(2))
+        if width < 1:
+            raise ValueError(f"model.arch={arch!r}: the width must be at least 1")
+        net = NarrowResNet((2, 2, 2, 2) if narrow.group(1) == "resnet18" else (3, 4, 6, 3), width,
+                           zero_init_residual)
+    else:
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    stem_width = net.conv1.out_channels
     if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     return net
+
+
+class NarrowResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with BasicBlocks and ``width``, 2, 4, 8 x ``width``
+    channels per stage (torchvision's is 64): its own stages (``_make_layer``),
+    initialisation and forward, with the same parameter names."""
+
+    def __init__(self, layers, width: int, zero_init_residual: bool = True):
+        from torchvision.models.resnet import BasicBlock
+
+        super().__init__(BasicBlock, [1, 1, 1, 1], zero_init_residual=zero_init_residual)  # then narrowed
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(BasicBlock, width, layers[0])
+        self.layer2 = self._make_layer(BasicBlock, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, 8 * width, layers[3], stride=2)
+        self.fc = nn.Linear(8 * width, 1000)
+        for m in self.modules():  # torchvision's initialisation, for the new layers
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
 
 
 #: our names -> timm's ViT definitions (width, depth, heads); the patch size and
@@ -54,9 +104,10 @@ def build_backbone(arch: str, *, cifar_stem: bool = False, patch_size: int = 16,
     ``num_features``."""
     if arch in VITS:
         return build_vit(arch, patch_size, img_size, drop_path_rate, depth)
-    if arch in RESNETS:
+    if is_resnet(arch):
         return build_resnet(arch, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)
-    raise ValueError(f"model.arch={arch!r} is not one of {list(RESNETS) + sorted(VITS)}")
+    raise ValueError(f"model.arch={arch!r} is not one of {list(RESNETS) + sorted(VITS)} "
+                     "or resnet18_w<W> / resnet34_w<W>")
 
 
 def has_batchnorm(module: nn.Module) -> bool:

@@ -78,7 +78,7 @@ COMMON_SPEC = {
     "data.download": setting(False, "let torchvision download the dataset (CIFAR, Flowers102, Food101, iNat21) where a network exists"),
     "train.epochs": setting(100, "number of epochs", range="[1, inf)"),
     "train.batch_size": setting(512, "global batch size (split evenly over ranks)", range="[1, inf)"),
-    "train.amp": setting("auto", "mixed precision on GPU: auto (bf16 if supported, else fp16), bf16, fp16, off; always off on CPU", ["auto", "bf16", "fp16", "off"]),
+    "train.amp": setting("auto", "mixed precision: on GPU auto (bf16 if supported, else fp16), bf16, fp16, off; on CPU only bf16 turns it on (bf16 autocast of the training step where the CPU computes bf16 natively: AVX512-BF16 or AMX), the others are fp32", ["auto", "bf16", "fp16", "off"]),
     "train.tf32": setting(True, "on GPU: TF32 matrix products and convolutions and cuDNN autotuning (cudnn.benchmark), as DINO's and MoCo v3's code; false: full fp32 products and cuDNN's default algorithm choice"),
     "train.compile": setting(False, "torch.compile the backbones (training step and selection forward); off by default: on CPU it did not pay (see docs/performance.md)"),
     "train.sync_bn": setting(True, "convert BatchNorm to SyncBatchNorm under DDP on GPU"),

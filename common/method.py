@@ -123,7 +123,7 @@ class PairMethod(SSLMethod):
     into one pool, and the selector compares all C(N, 2) pairs."""
 
     spec = {
-        "model.arch": setting("resnet50", "torchvision ResNet backbone (resnet18/34/50/101)"),
+        "model.arch": setting("resnet50", "torchvision ResNet backbone (resnet18/34/50/101), or a narrow one: resnet18_w<W> / resnet34_w<W> with W, 2W, 4W, 8W channels per stage (64 = the standard width)"),
         "model.cifar_stem": setting(False, "3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
         "hvs.precision": precision_setting("auto", "Default auto: bf16 choices agreed with fp32 on 97.7 % "
                                            "(SimSiam) and 99.2 % (SimCLR) of samples (bench/precision.py)."),

@@ -194,9 +194,21 @@ def exact_fp32():
 
 def amp_settings(cfg, device):
     """(autocast context factory, GradScaler or None) of ``train.amp``; on a
-    GPU also TF32 and cuDNN autotuning as ``train.tf32`` says (:func:`cuda_math`)."""
+    GPU also TF32 and cuDNN autotuning as ``train.tf32`` says (:func:`cuda_math`).
+    On a CPU only ``bf16`` turns autocast on, and only where the CPU computes
+    bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than
+    fp32, and the step stays in fp32 (with a warning)."""
     cuda_math(device, cfg["train"].get("tf32", True))
     mode = cfg["train"]["amp"]
+    if device.type == "cpu" and mode == "bf16":
+        from common.hvs import cpu_has_bf16
+
+        if cpu_has_bf16():
+            return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
+        if dist.is_main():
+            print("warning: train.amp=bf16: this CPU has neither AVX512-BF16 nor AMX; training in fp32",
+                  file=sys.stderr, flush=True)
+        return nullcontext, None
     if device.type != "cuda" or mode == "off":
         return nullcontext, None
     if mode == "auto":

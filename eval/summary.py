@@ -32,6 +32,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from analysis.stats import difference_cells, value_cell
+
 PAPER_CSV = Path(__file__).resolve().parents[1] / "configs" / "paper_numbers.csv"
 #: run_all.sh method token -> the paper's method name
 NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet": "DINO", "ibot": "iBOT",
@@ -52,6 +54,14 @@ SHOWN = {"knn": "k-NN", "linear": "linear", "finetune": "F.T."}
 #: (part, metric) of a detection results file -> the paper's protocol name (Table 7)
 DET_METRICS = {("box", "AP"): "det_AP", ("box", "AP50"): "det_AP50", ("box", "AP75"): "det_AP75",
                ("mask", "AP"): "mask_AP", ("mask", "AP50"): "mask_AP50", ("mask", "AP75"): "mask_AP75"}
+
+#: how to read our cells (every table of the summary)
+UNCERTAINTY = ("Brackets are 95 % intervals.  One seed: the accuracy's Wilson interval on its test set (test-set "
+               "sampling only).  Several seeds: mean ± sd over seeds and the Student-t interval of the mean.  "
+               "Ours diff: HVS minus baseline paired by seed (the same seed gives both the same initial weights and "
+               "data order), with the t-interval of the per-seed differences (one seed: Newcombe's interval of "
+               "the difference of two accuracies).  Verdict: \"no difference detectable at this scale\" when the "
+               "interval contains 0.")
 
 #: Table 1's long-schedule column is 300 epochs, except SimCLR's 200.
 LONG_EPOCHS = {"SimCLR": "200"}
@@ -99,6 +109,7 @@ class Ours:
         self.token, self.arch, self.eval, self.dataset = token, arch, evaluation, dataset
         self.name, self.family = paper_name(token), family(arch, token)
         self.top1 = {"baseline": {}, "hvs": {}}
+        self.n_test = {"baseline": {}, "hvs": {}}  # test images of every result (None: not a proportion)
         self.notes: set = set()
 
 
@@ -126,32 +137,28 @@ def collect(results: Path, k: str) -> list:
         if key not in groups:
             groups[key] = Ours(*key)
         groups[key].top1[m["variant"]][int(m["seed"])] = top1
+        groups[key].n_test[m["variant"]][int(m["seed"])] = report.get("n_test")
         if m["eval"] != "knn":
             groups[key].notes.add((report.get("protocol"), report.get("mode", "full")))
     return sorted(groups.values(), key=lambda g: (g.name, g.token, g.arch or "", g.eval, g.dataset or ""))
 
 
-def mean_sd(values, signed=False):
-    if not values:
-        return "—"
-    fmt = "+.2f" if signed else ".2f"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.2f}"
-
-
 def our_cells(g: Ours | None, dataset_cell: bool = False) -> str:
-    """Ours arch | [dataset |] baseline | + HVS | diff | seeds (paired seeds: both variants)."""
+    """Ours arch | [dataset |] baseline | + HVS | diff | verdict | seeds (paired
+    seeds: both variants).  One seed: the accuracy with its Wilson 95 %
+    interval on its test set; several: mean ± sd with the t-interval over
+    seeds; the difference is paired by seed (:mod:`analysis.stats`)."""
     lead = f"{g.arch or '—'} | " if g else "— | "
     if dataset_cell:
         lead += f"{g.dataset if g else '—'} | "
     if g is None:
-        return lead + "not run | not run | — | 0"
+        return lead + "not run | not run | — | — | 0"
     base, hvs = g.top1["baseline"], g.top1["hvs"]
     seeds = sorted(set(base) & set(hvs))
-    diffs = [hvs[s] - base[s] for s in seeds]
-    return (lead + f"{mean_sd(list(base.values()))} | {mean_sd(list(hvs.values()))} | "
-            f"{mean_sd(diffs, signed=True)} | {len(seeds)}")
+    n_test = {s: g.n_test["baseline"].get(s) or g.n_test["hvs"].get(s) for s in seeds}
+    diff, verdict = difference_cells(hvs, base, n_test)
+    return (lead + f"{value_cell(base, g.n_test['baseline'])} | {value_cell(hvs, g.n_test['hvs'])} | "
+            f"{diff} | {verdict} | {len(seeds)}")
 
 
 def paper_cells(baseline: float, hvs: float) -> str:
@@ -162,8 +169,8 @@ def table1(found: list, paper: dict) -> list:
     """k-NN and linear rows: every paper row of a method we ran, beside our runs
     of the same backbone family (or "not run"), and our runs of a family the
     paper has no row for."""
-    lines = ["| Method | Protocol | Ours arch | Ours baseline | Ours + HVS | Ours diff | Seeds | Paper arch | "
-             "Paper baseline | Paper + HVS | Paper diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Protocol | Ours arch | Ours baseline | Ours + HVS | Ours diff | Ours verdict | Seeds | "
+             "Paper arch | Paper baseline | Paper + HVS | Paper diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     paper_methods = {method for method, _ in paper}
     for name in sorted({g.name for g in found}):
         for protocol in ("knn", "linear"):
@@ -183,9 +190,9 @@ def table2(found: list, paper: dict) -> list:
     """Transfer rows (linear and finetuning on another dataset): beside the
     paper's row of the same method, protocol, backbone family and dataset, or
     the mean of its datasets where the paper has no column for ours."""
-    lines = ["| Method | Protocol | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Seeds | "
-             "Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Protocol | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Ours verdict | "
+             "Seeds | Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in [g for g in found if g.dataset is not None]:
         rows = [r for r in paper.get((g.name, g.eval), []) if family(r[0]) == g.family]
         same = [r for r in rows if r[1] == PAPER_DATASETS.get(g.dataset)]
@@ -231,9 +238,9 @@ def table_detection(found: list, paper: dict) -> list:
     """Detection rows beside the paper's Table 7 row (Table 3's AP50 are its
     AP50 columns) of the same method, metric and task: box metrics of a
     VOC-layout set beside VOC07+12, mask metrics beside COCO."""
-    lines = ["| Method | Metric | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Seeds | "
-             "Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Metric | Ours arch | Ours dataset | Ours baseline | Ours + HVS | Ours diff | Ours verdict | "
+             "Seeds | Paper arch | Paper dataset | Paper baseline | Paper + HVS | Paper diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in found:
         task = "COCO" if g.dataset.startswith("coco") else "VOC07+12"
         rows = [r for r in paper.get((g.name, g.eval), []) if family(r[0]) == g.family and r[1] == task]
@@ -265,10 +272,10 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
         f"**Our scale:** {scale}", "",
         "Each of our runs is beside the paper's row of the same method, protocol and backbone family (ours: "
         "ResNet-18/50 beside RN50, ViTs beside ViT-S/16).  Numbers at our scale are not comparable in absolute "
-        "terms; compare the sign and size of the difference.", "",
+        "terms; compare the difference and its interval.", "",
         f"## Table 1: pretraining dataset (paper: ImageNet, {paper_epochs} epochs{long})", "",
-        f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split; our linear: top-1 of the last epoch; "
-        "mean ± sd over seeds.", "",
+        f"Our k-NN: weighted {k}-NN top-1 (T = 0.07) on the test split; our linear: top-1 of the last epoch.",
+        "", UNCERTAINTY, "",
     ]
     lines += table1(found, paper_rows("1", paper_epochs)) if found else \
         ["| (no results found) | | | | | | | | | | |"]
@@ -296,7 +303,32 @@ def render(results: Path, scale: str, k: str = "20", paper_epochs: str = "100") 
     from analysis.section5 import render as section5  # the analyses of run_all.sh --evals analysis
 
     lines += section5(results)
+    lines += wall_times(results)
     return "\n".join(lines) + "\n"
+
+
+def wall_times(results: Path) -> list:
+    """The wall time of every part run_all.sh ran (``timings.tsv``: label,
+    seconds, end time; the rows of a label are summed, so a part run in
+    several sittings counts all of them)."""
+    path = results / "timings.tsv"
+    if not path.is_file():
+        return []
+    total: dict = defaultdict(int)
+    sittings: dict = defaultdict(int)
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[1].isdigit():
+            total[parts[0]] += int(parts[1])
+            sittings[parts[0]] += 1
+    if not total:
+        return []
+    clock = lambda s: f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"  # noqa: E731
+    lines = ["", "## Wall time of each part (run_all.sh, `timings.tsv`)", "",
+             "| Part | Wall time (h:mm:ss) | Sittings |", "|---|---|---|"]
+    lines += [f"| {label} | {clock(total[label])} | {sittings[label]} |" for label in total]
+    lines.append(f"| **all parts** | {clock(sum(total.values()))} | — |")
+    return lines
 
 
 def main(argv=None):

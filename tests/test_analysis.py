@@ -407,3 +407,49 @@ def test_command_line_process_exit_code(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "has no selection/*.npz: train with run.selection_log_every > 0" in done.stderr
+
+
+# --- uncertainty -----------------------------------------------------------------------
+
+def test_lowest_iou_fraction_per_epoch_with_interval(tmp_path):
+    """Epochs come from the run's log.jsonl; each epoch's fraction has its
+    Wilson interval and chance; the last epoch is compared with chance."""
+    from scipy import stats as sps
+
+    run = pair_run(tmp_path / "run", rule="random", steps=4, B=64)  # logged steps 0, 10, 20, 30
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"type": "step", "step": 1}, {"type": "epoch", "epoch": 0, "step": 20},
+        {"type": "epoch", "epoch": 1, "step": 40}]) + "\n")
+    data = load_selection(run)
+    result = iou.analyse(data)
+    per = iou.sample_iou(data)
+    low = result["lowest_iou_fraction"]
+    epochs = low["by_epoch"]
+    assert epochs["epoch"].tolist() == [1, 2] and epochs["n"].tolist() == [128, 128]
+    first = per["lowest"][data.sample_step < 20]
+    assert epochs["k"][0] == first.sum()
+    ci = sps.binomtest(int(first.sum()), 128).proportion_ci(method="wilson")
+    assert (epochs["low"][0], epochs["high"][0]) == pytest.approx((ci.low, ci.high))
+    assert low["last_epoch"]["epoch"] == 2 and low["last_epoch"]["n"] == 128
+    assert low["interval"]["n"] == data.n_samples and low["interval"]["low"] < low["overall"] < low["interval"]["high"]
+    assert not low["interval"]["above_chance"]  # a random choice is at chance
+    hard = iou.analyse(load_selection(pair_run(tmp_path / "hard", rule="lowest_iou")))
+    assert hard["lowest_iou_fraction"]["interval"]["above_chance"]
+    assert hard["lowest_iou_fraction"]["by_epoch"] is None  # no log.jsonl: no epochs
+    (tmp_path / "fig").mkdir()
+    paths = iou.plot(result, tmp_path / "fig")
+    assert Path(paths[0]).name == "iou_lowest_fraction.png" and Path(paths[0]).stat().st_size > 0
+
+
+def test_importance_null_marks_the_metric_the_loss_depends_on(tmp_path):
+    """The synthetic loss is 1 - IoU + 0.2 |brightness difference| + noise:
+    IoU is above the null, hue and saturation (not in the loss) are not."""
+    data = load_selection(pair_run(tmp_path / "run", steps=4, B=64))
+    result = importance.analyse(data, ["iou", "hue", "saturation"], max_rows=600, trees=4, threads=1,
+                                min_samples_leaf=5, null_shuffles=9)
+    null = result["null"]
+    assert null["shuffles"] == 9 and len(null["importances"]["iou"]) == 9
+    assert null["above_null"] == {"iou": True, "hue": False, "saturation": False}
+    assert result["importance"]["hue"] > 0  # the forest gives noise some importance: the null is needed
+    assert importance.analyse(data, ["iou"], max_rows=200, trees=2, threads=1, null_shuffles=0)["null"] is None
+    assert importance.main(["--run", str(tmp_path / "run"), "--output", str(tmp_path), "--null-shuffles", "-1"]) == 2

@@ -10,18 +10,27 @@ from eval.summary import FILE, family, main, paper_name, paper_rows
 def write(folder, name, top1, arch=None, **fields):
     """A result file as the evaluations write them: k-NN (``*_knn.json``) or
     linear / finetuning (``top1`` at the top level)."""
-    report = {"knn": {"20": {"top1": top1, "top5": 90.0}}} if name.endswith("_knn.json") else \
+    report = {"knn": {"20": {"top1": top1, "top5": 90.0}}, **fields} if name.endswith("_knn.json") else \
         {"top1": top1, "top5": 90.0, **fields}
     if arch is not None:
         report["arch"] = arch
     (folder / name).write_text(json.dumps(report))
 
 
-def rows(folder, prefix):
-    """Cells of every summary row starting with ``prefix``."""
-    text = (folder / "summary.md").read_text()
-    return [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.startswith(prefix)]
+def rows(folder, prefix, plain=True):
+    """Cells of every summary row starting with ``prefix``; ``plain``: our
+    cells without their interval and our verdict column left out (the
+    intervals have their own tests below)."""
+    found, ours, verdict = [], (), None
+    for line in (folder / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| Method"):
+            verdict = cells.index("Ours verdict") if "Ours verdict" in cells else None
+            ours = range(cells.index("Ours baseline"), cells.index("Ours diff") + 1) if "Ours diff" in cells else ()
+        elif line.startswith(prefix):
+            found.append(cells if not plain else [c.split(" [")[0].split(" (")[0] if i in ours else c
+                                                  for i, c in enumerate(cells) if i != verdict])
+    return found
 
 
 def test_summary_table(tmp_path):
@@ -260,3 +269,29 @@ def test_methods_beyond_the_paper_say_no_paper_number(tmp_path, token, name):
     assert cells[3:7] == ["30.00", "31.00", "+1.00", "1"] and cells[7:] == ["no paper number", "—", "—", "—"]
     [simsiam] = rows(tmp_path, "| SimSiam | k-NN")
     assert simsiam[7:] == ["RN50", "57.47", "58.97", "+1.50"]
+
+
+def test_every_accuracy_carries_its_interval_and_the_difference_its_verdict(tmp_path):
+    """One seed: Wilson on the file's test-set size, Newcombe for the
+    difference; three seeds: t-intervals over seeds, the difference paired by
+    seed, and the plain verdict."""
+    from scipy import stats as sps
+
+    write(tmp_path, "simsiam_baseline_s0_knn.json", 29.9, n_test=1000)
+    write(tmp_path, "simsiam_hvs_s0_knn.json", 30.7, n_test=1000)
+    for seed, (b, h) in enumerate([(50.0, 52.0), (55.0, 57.5), (60.0, 61.5)]):
+        write(tmp_path, f"simclr_baseline_s{seed}_knn.json", b, n_test=10000)
+        write(tmp_path, f"simclr_hvs_s{seed}_knn.json", h, n_test=10000)
+    main(["--results", str(tmp_path), "--scale", "s"])
+    [one] = rows(tmp_path, "| SimSiam | k-NN", plain=False)
+    ci = sps.binomtest(299, 1000).proportion_ci(method="wilson")
+    assert one[3] == f"29.90 [{100 * ci.low:.2f}, {100 * ci.high:.2f}]"
+    assert one[5].startswith("+0.80 [-") and one[6] == "no difference detectable at this scale"
+    [three] = rows(tmp_path, "| SimCLR | k-NN", plain=False)
+    low, high = sps.t.interval(0.95, 2, loc=55.0, scale=sps.sem([50.0, 55.0, 60.0]))
+    assert three[3] == f"55.00 ± 5.00 [{low:.2f}, {high:.2f}] (3 seeds)"
+    # differences 2.0, 2.5, 1.5: the seed spread (sd 5) cancels in the pairing
+    low, high = sps.t.interval(0.95, 2, loc=2.0, scale=sps.sem([2.0, 2.5, 1.5]))
+    assert three[5] == f"+2.00 ± 0.50 [{low:.2f}, {high:.2f}]" and three[6] == "HVS above the baseline"
+    assert three[7] == "3"
+    assert "no difference detectable at this scale" in (tmp_path / "summary.md").read_text()
