@@ -125,7 +125,10 @@ whole_number() {  # whole_number OPTION VALUE MIN: a whole number >= MIN, or one
 }
 whole_number --gpus "$GPUS" 0
 whole_number --paper-epochs "$PAPER_EPOCHS" 1
-for seed in $SEEDS; do whole_number --seeds "$seed" 0; done
+if [ "$SEEDS" != default ]; then  # the profile's default seeds are resolved below
+  [ -n "${SEEDS// /}" ] || { echo "run_all.sh: --seeds '': no seed given" >&2; exit 2; }
+  for seed in $SEEDS; do whole_number --seeds "$seed" 0; done
+fi
 if [ -z "$DATA_DIR" ]; then
   echo "run_all.sh: no data directory: pass --data-dir PATH or set HVS_DATA_DIR (e.g. HVS_DATA_DIR=../shared/data)" >&2
   exit 2

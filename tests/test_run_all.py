@@ -65,6 +65,7 @@ def test_every_table5_policy_has_a_config():
     ("--gpus", "two", "--gpus 'two': not a whole number (>= 0)"),
     ("--paper-epochs", "0", "--paper-epochs 0: below 1"),
     ("--seeds", "0 x", "--seeds 'x': not a whole number (>= 0)"),
+    ("--seeds", " ", "--seeds '': no seed given"),
 ])
 def test_bad_numbers_are_refused_before_anything_runs(tmp_path, option, value, message):
     p = run_all(tmp_path, option, value, detectron2=True)
