@@ -142,6 +142,10 @@ def _in_range(key, value, spec):
             raise ConfigError(f"config {key}={value!r}: must lie in {spec['range']}")
 
 
+#: the words YAML 1.1 (PyYAML) reads as booleans
+YAML_BOOL_WORDS = {True: ("true", "on", "yes", "y"), False: ("false", "off", "no", "n")}
+
+
 def _check(key, value, spec):
     """``value`` converted to the key's type; a :class:`ConfigError` naming the
     key if it is of another type, not among the choices or out of range."""
@@ -152,6 +156,10 @@ def _check(key, value, spec):
         if spec["default"] is None or kind == "any":
             return value
         raise ConfigError(f"config {key}: a value is needed (default {spec['default']!r})")
+    if kind == "str" and isinstance(value, bool) and spec["choices"]:
+        # YAML reads off/on/no/yes as booleans: give a choice its spelling back (train.amp=off)
+        spelled = [c for c in spec["choices"] if str(c).lower() in YAML_BOOL_WORDS[value]]
+        value = spelled[0] if len(spelled) == 1 else value
     if spec["choices"] and value not in spec["choices"]:
         raise ConfigError(f"config {key}={value!r}: must be one of {spec['choices']}")
     if kind == "bool" and not isinstance(value, bool):

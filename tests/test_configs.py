@@ -56,3 +56,13 @@ def test_config_resolves_and_builds(path):
     assert method.arch(cfg) and method.image_size(cfg) > 0
     assert len(method.view_transform(True).slots) >= 1
     assert sum(k for _, k in method.pools()) >= 2
+
+
+def test_off_and_on_keep_their_spelling_where_they_are_choices(tmp_path):
+    """YAML reads ``off`` as false: train.amp=off (and ``amp: off`` in a file)
+    is the choice 'off', not a refused boolean; a bool key stays a bool."""
+    assert resolve(COMMON_SPEC, overrides=["train.amp=off"])["train"]["amp"] == "off"
+    layer = tmp_path / "amp.yaml"
+    layer.write_text("train:\n  amp: off\n")
+    assert resolve(COMMON_SPEC, layer)["train"]["amp"] == "off"
+    assert resolve(COMMON_SPEC, overrides=["hvs.enabled=on"])["hvs"]["enabled"] is True
