@@ -39,7 +39,7 @@ from common.hvs import precision_setting
 from common.method import PairMethod
 from common.numerics import collapse_std
 from common.optim import lars
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from common.two_views import TwoViews, per_recipe, two_views_spec
 
 #: Barlow Twins' recipe that VICReg shares (VICReg paper, Section 4.1 and App. C): the
@@ -87,7 +87,7 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
     def base_lrs(self, global_batch: int) -> tuple:
         """Peak learning rates of the weights and of the biases/BatchNorm parameters."""
         o = self.cfg["optim"]
-        return o["lr"] * global_batch / 256, o["bias_lr"] * global_batch / 256
+        return scaled_lr(o["lr"], global_batch), scaled_lr(o["bias_lr"], global_batch)
 
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
@@ -104,8 +104,7 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
         factor = cosine_schedule(epoch * iters_per_epoch + it, total, 1.0, o["end_lr_ratio"],
                                  round(o["warmup_epochs"] * iters_per_epoch), warmup_shape="ratio")
         lrs = [factor * lr for lr in self.peak_lrs]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
+        set_lr(optimizer, lrs)
         return {"lr": lrs[0], "bias_lr": lrs[1]}
 
     # --- hard view selection ------------------------------------------------------

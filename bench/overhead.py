@@ -263,11 +263,12 @@ def compile_model(model):
     try:
         compile_backbones(model)
     except Exception as err:  # noqa: BLE001 - any failure is reported in one line
-        raise CompileError(one_line(err)) from err
+        raise CompileError(error_head(err)) from err
     return model
 
 
-def one_line(err: BaseException) -> str:
+def error_head(err: BaseException) -> str:
+    """The type and the first line of ``err``'s message (a compiler's error runs to pages)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
@@ -338,7 +339,7 @@ def benchmark(cfg: dict) -> dict:
                 t_step, t_sel = step(candidates, selector, generator)
             except Exception as err:  # noqa: BLE001
                 if b["compile"] and rep == 0:  # compilation happens at each configuration's first call
-                    raise CompileError(one_line(err)) from err
+                    raise CompileError(error_head(err)) from err
                 raise
             if timed:
                 times[r].append(t_step)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.augment import MultiViewTransform, recipe_from_cfg
-from common.backbones import build_resnet
+from common.backbones import build_resnet, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
 
@@ -30,10 +30,6 @@ class StepInfo:
 
     def __getitem__(self, key: str):
         return self.values[key]
-
-    @property
-    def global_step(self) -> int:
-        return self.epoch * self.iters + self.it
 
 
 class SSLMethod:
@@ -110,7 +106,7 @@ class SSLMethod:
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str,
+    def backbone_from_state(cls, cfg: dict, model_state: dict, which: str,
                             drop_path: float = 0.0) -> nn.Module:
         """The pretrained backbone (``which``: teacher or student); a ViT
         is built with stochastic depth ``drop_path`` (for finetuning)."""
@@ -156,10 +152,8 @@ class PairMethod(SSLMethod):
         return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
 
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
+    def backbone_from_state(cls, cfg, model_state, which, drop_path=0.0):
         if which == "teacher":
             raise ValueError(f"{cls.name} has no teacher: use --which student (or auto)")
-        backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in model_state.items()
-                                  if k.startswith("backbone.")})
-        return backbone
+        return load_prefixed(build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"]),
+                             model_state, "backbone.")

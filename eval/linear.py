@@ -61,7 +61,7 @@ from common import dist
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from common.config import setting
 from common.data import subset_indices
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
                          eval_session, parse_eval_args, resolve_run, run_main)
 
@@ -192,8 +192,7 @@ def make_schedule(cfg: dict):
             factor = cosine_schedule(epoch, epochs, 1.0, 0.0)
         else:
             factor = cosine_schedule(epoch * iters + it, epochs * iters, 1.0, 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        set_lr(optimizer, lambda group: group["base_lr"] * factor)
         return {"lr": optimizer.param_groups[0]["lr"]}
 
     return schedule
@@ -224,7 +223,7 @@ def check_unchanged(features: FrozenFeatures, info: dict) -> None:
 def run_full(cfg, features, info, device, out) -> tuple[dict, dict]:
     """The protocol: augmented images through the frozen backbone every epoch."""
     train, test, sizes = image_data(cfg, train_transform(cfg), device)
-    lr = cfg["optim"]["lr"] * cfg["train"]["batch_size"] / 256
+    lr = scaled_lr(cfg["optim"]["lr"], cfg["train"]["batch_size"])
     heads = LinearHeads(features.dim, sizes["num_classes"], 1, int(cfg["run"]["seed"])).to(device)
     identity = {"kind": "linear-full", "source": info["fingerprint"]}
     trainer = Trainer(cfg, heads, lambda net, x: net(features(x)), build_optimizer(heads, cfg, [lr]),
@@ -268,7 +267,7 @@ def run_fast(cfg, features, info, device, out) -> tuple[dict, dict]:
     data = cached_features(cfg, features, info, device, out)
     x, y, tx, ty = (data[k].to(device) for k in ("train_x", "train_y", "test_x", "test_y"))
     seed, bs, epochs = int(cfg["run"]["seed"]), int(cfg["train"]["batch_size"]), int(cfg["train"]["epochs"])
-    base = cfg["optim"]["lr"] * bs / 256
+    base = scaled_lr(cfg["optim"]["lr"], bs)
     lrs = [base * f for f in cfg["fast"]["lr_factors"]]
     if not lrs:
         raise EvalError("fast.lr_factors is empty: give at least one factor (e.g. [1.0])")

@@ -10,7 +10,7 @@ from common.augment import augment_spec
 from common.config import setting
 from common.method import PairMethod
 from common.numerics import collapse_std
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from simsiam.loss import pair_scores, simsiam_loss
 from simsiam.model import SimSiam
 
@@ -39,7 +39,7 @@ class SimSiamMethod(PairMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         groups = [
             {"params": list(self.model.backbone.parameters()) + list(self.model.projector.parameters()),
              "fix_lr": False},
@@ -49,8 +49,7 @@ class SimSiamMethod(PairMethod):
 
     def schedule(self, optimizer, epoch, it, iters_per_epoch):
         lr = cosine_schedule(epoch, self.cfg["train"]["epochs"], self.init_lr, 0.0)  # per epoch, to 0
-        for group in optimizer.param_groups:
-            group["lr"] = self.init_lr if group["fix_lr"] else lr
+        set_lr(optimizer, lambda group: self.init_lr if group["fix_lr"] else lr)
         return {"lr": lr}
 
     # --- hard view selection (candidate_outputs: PairMethod's, (p, z)) ----------

@@ -17,6 +17,7 @@ The three loss terms are logged (``inv``, ``var``, ``cov``).
 from barlowtwins.method import SHARED_SPEC, BarlowTwinsMethod
 from common.config import setting
 from common.numerics import collapse_std
+from common.schedules import scaled_lr
 from vicreg.loss import pair_scores, vicreg_loss
 from vicreg.model import VICReg
 
@@ -41,7 +42,7 @@ class VICRegMethod(BarlowTwinsMethod):
 
     def base_lrs(self, global_batch):
         """One peak learning rate for all parameters."""
-        lr = self.cfg["optim"]["lr"] * global_batch / 256
+        lr = scaled_lr(self.cfg["optim"]["lr"], global_batch)
         return lr, lr
 
     def combination_scores(self, outputs, combos, step):
