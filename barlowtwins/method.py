@@ -36,7 +36,7 @@ from barlowtwins.model import BarlowTwins
 from common.batch_scores import score_setting
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
 from common.optim import lars
 from common.schedules import cosine_schedule, scaled_lr, set_lr
@@ -67,6 +67,10 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
     """Barlow Twins (Zbontar et al. 2021), optionally with Hard View Selection."""
 
     name = "barlowtwins"
+    run_all_tokens = {"barlowtwins": "resnet"}
+    paper_name = "Barlow Twins"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # plain SGD, as SimCLR's
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     model_cls = BarlowTwins
     spec = {
         **SHARED_SPEC,

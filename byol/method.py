@@ -39,7 +39,7 @@ import torch
 from common.backbones import build_resnet, has_batchnorm, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import PairMethod, StepInfo
+from common.method import BenchSettings, PairMethod, StepInfo
 from common.multicrop import ema_update
 from common.numerics import collapse_std
 from common.optim import lars
@@ -52,6 +52,10 @@ class BYOLMethod(TwoViews, PairMethod):
     """BYOL (Grill et al. 2020), optionally with Hard View Selection."""
 
     name = "byol"
+    run_all_tokens = {"byol": "resnet"}
+    paper_name = "BYOL"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # BYOL's protocol is SimCLR's
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(4096, "projector hidden width", range="[1, inf)"),

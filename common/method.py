@@ -32,9 +32,36 @@ class StepInfo:
         return self.values[key]
 
 
+@dataclass(frozen=True, eq=False)
+class BenchSettings:
+    """How ``bench/overhead.py`` times a method's selection."""
+
+    #: how the benchmark draws the candidates and sets the views: ``pair`` (one or two
+    #: recipes of N views), ``multicrop`` (DINO's crops) or ``multicrop_masks`` (iBOT's)
+    views: str
+    #: default backbone of the benchmark
+    arch: str
+    #: resolution -> overhead factor of the paper's Table 14 (None: not in it)
+    paper: dict | None = None
+    #: what the paper's factors were measured on (or why there are none)
+    paper_setting: str = ""
+
+
 class SSLMethod:
     #: name written into checkpoints and used by :mod:`common.registry`
     name: str = ""
+    # --- what the scripts read through :mod:`common.registry` (set on every registered class) ---
+    #: run_all.sh's method tokens -> backbone family ("resnet" or "vit"); a token runs
+    #: ``python -m <folder>.main --config configs/<token>_<profile>.yaml``; empty: not run by run_all.sh
+    run_all_tokens: dict = {}
+    #: the method's name in the paper's tables (the ``method`` column of configs/paper_numbers.csv)
+    paper_name: str = ""
+    #: the linear-probe protocol (configs/linear_<protocol>.yaml) by backbone family
+    linear_protocols: dict = {"resnet": "simclr", "vit": "dino"}
+    #: bench/overhead.py's settings (None: not benchmarked)
+    bench: BenchSettings | None = None
+    #: run by the smoke section of bench/gpu_check.py (needs configs/<name>_cifar10_gpu.yaml)
+    gpu_smoke: bool = False
     #: extra config keys of the method, merged into :data:`common.config.COMMON_SPEC`
     spec: dict = {}
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)

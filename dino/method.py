@@ -36,7 +36,7 @@ from torch import nn
 from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import SSLMethod, StepInfo
+from common.method import BenchSettings, SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
 from common.numerics import collapse_std
 from common.schedules import cosine_schedule, scaled_lr, set_lr
@@ -57,6 +57,12 @@ class DINOMethod(SSLMethod):
     """DINO (Caron et al. 2021), optionally with Hard View Selection."""
 
     name = "dino"
+    run_all_tokens = {"dino": "vit", "dino_resnet": "resnet"}
+    paper_name = "DINO"
+    linear_protocols = {"resnet": "dino", "vit": "dino"}
+    bench = BenchSettings("multicrop", "vit_tiny", {1.0: 2.15, 0.75: 1.68, 0.5: 1.56, 0.25: 1.50},
+                          "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations")
+    gpu_smoke = True
     has_teacher = True
     model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
     loss_cls = DINOLoss  # the loss and its state (centre, temperatures)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 
 from common import checkpoint as ckpt_io
-from common import dist
+from common import dist, registry
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from common.config import setting
 from common.data import subset_indices
@@ -65,7 +65,8 @@ from common.schedules import cosine_schedule, scaled_lr, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
                          eval_session, parse_eval_args, resolve_run, run_main)
 
-PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in ("dino", "simsiam", "simclr")}
+#: the protocols the registered methods declare (``linear_protocols``), each configs/linear_<name>.yaml
+PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in registry.linear_protocols()}
 SWEEP_SEED = 1  # the held-out part of the fast sweep (independent of the subsets' SUBSET_SEED)
 
 LINEAR_SPEC = {
@@ -92,15 +93,15 @@ LINEAR_SPEC = {
 
 
 def auto_protocol(ckpt: dict) -> str:
-    """The pretraining method's own protocol: DINO's for DINO, DINO with the STN
-    adversary and iBOT (iBOT evaluates as DINO does), SimSiam's and SimCLR's for theirs.
-    The methods beyond the paper take the nearest of the three: SimCLR's (SGD, no weight
-    decay, cosine; BYOL's protocol is SimCLR's, Barlow Twins' and VICReg's are plain SGD
-    too) for a ResNet, DINO's for a ViT (MoCo v3 ViT)."""
-    own = {"dino": "dino", "dino_stn": "dino", "ibot": "dino", "simsiam": "simsiam", "simclr": "simclr"}
-    if ckpt["method"] in own:
-        return own[ckpt["method"]]
-    return "dino" if str(ckpt.get("arch", "")).startswith("vit") else "simclr"
+    """The pretraining method's protocol for the checkpoint's backbone family, as
+    the method declares it (``linear_protocols`` in :mod:`common.registry`):
+    DINO's for DINO, DINO with the STN adversary and iBOT (iBOT evaluates as DINO
+    does), SimSiam's and SimCLR's for theirs.  The methods beyond the paper take
+    the nearest of the three: SimCLR's (SGD, no weight decay, cosine; BYOL's
+    protocol is SimCLR's, Barlow Twins' and VICReg's are plain SGD too) for a
+    ResNet, DINO's for a ViT (MoCo v3 ViT)."""
+    family = "vit" if str(ckpt.get("arch", "")).startswith("vit") else "resnet"
+    return registry.get_method(ckpt["method"]).linear_protocols[family]
 
 
 # ---------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from torch import nn
 from common.backbones import arch_label, build_backbone, is_vit, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import SSLMethod, StepInfo
+from common.method import BenchSettings, SSLMethod, StepInfo
 from common.multicrop import ema_update
 from common.numerics import collapse_std
 from common.optim import lars
@@ -73,6 +73,10 @@ class MoCoV3Method(TwoViews, SSLMethod):
     """MoCo v3 (Chen, Xie & He 2021), optionally with Hard View Selection."""
 
     name = "mocov3"
+    run_all_tokens = {"mocov3": "resnet", "mocov3_vit": "vit"}
+    paper_name = "MoCo v3"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # the nearest of the three
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     #: the momentum encoder's keys of the chosen views are recomputed in the
     #: training step, never taken from the selection (see the module docstring)
     reuse_teacher = False

@@ -19,7 +19,7 @@ bias parameters excluded from weight decay and adaptation.
 """
 from common.augment import augment_spec
 from common.config import setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
 from common.optim import lars
 from common.schedules import cosine_schedule, scaled_lr, set_lr
@@ -31,6 +31,11 @@ class SimCLRMethod(PairMethod):
     """SimCLR (Chen et al. 2020), optionally with Hard View Selection."""
 
     name = "simclr"
+    run_all_tokens = {"simclr": "resnet"}
+    paper_name = "SimCLR"
+    linear_protocols = {"resnet": "simclr", "vit": "simclr"}
+    bench = BenchSettings("pair", "resnet18", paper_setting="no SimCLR factor in the paper")
+    gpu_smoke = True
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(2048, "projection head hidden width", range="[1, inf)"),

@@ -8,7 +8,7 @@ import torch
 
 from common.augment import augment_spec
 from common.config import setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
 from common.schedules import cosine_schedule, scaled_lr, set_lr
 from simsiam.loss import pair_scores, simsiam_loss
@@ -19,6 +19,11 @@ class SimSiamMethod(PairMethod):
     """SimSiam (Chen & He 2021), optionally with Hard View Selection."""
 
     name = "simsiam"
+    run_all_tokens = {"simsiam": "resnet"}
+    paper_name = "SimSiam"
+    linear_protocols = {"resnet": "simsiam", "vit": "simsiam"}
+    bench = BenchSettings("pair", "resnet18", {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16}, "SimSiam RN50 GPU")
+    gpu_smoke = True
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(2048, "projector hidden width", range="[1, inf)"),
