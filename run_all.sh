@@ -15,9 +15,10 @@
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
 #
-# A method token names the entry point before its first underscore and the
-# config after it: dino_resnet runs `python -m dino.main --config
-# configs/dino_resnet_<profile config>.yaml` and writes dino_resnet_*_knn.json.
+# A method token is declared by its method (`python -m common.registry --list tokens`
+# lists them with their entry points); its config is named after it: dino_resnet runs
+# `python -m dino.main --config configs/dino_resnet_<profile config>.yaml` and writes
+# dino_resnet_*_knn.json.
 #
 # Several nodes: TORCHRUN_ARGS="--nnodes 4 --rdzv-backend c10d --rdzv-endpoint host:29400"; detection
 # takes Detectron2's: DETECTION_LAUNCH="--num-machines 4 --machine-rank R --dist-url tcp://host:29500"
@@ -221,11 +222,14 @@ fi
 # the small profile's fast linear probe runs in one process
 LIN_LAUNCH=("${LAUNCH[@]}"); [ "$PROFILE" = small ] && LIN_LAUNCH=(python -m)
 
-# a method token: entry point before the first underscore, config named after the whole
-# token; all checked before the first run starts
+# the method tokens and their entry points, as the methods declare them (common/registry.py):
+# lines "<token> <entry module> <family>"; a token's config is named after the whole token;
+# all checked before the first run starts
+declare -A ENTRY=()
+while read -r token module _; do ENTRY[$token]="$module"; done < <(python -m common.registry --list tokens)
+[ "${#ENTRY[@]}" -gt 0 ] || { echo "run_all.sh: python -m common.registry --list tokens listed no method token" >&2; exit 2; }
 for method in $METHODS; do
-  entry="${method%%_*}"
-  [ -f "$entry/main.py" ] || { echo "run_all.sh: method token '$method' names no entry point ($entry/main.py does not exist)" >&2; exit 2; }
+  [ -n "${ENTRY[$method]:-}" ] || { echo "run_all.sh: unknown method token '$method' (one of: $(printf '%s\n' "${!ENTRY[@]}" | sort | xargs))" >&2; exit 2; }
   [ -f "configs/${method}_${CFG}.yaml" ] || { echo "run_all.sh: no config configs/${method}_${CFG}.yaml for method $method (profile $PROFILE)" >&2; exit 2; }
   if has detection && [[ " $DETECTION_METHODS " == *" $method "* ]] && grep -qE "^\s*arch: vit" "configs/${method}_${CFG}.yaml"; then
     echo "run_all.sh: --detection-methods names $method, a ViT: detection transfer takes a ResNet (the paper's rows are RN50)" >&2; exit 2
@@ -280,7 +284,6 @@ analyse_run() {
   fi
 }
 for method in $METHODS; do
-  entry="${method%%_*}"
   config="configs/${method}_${CFG}.yaml"
   for seed in $SEEDS; do
     for variant in baseline hvs; do
@@ -289,7 +292,7 @@ for method in $METHODS; do
       ckpt="$run_dir/checkpoint.pth"
       stem="$OUT/${method}_${variant}_s${seed}"
       echo "=== $method $variant seed $seed ($PROFILE) -> $run_dir" >&2
-      timed "$method $variant s$seed: pretraining" "${LAUNCH[@]}" "$entry.main" --config "$config" \
+      timed "$method $variant s$seed: pretraining" "${LAUNCH[@]}" "${ENTRY[$method]}" --config "$config" \
         --output-dir "$run_dir" "run.seed=$seed" "hvs.enabled=$hvs" ${EXTRA[@]+"${EXTRA[@]}"}
       if has knn && stale "${stem}_knn.json" "$ckpt"; then
         timed "$method $variant s$seed: k-NN" python -m eval.knn --checkpoint "$ckpt" ${KNN[@]+"${KNN[@]}"} \
@@ -345,7 +348,7 @@ done
 # ----------------------------------------------------------------------------
 if has analysis || has selection; then
   for method in $METHODS; do
-    entry="${method%%_*}"; config="configs/${method}_${CFG}.yaml"
+    entry="${ENTRY[$method]}"; config="configs/${method}_${CFG}.yaml"
     hvs_runs=()
     for seed in $SEEDS; do
       base_dir="$RUNS/$PROFILE/${method}_baseline_s${seed}"
@@ -358,14 +361,14 @@ if has analysis || has selection; then
       done
       if [ "$method" = simsiam ]; then  # Appendix F.2 (easy), Fig. 7 (N = 8), Fig. 4 right (static colour)
         for variant in easy n_views_8 static_color; do
-          variant_run "$method" "$variant" "$seed" "$entry.main" --config "$config" --config "configs/analysis/$variant.yaml"
+          variant_run "$method" "$variant" "$seed" "$entry" --config "$config" --config "configs/analysis/$variant.yaml"
         done
         analyse_run "$RUNS/$PROFILE/${method}_static_color_s${seed}" "$base_dir" \
           "$OUT/analysis/${method}_static_color_s${seed}" none
       fi
       if [ "$method" = simsiam ] || [ "$method" = dino ]; then  # Table 5
         for policy in $IOU_POLICIES; do
-          variant_run "$method" "$policy" "$seed" "$entry.main" --config "$config" --config "configs/analysis/$policy.yaml"
+          variant_run "$method" "$policy" "$seed" "$entry" --config "$config" --config "configs/analysis/$policy.yaml"
         done
       fi
       if [ "$method" = dino ]; then  # Table 6; its baseline: DINO ViT-tiny on CIFAR-10 with random crops

@@ -36,10 +36,10 @@ from barlowtwins.model import BarlowTwins
 from common.batch_scores import score_setting
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
 from common.optim import lars
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from common.two_views import TwoViews, per_recipe, two_views_spec
 
 #: Barlow Twins' recipe that VICReg shares (VICReg paper, Section 4.1 and App. C): the
@@ -67,6 +67,10 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
     """Barlow Twins (Zbontar et al. 2021), optionally with Hard View Selection."""
 
     name = "barlowtwins"
+    run_all_tokens = {"barlowtwins": "resnet"}
+    paper_name = "Barlow Twins"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # plain SGD, as SimCLR's
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     model_cls = BarlowTwins
     spec = {
         **SHARED_SPEC,
@@ -87,7 +91,7 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
     def base_lrs(self, global_batch: int) -> tuple:
         """Peak learning rates of the weights and of the biases/BatchNorm parameters."""
         o = self.cfg["optim"]
-        return o["lr"] * global_batch / 256, o["bias_lr"] * global_batch / 256
+        return scaled_lr(o["lr"], global_batch), scaled_lr(o["bias_lr"], global_batch)
 
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
@@ -104,8 +108,7 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
         factor = cosine_schedule(epoch * iters_per_epoch + it, total, 1.0, o["end_lr_ratio"],
                                  round(o["warmup_epochs"] * iters_per_epoch), warmup_shape="ratio")
         lrs = [factor * lr for lr in self.peak_lrs]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
+        set_lr(optimizer, lrs)
         return {"lr": lrs[0], "bias_lr": lrs[1]}
 
     # --- hard view selection ------------------------------------------------------

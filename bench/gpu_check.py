@@ -59,8 +59,14 @@ from pathlib import Path
 from common.checkpoint import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("simsiam", "simclr", "dino", "ibot")
 AMPS = ("bf16", "fp16")
+
+
+def smoke_methods() -> list:
+    """The registered methods the smoke section runs (``gpu_smoke`` in :mod:`common.registry`)."""
+    from common.registry import method_classes
+
+    return [name for name, cls in method_classes().items() if cls.gpu_smoke]
 SECTIONS = ("smoke", "overhead", "loader", "signal")
 #: each section's share of ``--budget-seconds`` (the sections run in this order)
 SHARES = {"smoke": 0.30, "overhead": 0.27, "loader": 0.08, "signal": 0.35}
@@ -162,13 +168,9 @@ class Check:
     def method_overrides(self, method: str) -> list:
         """Config file and overrides of a smoke run of ``method``."""
         from common.config import COMMON_SPEC
-        from dino.method import DINOMethod
-        from ibot.method import IBOTMethod
-        from simclr.method import SimCLRMethod
-        from simsiam.method import SimSiamMethod
+        from common.registry import get_method
 
-        cls = {"simsiam": SimSiamMethod, "simclr": SimCLRMethod, "dino": DINOMethod, "ibot": IBOTMethod}[method]
-        spec = {**COMMON_SPEC, **cls.spec}
+        spec = {**COMMON_SPEC, **get_method(method).spec}
         dataset, data_dir, _ = self.data()
         common = [f"data.dataset={dataset}", f"data.data_dir={data_dir}", "hvs.enabled=true", "run.log_every=1",
                   f"run.device={self.device}"]
@@ -176,7 +178,7 @@ class Check:
             subset = [] if dataset == "imagefolder" else ["data.subset=2048"]
             return ["--config", f"configs/{method}_cifar10_gpu.yaml", *common, *subset,
                     f"data.num_workers={min(8, os.cpu_count() or 1)}"]
-        if method in ("simsiam", "simclr"):
+        if "augment.size" in spec:  # one crop size: a pair method
             tiny = ["model.arch=resnet18", "model.cifar_stem=true", "model.proj_hidden=64", "model.dim=64",
                     "model.pred_dim=16", "augment.size=16", "augment.blur_p=0.5"]
         else:
@@ -190,7 +192,7 @@ class Check:
     def smoke(self) -> dict:
         steps = self.args.smoke_steps
         out = {"steps": steps, "note": "single plain process per run (no torchrun): NCCL is not exercised"}
-        for method in METHODS:
+        for method in smoke_methods():
             for amp in AMPS:
                 key = f"{method}/{amp}"
                 if not self.cuda and amp == "fp16":

@@ -63,15 +63,9 @@ from common.method import StepInfo
 from common.multicrop import multicrop_pools
 from common.runtime import amp_settings, compile_backbones, exact_fp32, seed_everything
 from common.train import StepContext, train_step
-from barlowtwins.method import BarlowTwinsMethod
-from byol.method import BYOLMethod
+from common import registry
 from dino.method import DINOMethod
-from ibot.method import IBOTMethod
-from mocov3.method import MoCoV3Method
-from simclr.method import SimCLRMethod
 from eval.knn import parse_cli, resolve_device
-from simsiam.method import SimSiamMethod
-from vicreg.method import VICRegMethod
 
 
 def image_candidates(cfg: dict, generator: torch.Generator) -> list:
@@ -138,23 +132,24 @@ class BenchMethod(NamedTuple):
     paper_setting: str = ""    # what the paper's factors were measured on
 
 
-#: Methods the benchmark knows.
-METHODS = {
-    "simsiam": BenchMethod(SimSiamMethod, {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16},
-                           image_candidates, pair_overrides, pair_setting, "resnet18", "SimSiam RN50 GPU"),
-    "simclr": BenchMethod(SimCLRMethod, None, image_candidates, pair_overrides, pair_setting, "resnet18",
-                          "no SimCLR factor in the paper"),
-    "dino": BenchMethod(DINOMethod, {1.0: 2.15, 0.75: 1.68, 0.5: 1.56, 0.25: 1.50},
-                        multicrop_candidates, dino_overrides, multicrop_setting, "vit_tiny",
-                        "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations"),
-    "ibot": BenchMethod(IBOTMethod, None, multicrop_candidates, dino_overrides, ibot_setting, "vit_tiny",
-                        "no iBOT factor in the paper: Table 14 has SimSiam and DINO only"),
-    # beyond the paper: two view recipes, N/2 candidates each (common/two_views.py), ResNets
-    **{name: BenchMethod(cls, None, image_candidates, pair_overrides, pair_setting, "resnet18",
-                         "beyond the paper: no factor in it")
-       for name, cls in (("byol", BYOLMethod), ("mocov3", MoCoV3Method), ("barlowtwins", BarlowTwinsMethod),
-                         ("vicreg", VICRegMethod))},
+#: a method's ``bench.views`` -> how the benchmark draws its candidates, sets its config and describes it
+VIEWS = {
+    "pair": (image_candidates, pair_overrides, pair_setting),  # one recipe, or two with N/2 candidates each
+    "multicrop": (multicrop_candidates, dino_overrides, multicrop_setting),
+    "multicrop_masks": (multicrop_candidates, dino_overrides, ibot_setting),
 }
+
+
+def bench_methods() -> dict:
+    """{name: BenchMethod} of every registered method that declares ``bench``
+    settings (:class:`common.method.BenchSettings`)."""
+    return {name: BenchMethod(cls, cls.bench.paper, *VIEWS[cls.bench.views], cls.bench.arch,
+                              cls.bench.paper_setting)
+            for name, cls in registry.method_classes().items() if cls.bench is not None}
+
+
+#: Methods the benchmark knows.
+METHODS = bench_methods()
 
 
 def build_selector(method, cfg: dict, resolution: float, precision: str | None = None) -> HardViewSelector:
@@ -263,11 +258,12 @@ def compile_model(model):
     try:
         compile_backbones(model)
     except Exception as err:  # noqa: BLE001 - any failure is reported in one line
-        raise CompileError(one_line(err)) from err
+        raise CompileError(error_head(err)) from err
     return model
 
 
-def one_line(err: BaseException) -> str:
+def error_head(err: BaseException) -> str:
+    """The type and the first line of ``err``'s message (a compiler's error runs to pages)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
@@ -338,7 +334,7 @@ def benchmark(cfg: dict) -> dict:
                 t_step, t_sel = step(candidates, selector, generator)
             except Exception as err:  # noqa: BLE001
                 if b["compile"] and rep == 0:  # compilation happens at each configuration's first call
-                    raise CompileError(one_line(err)) from err
+                    raise CompileError(error_head(err)) from err
                 raise
             if timed:
                 times[r].append(t_step)
@@ -478,9 +474,10 @@ def _finish(cfg: dict) -> None:
             selection_dtype(b["precision"], torch.device(cfg["run"]["device"]))
     except ValueError as err:
         raise ConfigError(f"config bench.precision={b['precision']}: {err}") from None
-    if method == "ibot" and not m["arch"].startswith("vit"):
-        raise ConfigError(f"config model.arch={m['arch']}: ibot needs a ViT (patch tokens to mask)")
-    if method in ("dino", "ibot"):
+    views = METHODS[method].cls.bench.views
+    if views == "multicrop_masks" and not m["arch"].startswith("vit"):
+        raise ConfigError(f"config model.arch={m['arch']}: {method} needs a ViT (patch tokens to mask)")
+    if views.startswith("multicrop"):
         if m["arch"].startswith("vit"):
             for key, size in (("bench.image_size", cfg["bench"]["image_size"]), ("augment.local_size", a["local_size"])):
                 if size % m["patch_size"]:

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import torch
 
-from common.backbones import build_resnet, has_batchnorm
+from common.backbones import build_resnet, has_batchnorm, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import PairMethod, StepInfo
+from common.method import BenchSettings, PairMethod, StepInfo
 from common.multicrop import ema_update
 from common.numerics import collapse_std
 from common.optim import lars
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from common.two_views import N_RECIPES, TwoViews, two_views_spec
 from byol.loss import byol_loss, pair_scores
 from byol.model import BYOL
@@ -52,6 +52,10 @@ class BYOLMethod(TwoViews, PairMethod):
     """BYOL (Grill et al. 2020), optionally with Hard View Selection."""
 
     name = "byol"
+    run_all_tokens = {"byol": "resnet"}
+    paper_name = "BYOL"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # BYOL's protocol is SimCLR's
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(4096, "projector hidden width", range="[1, inf)"),
@@ -79,7 +83,7 @@ class BYOLMethod(TwoViews, PairMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         # online + predictor (the target has no gradient); no decay or adaptation of biases and BatchNorm
         return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
                     o["trust_clip"])
@@ -91,8 +95,7 @@ class BYOLMethod(TwoViews, PairMethod):
         k, total = epoch * iters_per_epoch + it, self.cfg["train"]["epochs"] * iters_per_epoch
         lr = cosine_schedule(k, total, self.init_lr, 0.0, round(o["warmup_epochs"] * iters_per_epoch),
                              warmup_shape="ratio")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         return {"lr": lr, "tau": cosine_schedule(k, total, o["tau_base"], 1.0)}
 
     def after_step(self, step: StepInfo):
@@ -137,9 +140,8 @@ class BYOLMethod(TwoViews, PairMethod):
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
+    def backbone_from_state(cls, cfg, model_state, which, drop_path=0.0):
         """The online backbone (``student``, the evaluated one), or the target's (``teacher``)."""
         prefix = {"student": "online.backbone.", "teacher": "target.backbone."}[which]
-        backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
-        return backbone
+        return load_prefixed(build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"]),
+                             model_state, prefix)

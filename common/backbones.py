@@ -139,3 +139,10 @@ def vit_tokens(vit: nn.Module, images, mask=None, mask_token=None):
         x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
     return vit.norm(vit.blocks(x))
+
+
+def load_prefixed(module: nn.Module, state: dict, prefix: str) -> nn.Module:
+    """Load into ``module`` the entries of ``state`` whose keys start with
+    ``prefix`` (``"student.backbone."``), with the prefix removed; returns ``module``."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return module

@@ -250,8 +250,7 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
     if which == "auto":
         which = "teacher" if method_cls.has_teacher else "student"
     try:
-        backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], ckpt.get("method_state", {}),
-                                                  which, drop_path=drop_path)
+        backbone = method_cls.backbone_from_state(ckpt["config"], ckpt["model"], which, drop_path=drop_path)
     except ValueError as err:  # e.g. --which teacher for a method without one
         raise CheckpointError(f"{path}: {err}") from err
     except (RuntimeError, KeyError) as err:  # a model dictionary with tensors missing or of other shapes

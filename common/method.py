@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.augment import MultiViewTransform, recipe_from_cfg
-from common.backbones import build_resnet
+from common.backbones import build_resnet, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
 
@@ -31,14 +31,37 @@ class StepInfo:
     def __getitem__(self, key: str):
         return self.values[key]
 
-    @property
-    def global_step(self) -> int:
-        return self.epoch * self.iters + self.it
+
+@dataclass(frozen=True, eq=False)
+class BenchSettings:
+    """How ``bench/overhead.py`` times a method's selection."""
+
+    #: how the benchmark draws the candidates and sets the views: ``pair`` (one or two
+    #: recipes of N views), ``multicrop`` (DINO's crops) or ``multicrop_masks`` (iBOT's)
+    views: str
+    #: default backbone of the benchmark
+    arch: str
+    #: resolution -> overhead factor of the paper's Table 14 (None: not in it)
+    paper: dict | None = None
+    #: what the paper's factors were measured on (or why there are none)
+    paper_setting: str = ""
 
 
 class SSLMethod:
     #: name written into checkpoints and used by :mod:`common.registry`
     name: str = ""
+    # --- what the scripts read through :mod:`common.registry` (set on every registered class) ---
+    #: run_all.sh's method tokens -> backbone family ("resnet" or "vit"); a token runs
+    #: ``python -m <folder>.main --config configs/<token>_<profile>.yaml``; empty: not run by run_all.sh
+    run_all_tokens: dict = {}
+    #: the method's name in the paper's tables (the ``method`` column of configs/paper_numbers.csv)
+    paper_name: str = ""
+    #: the linear-probe protocol (configs/linear_<protocol>.yaml) by backbone family
+    linear_protocols: dict = {"resnet": "simclr", "vit": "dino"}
+    #: bench/overhead.py's settings (None: not benchmarked)
+    bench: BenchSettings | None = None
+    #: run by the smoke section of bench/gpu_check.py (needs configs/<name>_cifar10_gpu.yaml)
+    gpu_smoke: bool = False
     #: extra config keys of the method, merged into :data:`common.config.COMMON_SPEC`
     spec: dict = {}
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
@@ -110,7 +133,7 @@ class SSLMethod:
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg: dict, model_state: dict, method_state: dict, which: str,
+    def backbone_from_state(cls, cfg: dict, model_state: dict, which: str,
                             drop_path: float = 0.0) -> nn.Module:
         """The pretrained backbone (``which``: teacher or student); a ViT
         is built with stochastic depth ``drop_path`` (for finetuning)."""
@@ -156,10 +179,8 @@ class PairMethod(SSLMethod):
         return self.per_candidate(module.embed(torch.cat(candidates)), len(candidates), len(candidates[0]))
 
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
+    def backbone_from_state(cls, cfg, model_state, which, drop_path=0.0):
         if which == "teacher":
             raise ValueError(f"{cls.name} has no teacher: use --which student (or auto)")
-        backbone = build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"])
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in model_state.items()
-                                  if k.startswith("backbone.")})
-        return backbone
+        return load_prefixed(build_resnet(cfg["model"]["arch"], cifar_stem=cfg["model"]["cifar_stem"]),
+                             model_state, "backbone.")

@@ -38,3 +38,22 @@ def linear_warmup(epoch: int, warmup_epochs: int, start: float, end: float) -> f
     if epoch >= warmup_epochs:
         return end
     return start + (end - start) * (epoch / (warmup_epochs - 1) if warmup_epochs > 1 else 1.0)
+
+
+def scaled_lr(lr: float, batch: int) -> float:
+    """The linear scaling rule: ``lr`` given for a batch of 256, at ``batch``."""
+    return lr * batch / 256
+
+
+def set_lr(optimizer, lr) -> None:
+    """Set the learning rate of every parameter group of ``optimizer``: ``lr``
+    is a number, a list of one number per group, or a function of the group
+    (a group's own peak, a fixed rate)."""
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != len(optimizer.param_groups):
+            raise ValueError(f"{len(lr)} learning rates for {len(optimizer.param_groups)} parameter groups")
+        for group, value in zip(optimizer.param_groups, lr):
+            group["lr"] = value
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr(group) if callable(lr) else lr

@@ -33,13 +33,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit
+from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import SSLMethod, StepInfo
+from common.method import BenchSettings, SSLMethod, StepInfo
 from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
 from common.numerics import collapse_std
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from dino.loss import DINOLoss
 from dino.model import DINO, DINOHead
 
@@ -57,6 +57,12 @@ class DINOMethod(SSLMethod):
     """DINO (Caron et al. 2021), optionally with Hard View Selection."""
 
     name = "dino"
+    run_all_tokens = {"dino": "vit", "dino_resnet": "resnet"}
+    paper_name = "DINO"
+    linear_protocols = {"resnet": "dino", "vit": "dino"}
+    bench = BenchSettings("multicrop", "vit_tiny", {1.0: 2.15, 0.75: 1.68, 0.5: 1.56, 0.25: 1.50},
+                          "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations")
+    gpu_smoke = True
     has_teacher = True
     model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
     loss_cls = DINOLoss  # the loss and its state (centre, temperatures)
@@ -140,7 +146,7 @@ class DINOMethod(SSLMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         decay, no_decay = [], []
         for name, p in self.model.student.named_parameters():
             if p.requires_grad:
@@ -158,8 +164,7 @@ class DINOMethod(SSLMethod):
         lr = cosine_schedule(step, total, self.init_lr, o["min_lr"], round(o["warmup_epochs"] * iters_per_epoch))
         wd = cosine_schedule(step, total, o["weight_decay"], o["weight_decay_end"])
         momentum = cosine_schedule(step, total, o["momentum_teacher"], 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         optimizer.param_groups[0]["weight_decay"] = wd
         return {"lr": lr, "wd": wd, "momentum": momentum, **self.loss.temperatures(epoch)}
 
@@ -215,8 +220,5 @@ class DINOMethod(SSLMethod):
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
-        prefix = f"{which}.backbone."
-        backbone = cls.backbone(cfg, drop_path)
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
-        return backbone
+    def backbone_from_state(cls, cfg, model_state, which, drop_path=0.0):
+        return load_prefixed(cls.backbone(cfg, drop_path), model_state, f"{which}.backbone.")

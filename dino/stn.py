@@ -328,6 +328,8 @@ class STNDINOMethod(DINOMethod):
     crops (HVS paper, Section 5.3 and Appendix E, Table 6); see dino/stn.py."""
 
     name = "dino_stn"
+    # its runs are run_all.sh's Section 5 rows (Table 6), not a method token; DINO's linear protocol
+    run_all_tokens, paper_name, bench, gpu_smoke = {}, "", None, False
     spec = {
         **DINOMethod.spec,
         "stn.mode": setting("translation-scale-sym", "transformations the STN may output (Table 6): "

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from common import dist
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import setting
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, Trainer, finish, image_data, parse_eval_args, resolve_run,
                          run_main, eval_session)
 
@@ -160,8 +160,7 @@ def make_schedule(cfg: dict, peak: float):
     def schedule(optimizer, epoch, it, iters):
         warmup = round(o["warmup_epochs"] * iters)
         lr = cosine_schedule(epoch * iters + it, epochs * iters, peak, o["min_lr"], warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         return {"lr": lr}
 
     return schedule

@@ -57,15 +57,16 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 
 from common import checkpoint as ckpt_io
-from common import dist
+from common import dist, registry
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from common.config import setting
 from common.data import subset_indices
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
                          eval_session, parse_eval_args, resolve_run, run_main)
 
-PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in ("dino", "simsiam", "simclr")}
+#: the protocols the registered methods declare (``linear_protocols``), each configs/linear_<name>.yaml
+PROTOCOLS = {name: CONFIGS / f"linear_{name}.yaml" for name in registry.linear_protocols()}
 SWEEP_SEED = 1  # the held-out part of the fast sweep (independent of the subsets' SUBSET_SEED)
 
 LINEAR_SPEC = {
@@ -92,15 +93,15 @@ LINEAR_SPEC = {
 
 
 def auto_protocol(ckpt: dict) -> str:
-    """The pretraining method's own protocol: DINO's for DINO, DINO with the STN
-    adversary and iBOT (iBOT evaluates as DINO does), SimSiam's and SimCLR's for theirs.
-    The methods beyond the paper take the nearest of the three: SimCLR's (SGD, no weight
-    decay, cosine; BYOL's protocol is SimCLR's, Barlow Twins' and VICReg's are plain SGD
-    too) for a ResNet, DINO's for a ViT (MoCo v3 ViT)."""
-    own = {"dino": "dino", "dino_stn": "dino", "ibot": "dino", "simsiam": "simsiam", "simclr": "simclr"}
-    if ckpt["method"] in own:
-        return own[ckpt["method"]]
-    return "dino" if str(ckpt.get("arch", "")).startswith("vit") else "simclr"
+    """The pretraining method's protocol for the checkpoint's backbone family, as
+    the method declares it (``linear_protocols`` in :mod:`common.registry`):
+    DINO's for DINO, DINO with the STN adversary and iBOT (iBOT evaluates as DINO
+    does), SimSiam's and SimCLR's for theirs.  The methods beyond the paper take
+    the nearest of the three: SimCLR's (SGD, no weight decay, cosine; BYOL's
+    protocol is SimCLR's, Barlow Twins' and VICReg's are plain SGD too) for a
+    ResNet, DINO's for a ViT (MoCo v3 ViT)."""
+    family = "vit" if str(ckpt.get("arch", "")).startswith("vit") else "resnet"
+    return registry.get_method(ckpt["method"]).linear_protocols[family]
 
 
 # ---------------------------------------------------------------------------
@@ -192,8 +193,7 @@ def make_schedule(cfg: dict):
             factor = cosine_schedule(epoch, epochs, 1.0, 0.0)
         else:
             factor = cosine_schedule(epoch * iters + it, epochs * iters, 1.0, 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        set_lr(optimizer, lambda group: group["base_lr"] * factor)
         return {"lr": optimizer.param_groups[0]["lr"]}
 
     return schedule
@@ -224,7 +224,7 @@ def check_unchanged(features: FrozenFeatures, info: dict) -> None:
 def run_full(cfg, features, info, device, out) -> tuple[dict, dict]:
     """The protocol: augmented images through the frozen backbone every epoch."""
     train, test, sizes = image_data(cfg, train_transform(cfg), device)
-    lr = cfg["optim"]["lr"] * cfg["train"]["batch_size"] / 256
+    lr = scaled_lr(cfg["optim"]["lr"], cfg["train"]["batch_size"])
     heads = LinearHeads(features.dim, sizes["num_classes"], 1, int(cfg["run"]["seed"])).to(device)
     identity = {"kind": "linear-full", "source": info["fingerprint"]}
     trainer = Trainer(cfg, heads, lambda net, x: net(features(x)), build_optimizer(heads, cfg, [lr]),
@@ -268,7 +268,7 @@ def run_fast(cfg, features, info, device, out) -> tuple[dict, dict]:
     data = cached_features(cfg, features, info, device, out)
     x, y, tx, ty = (data[k].to(device) for k in ("train_x", "train_y", "test_x", "test_y"))
     seed, bs, epochs = int(cfg["run"]["seed"]), int(cfg["train"]["batch_size"]), int(cfg["train"]["epochs"])
-    base = cfg["optim"]["lr"] * bs / 256
+    base = scaled_lr(cfg["optim"]["lr"], bs)
     lrs = [base * f for f in cfg["fast"]["lr_factors"]]
     if not lrs:
         raise EvalError("fast.lr_factors is empty: give at least one factor (e.g. [1.0])")

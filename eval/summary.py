@@ -33,16 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from analysis.stats import difference_cells, value_cell
+from common import registry
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / "configs" / "paper_numbers.csv"
-#: run_all.sh method token -> the paper's method name
-NAMES = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "dino_resnet": "DINO", "ibot": "iBOT",
-         "byol": "BYOL", "mocov3": "MoCo v3", "mocov3_vit": "MoCo v3", "barlowtwins": "Barlow Twins",
-         "vicreg": "VICReg"}
-#: a token's backbone family when its file names no architecture (files of older runs)
-DEFAULT_FAMILY = {"simsiam": "resnet", "simclr": "resnet", "dino": "vit", "dino_resnet": "resnet", "ibot": "vit",
-                  "byol": "resnet", "mocov3": "resnet", "mocov3_vit": "vit", "barlowtwins": "resnet",
-                  "vicreg": "resnet"}
 #: the token may hold underscores (dino_resnet); the shortest one that leaves a valid tail is taken
 FILE = re.compile(r"(?P<method>[a-z0-9]+(?:_[a-z0-9]+)*?)_(?P<variant>baseline|hvs)_s(?P<seed>\d+)_"
                   r"(?P<eval>knn|linear|finetune|detection)(?:-(?P<dataset>[a-z0-9-]+))?\.json$")
@@ -81,9 +74,17 @@ def paper_rows(table="1", epochs="100"):
     return rows
 
 
+def token_info(token: str):
+    """``(method class, entry, family)`` of a run_all.sh token (:mod:`common.registry`),
+    or of its part before the first underscore; None if neither is a token."""
+    tokens = registry.run_all_tokens()
+    return tokens.get(token) or tokens.get(token.split("_")[0])
+
+
 def paper_name(token: str) -> str:
-    """The paper's name of a method token: ``dino_resnet`` -> ``DINO``."""
-    return NAMES.get(token) or NAMES.get(token.split("_")[0], token)
+    """The paper's name of a method token (the method's ``paper_name``): ``dino_resnet`` -> ``DINO``."""
+    info = token_info(token)
+    return info[0].paper_name if info and info[0].paper_name else token
 
 
 def family(arch: str | None, token: str = "") -> str | None:
@@ -91,7 +92,8 @@ def family(arch: str | None, token: str = "") -> str | None:
     or the paper's (``RN50``, ``ViT-S/16``): ``resnet``, ``vit`` or None if
     unknown; without an architecture, the token's usual family."""
     if not arch:
-        return DEFAULT_FAMILY.get(token, DEFAULT_FAMILY.get(token.split("_")[0]))
+        info = token_info(token)
+        return info[2] if info else None
     a = arch.lower()
     if a.startswith(("resnet", "rn")):
         return "resnet"

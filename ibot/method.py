@@ -41,7 +41,7 @@ import torch
 from common.backbones import VITS
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import StepInfo
+from common.method import BenchSettings, StepInfo
 from common.multicrop import N_GLOBAL, multicrop_spec
 from common.numerics import collapse_std
 from dino.method import DINOMethod
@@ -54,6 +54,12 @@ class IBOTMethod(DINOMethod):
     """iBOT (Zhou et al. 2021), optionally with Hard View Selection."""
 
     name = "ibot"
+    run_all_tokens = {"ibot": "vit"}
+    paper_name = "iBOT"
+    linear_protocols = {"resnet": "dino", "vit": "dino"}  # iBOT evaluates as DINO does
+    bench = BenchSettings("multicrop_masks", "vit_tiny",
+                          paper_setting="no iBOT factor in the paper: Table 14 has SimSiam and DINO only")
+    gpu_smoke = True
     model_cls, net_cls = IBOT, MaskedViTNet
     loss_cls = IBOTLoss  # both centres and both temperature schedules
     spec = {

@@ -57,14 +57,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.backbones import arch_label, build_backbone, is_vit
+from common.backbones import arch_label, build_backbone, is_vit, load_prefixed
 from common.config import setting
 from common.hvs import precision_setting
-from common.method import SSLMethod, StepInfo
+from common.method import BenchSettings, SSLMethod, StepInfo
 from common.multicrop import ema_update
 from common.numerics import collapse_std
 from common.optim import lars
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from common.two_views import TwoViews, per_recipe, two_views_spec
 from mocov3.loss import mocov3_loss, pair_scores
 from mocov3.model import MoCoV3, mocov3_vit
@@ -73,6 +73,10 @@ class MoCoV3Method(TwoViews, SSLMethod):
     """MoCo v3 (Chen, Xie & He 2021), optionally with Hard View Selection."""
 
     name = "mocov3"
+    run_all_tokens = {"mocov3": "resnet", "mocov3_vit": "vit"}
+    paper_name = "MoCo v3"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # the nearest of the three
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     #: the momentum encoder's keys of the chosen views are recomputed in the
     #: training step, never taken from the selection (see the module docstring)
     reuse_teacher = False
@@ -131,7 +135,7 @@ class MoCoV3Method(TwoViews, SSLMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         params = [p for p in self.model.parameters() if p.requires_grad]  # base encoder and predictor
         if o["name"] == "adamw":
             return torch.optim.AdamW(params, lr=self.init_lr, weight_decay=o["weight_decay"])
@@ -147,8 +151,7 @@ class MoCoV3Method(TwoViews, SSLMethod):
         warmup = round(o["warmup_epochs"] * iters_per_epoch)
         lr = cosine_schedule(step, total, self.init_lr, 0.0, warmup, warmup_shape="ratio")
         momentum = cosine_schedule(step + 1, total, o["momentum_encoder"], 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         return {"lr": lr, "momentum": momentum}
 
     def after_step(self, step: StepInfo):
@@ -172,10 +175,8 @@ class MoCoV3Method(TwoViews, SSLMethod):
 
     # --- evaluation ---------------------------------------------------------------
     @classmethod
-    def backbone_from_state(cls, cfg, model_state, method_state, which, drop_path=0.0):
+    def backbone_from_state(cls, cfg, model_state, which, drop_path=0.0):
         """The base encoder's backbone (``student``, MoCo v3's evaluated
         network) or the momentum encoder's (``teacher``)."""
         prefix = {"student": "base.backbone.", "teacher": "momentum.backbone."}[which]
-        backbone = cls.backbone(cfg, drop_path)
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
-        return backbone
+        return load_prefixed(cls.backbone(cfg, drop_path), model_state, prefix)

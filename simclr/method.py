@@ -19,10 +19,10 @@ bias parameters excluded from weight decay and adaptation.
 """
 from common.augment import augment_spec
 from common.config import setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
 from common.optim import lars
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from simclr.loss import nt_xent, pair_scores
 from simclr.model import SimCLR
 
@@ -31,6 +31,11 @@ class SimCLRMethod(PairMethod):
     """SimCLR (Chen et al. 2020), optionally with Hard View Selection."""
 
     name = "simclr"
+    run_all_tokens = {"simclr": "resnet"}
+    paper_name = "SimCLR"
+    linear_protocols = {"resnet": "simclr", "vit": "simclr"}
+    bench = BenchSettings("pair", "resnet18", paper_setting="no SimCLR factor in the paper")
+    gpu_smoke = True
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(2048, "projection head hidden width", range="[1, inf)"),
@@ -54,7 +59,7 @@ class SimCLRMethod(PairMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
                     lr_in_momentum=True)  # SimCLR's classic momentum
 
@@ -67,8 +72,7 @@ class SimCLRMethod(PairMethod):
         warmup = round(self.cfg["optim"]["warmup_epochs"] * iters_per_epoch)
         total = self.cfg["train"]["epochs"] * iters_per_epoch
         lr = self.learning_rate(epoch * iters_per_epoch + it, total, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         return {"lr": lr}
 
     # --- hard view selection (candidate_outputs: PairMethod's, z) ---------------

@@ -8,9 +8,9 @@ import torch
 
 from common.augment import augment_spec
 from common.config import setting
-from common.method import PairMethod
+from common.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
-from common.schedules import cosine_schedule
+from common.schedules import cosine_schedule, scaled_lr, set_lr
 from simsiam.loss import pair_scores, simsiam_loss
 from simsiam.model import SimSiam
 
@@ -19,6 +19,11 @@ class SimSiamMethod(PairMethod):
     """SimSiam (Chen & He 2021), optionally with Hard View Selection."""
 
     name = "simsiam"
+    run_all_tokens = {"simsiam": "resnet"}
+    paper_name = "SimSiam"
+    linear_protocols = {"resnet": "simsiam", "vit": "simsiam"}
+    bench = BenchSettings("pair", "resnet18", {1.0: 1.55, 0.75: 1.45, 0.5: 1.24, 0.25: 1.16}, "SimSiam RN50 GPU")
+    gpu_smoke = True
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(2048, "projector hidden width", range="[1, inf)"),
@@ -39,7 +44,7 @@ class SimSiamMethod(PairMethod):
     # --- optimisation ---------------------------------------------------------
     def build_optimizer(self, global_batch):
         o = self.cfg["optim"]
-        self.init_lr = o["lr"] * global_batch / 256
+        self.init_lr = scaled_lr(o["lr"], global_batch)
         groups = [
             {"params": list(self.model.backbone.parameters()) + list(self.model.projector.parameters()),
              "fix_lr": False},
@@ -49,8 +54,7 @@ class SimSiamMethod(PairMethod):
 
     def schedule(self, optimizer, epoch, it, iters_per_epoch):
         lr = cosine_schedule(epoch, self.cfg["train"]["epochs"], self.init_lr, 0.0)  # per epoch, to 0
-        for group in optimizer.param_groups:
-            group["lr"] = self.init_lr if group["fix_lr"] else lr
+        set_lr(optimizer, lambda group: self.init_lr if group["fix_lr"] else lr)
         return {"lr": lr}
 
     # --- hard view selection (candidate_outputs: PairMethod's, (p, z)) ----------

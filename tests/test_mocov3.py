@@ -253,8 +253,8 @@ def test_evaluated_backbone_is_the_base_encoders(tmp_path):
             p.add_(1.0)
     state, cfg = method.model.state_dict(), method.cfg
     assert MoCoV3Method.has_teacher is False  # --which auto: the base encoder, as MoCo v3's linear probe
-    student = MoCoV3Method.backbone_from_state(cfg, state, {}, "student")
-    teacher = MoCoV3Method.backbone_from_state(cfg, state, {}, "teacher")
+    student = MoCoV3Method.backbone_from_state(cfg, state, "student")
+    teacher = MoCoV3Method.backbone_from_state(cfg, state, "teacher")
     assert torch.equal(student.conv1.weight, method.model.base.backbone.conv1.weight)
     assert torch.equal(teacher.conv1.weight, method.model.momentum.backbone.conv1.weight)
     assert not torch.equal(student.conv1.weight, teacher.conv1.weight)

@@ -16,7 +16,9 @@ The three loss terms are logged (``inv``, ``var``, ``cov``).
 """
 from barlowtwins.method import SHARED_SPEC, BarlowTwinsMethod
 from common.config import setting
+from common.method import BenchSettings
 from common.numerics import collapse_std
+from common.schedules import scaled_lr
 from vicreg.loss import pair_scores, vicreg_loss
 from vicreg.model import VICReg
 
@@ -25,6 +27,10 @@ class VICRegMethod(BarlowTwinsMethod):
     """VICReg (Bardes, Ponce & LeCun 2022), optionally with Hard View Selection."""
 
     name = "vicreg"
+    run_all_tokens = {"vicreg": "resnet"}
+    paper_name = "VICReg"
+    linear_protocols = {"resnet": "simclr", "vit": "dino"}  # plain SGD, as SimCLR's
+    bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
     model_cls = VICReg
     spec = {
         **SHARED_SPEC,
@@ -41,7 +47,7 @@ class VICRegMethod(BarlowTwinsMethod):
 
     def base_lrs(self, global_batch):
         """One peak learning rate for all parameters."""
-        lr = self.cfg["optim"]["lr"] * global_batch / 256
+        lr = scaled_lr(self.cfg["optim"]["lr"], global_batch)
         return lr, lr
 
     def combination_scores(self, outputs, combos, step):
