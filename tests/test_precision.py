@@ -153,7 +153,7 @@ def amp_step(method_name, amp, precision, monkeypatch):
 
 @pytest.mark.parametrize("method_name", ["simsiam", "dino"])
 @pytest.mark.parametrize("amp", list(AMP))
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.slow)])  # fp16 is emulated on a CPU: slow
 def test_every_training_amp_with_every_selection_precision(method_name, amp, precision, monkeypatch, one_thread):
     """A bf16 selection inside fp16 training (or fp16 inside bf16) used to hand the
     training forward the selection's cached low-precision weights and crash; now

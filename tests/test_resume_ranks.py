@@ -40,6 +40,7 @@ def resume_worker(rank, out_dirs, image_root, port, result_dir):
         f.write(message)
 
 
+@pytest.mark.slow
 def test_ranks_that_find_different_checkpoints_stop_with_one_line(tmp_path, image_root):
     """Rank 0's folder holds a checkpoint after step 1, rank 1's none: both
     ranks stop before training, with one line naming both findings, instead of
