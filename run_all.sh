@@ -15,7 +15,7 @@
 #   bash run_all.sh --profile gpu --gpus 1            # CIFAR-10, about a GPU-hour per ResNet method
 #   bash run_all.sh --profile paper --gpus 8 --data-dir /datasets   # ImageNet, Tables 1 and 2
 #
-# A method token is declared by its method (`python -m common.registry --list tokens`
+# A method token is declared by its method (`python -m common.engine.registry --list tokens`
 # lists them with their entry points); its config is named after it: dino_resnet runs
 # `python -m dino.main --config configs/dino_resnet_<profile config>.yaml` and writes
 # dino_resnet_*_knn.json.
@@ -222,12 +222,12 @@ fi
 # the small profile's fast linear probe runs in one process
 LIN_LAUNCH=("${LAUNCH[@]}"); [ "$PROFILE" = small ] && LIN_LAUNCH=(python -m)
 
-# the method tokens and their entry points, as the methods declare them (common/registry.py):
+# the method tokens and their entry points, as the methods declare them (common/engine/registry.py):
 # lines "<token> <entry module> <family>"; a token's config is named after the whole token;
 # all checked before the first run starts
 declare -A ENTRY=()
-while read -r token module _; do ENTRY[$token]="$module"; done < <(python -m common.registry --list tokens)
-[ "${#ENTRY[@]}" -gt 0 ] || { echo "run_all.sh: python -m common.registry --list tokens listed no method token" >&2; exit 2; }
+while read -r token module _; do ENTRY[$token]="$module"; done < <(python -m common.engine.registry --list tokens)
+[ "${#ENTRY[@]}" -gt 0 ] || { echo "run_all.sh: python -m common.engine.registry --list tokens listed no method token" >&2; exit 2; }
 for method in $METHODS; do
   [ -n "${ENTRY[$method]:-}" ] || { echo "run_all.sh: unknown method token '$method' (one of: $(printf '%s\n' "${!ENTRY[@]}" | sort | xargs))" >&2; exit 2; }
   [ -f "configs/${method}_${CFG}.yaml" ] || { echo "run_all.sh: no config configs/${method}_${CFG}.yaml for method $method (profile $PROFILE)" >&2; exit 2; }

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from analysis.logs import AnalysisError, run_cli, write_json
-from common.logs import LogError, read_rows
+from common.engine.logs import LogError, read_rows
 
 KEYS = ("loss", "out_std", "policy_iou", "policy_draws", "sel_iou", "sel_lowest_iou")
 

@@ -1,7 +1,7 @@
 """Reading the selection logs of a training run, and writing analysis results.
 
 Every run trained with ``run.selection_log_every > 0`` writes, every K steps,
-``RUN/selection/rank{r}_steps{a:08d}-{b:08d}.npz`` (:class:`common.logs.SelectionLog`)
+``RUN/selection/rank{r}_steps{a:08d}-{b:08d}.npz`` (:class:`common.engine.logs.SelectionLog`)
 holding for n logged steps of rank r::
 
     step [n], index [n, B], params [n, B, V, P], combos [n, C, S],
@@ -20,7 +20,7 @@ levels:
 
       block [M], index [M], params [M, V, P], scores [M, C], choice [M]
 
-The parameter columns are put in the order of :data:`common.augment.PARAM_NAMES`
+The parameter columns are put in the order of :data:`common.views.augment.PARAM_NAMES`
 whatever their order in the file; a column the file lacks (a log of an older
 version) is NaN, unless the pair metrics need it
 (:data:`analysis.metrics.COLUMNS_USED`): then the file is refused.
@@ -55,7 +55,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from analysis.metrics import COLUMNS_USED
-from common.augment import PARAM_NAMES
+from common.views.augment import PARAM_NAMES
 
 
 class AnalysisError(ValueError):
@@ -206,7 +206,7 @@ def _read_file(path: Path) -> dict:
     absent = [k for k in COLUMNS_USED if k not in names]
     if absent:
         raise AnalysisError(f"{path} lacks the parameter columns {absent} (it has {names}): written by another "
-                            "version of common.augment?")
+                            "version of common.views.augment?")
     params = params.astype(np.float32, copy=False)
     columns = [params[..., names.index(k)] if k in names else np.full(params.shape[:3], np.nan, np.float32)
                for k in PARAM_NAMES]
@@ -324,7 +324,7 @@ def jsonable(obj):
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
-    from common.checkpoint import write_json_atomic
+    from common.engine.checkpoint import write_json_atomic
 
     write_json_atomic(path, jsonable(obj))
 

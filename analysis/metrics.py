@@ -1,7 +1,7 @@
 """Metrics of a pair of views, computed from their logged parameter rows.
 
 Every function takes parameter rows ``a`` and ``b`` (columns in the order of
-:data:`common.augment.PARAM_NAMES`, as :func:`analysis.logs.load_selection`
+:data:`common.views.augment.PARAM_NAMES`, as :func:`analysis.logs.load_selection`
 returns them) and works over any leading dimensions.  The crop box ``(crop_x,
 crop_y, crop_w, crop_h)`` is in pixels of the original image, before the
 resize; the horizontal flip is applied after cropping, so it does not move the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.augment import P, box_iou
+from common.views.augment import P, box_iou
 
 #: name -> what it measures, in the order the analyses list them.
 PAIR_METRICS = {
@@ -49,7 +49,7 @@ def _col(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of the crop boxes (:func:`common.augment.box_iou`, on float64)."""
+    """IoU of the crop boxes (:func:`common.views.augment.box_iou`, on float64)."""
     return box_iou(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64))).numpy()
 
 

@@ -8,7 +8,7 @@ Every logged sample is one example:
   lexicographic combinations; DINO, iBOT: the chosen pair of global crops);
   classes are the distinct pairs of all given runs, in sorted order;
 * features: the training step; the logged parameters (all
-  :data:`common.augment.PARAM_NAMES` columns) of every candidate view that can
+  :data:`common.views.augment.PARAM_NAMES` columns) of every candidate view that can
   be in a pair (for DINO / iBOT the global candidates only); for every class
   pair its metrics (:data:`analysis.metrics.PAIR_METRICS`), the rank of each
   metric among the pairs compared for the sample (0 = lowest: "is it the

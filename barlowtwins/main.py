@@ -6,7 +6,7 @@
 The cross-correlation is taken over the global batch (embeddings gathered across ranks).
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
 from barlowtwins.method import BarlowTwinsMethod
-from common.train import main
+from common.engine.train import main
 
 if __name__ == "__main__":
     main(BarlowTwinsMethod)

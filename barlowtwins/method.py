@@ -12,10 +12,10 @@ batch 2048 for 1000 epochs.  Augmentation of BYOL, one recipe per view: crop
 scale 0.08-1 (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
 grayscale p 0.2, Gaussian blur (sigma 0.1-2) with p 1.0 / 0.1, solarisation
 with p 0 / 0.2 for view 1 / view 2.  LARS is the official one
-(:class:`common.optim.LARS`: trust ratio eta |w| / |g + wd w|, momentum on the
+(:class:`common.engine.optim.LARS`: trust ratio eta |w| / |g + wd w|, momentum on the
 adapted update, BatchNorm and bias parameters excluded).
 
-HVS: the two views keep their recipes (:mod:`common.two_views`), so the loader
+HVS: the two views keep their recipes (:mod:`common.views.two_views`), so the loader
 draws ``hvs.n_views / 2`` candidates with each and a combination is one
 candidate of each, (N/2)^2 pairs (4 for N = 4).  The score of a pair is per sample,
 ``hvs.score``: ``invariance`` or ``contribution`` (its term of the batch loss
@@ -34,13 +34,13 @@ import torch
 from barlowtwins.loss import barlow_twins_loss, pair_scores
 from barlowtwins.model import BarlowTwins
 from common.batch_scores import score_setting
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
-from common.method import BenchSettings, PairMethod
+from common.engine.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
-from common.optim import lars
-from common.schedules import cosine_schedule, scaled_lr, set_lr
-from common.two_views import TwoViews, per_recipe, two_views_spec
+from common.engine.optim import lars
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
+from common.views.two_views import TwoViews, per_recipe, two_views_spec
 
 #: Barlow Twins' recipe that VICReg shares (VICReg paper, Section 4.1 and App. C): the
 #: encoder with a 3-layer MLP, BYOL's two view recipes, LARS with warm-up and cosine decay

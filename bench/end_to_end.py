@@ -24,20 +24,20 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkpoint import write_json_atomic
-from common.config import COMMON_SPEC, ConfigError, resolve
-from common.logs import read_rows
-from common.registry import get_method
-from common.runtime import USER_ERRORS
+from common.engine.checkpoint import write_json_atomic
+from common.engine.config import COMMON_SPEC, ConfigError, resolve
+from common.engine.logs import read_rows
+from common.engine.registry import get_method
+from common.engine.runtime import USER_ERRORS
 
 
 def method_of(config: Path) -> str:
-    from common.config import load_yaml
+    from common.engine.config import load_yaml
 
     name = load_yaml(config).get("method") or ""
     if name:
         return name
-    from common.registry import METHODS
+    from common.engine.registry import METHODS
 
     stem = config.stem
     matches = [m for m in METHODS if stem.startswith(m + "_")]
@@ -53,7 +53,7 @@ def step_times(run_dir: Path, skip: int) -> list:
 
 def benchmark(method_name: str, config: Path, steps: int, rounds: int, skip: int, workdir: Path,
               overrides: list) -> dict:
-    from common.train import run
+    from common.engine.train import run
 
     cls = get_method(method_name)
     spec = {**COMMON_SPEC, **cls.spec}

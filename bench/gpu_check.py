@@ -38,7 +38,7 @@ image folder unless ``--data-dir`` is given); with ``--device cpu`` it runs
 in a minute or two (``tests/test_gpu_check.py``).  Every section catches its
 own failure (the error is recorded, the next section runs).  On CPU, AMP does
 not apply: fp16 entries read "skipped (CPU)" and the bf16 entries run in fp32
-(``common/runtime.py:amp_settings`` turns AMP off on CPU).
+(``common/engine/runtime.py:amp_settings`` turns AMP off on CPU).
 """
 from __future__ import annotations
 
@@ -56,15 +56,15 @@ import time
 import traceback
 from pathlib import Path
 
-from common.checkpoint import write_json_atomic
+from common.engine.checkpoint import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 AMPS = ("bf16", "fp16")
 
 
 def smoke_methods() -> list:
-    """The registered methods the smoke section runs (``gpu_smoke`` in :mod:`common.registry`)."""
-    from common.registry import method_classes
+    """The registered methods the smoke section runs (``gpu_smoke`` in :mod:`common.engine.registry`)."""
+    from common.engine.registry import method_classes
 
     return [name for name, cls in method_classes().items() if cls.gpu_smoke]
 SECTIONS = ("smoke", "overhead", "loader", "signal")
@@ -121,7 +121,7 @@ class Check:
     def synthetic(self) -> Path:
         """A synthetic ImageFolder (root/{train,val}/classK/i.png): coloured noise."""
         if self._synthetic is None:
-            from common.data import make_image_folder
+            from common.views.data import make_image_folder
 
             classes, per_class, size = (4, 8, 20) if self.tiny else (10, 60, 32)
             root = make_image_folder(self.work / "synthetic", classes, per_class, size, seed=0)
@@ -167,8 +167,8 @@ class Check:
     # --- 1. smoke --------------------------------------------------------------
     def method_overrides(self, method: str) -> list:
         """Config file and overrides of a smoke run of ``method``."""
-        from common.config import COMMON_SPEC
-        from common.registry import get_method
+        from common.engine.config import COMMON_SPEC
+        from common.engine.registry import get_method
 
         spec = {**COMMON_SPEC, **get_method(method).spec}
         dataset, data_dir, _ = self.data()
@@ -280,9 +280,9 @@ class Check:
         import torch
         from torch.utils.data import DataLoader
 
-        from common.augment import MultiViewDataset, MultiViewTransform, ViewRecipe, collate, views_to
-        from common.data import build_dataset
-        from common.photometric import device_photometric
+        from common.views.augment import MultiViewDataset, MultiViewTransform, ViewRecipe, collate, views_to
+        from common.views.data import build_dataset
+        from common.views.photometric import device_photometric
 
         dataset, data_dir, what = self.data()
         base = build_dataset(dataset, "train", data_dir)

@@ -22,7 +22,7 @@ libraries get ``bench.threads`` threads.
     python -m bench.knn_backends                                  # the defaults below
     python -m bench.knn_backends --sizes 10000 50000 --dims 384 bench.queries=2000 bench.repeats=5
 
-The command line is that of every entry point (``common/config.py``:
+The command line is that of every entry point (``common/engine/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
 ``--sizes`` and ``--dims`` take several values.
 """
@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.config import setting
+from common.engine.config import setting
 from eval.knn import import_faiss, neighbour_search, parse_cli
 
 SPEC = {

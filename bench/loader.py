@@ -1,5 +1,5 @@
 """Throughput of the multi-view loader (issue 15, item 4): views per second of
-our loader (``common.augment.MultiViewDataset``: N candidates per image,
+our loader (``common.views.augment.MultiViewDataset``: N candidates per image,
 parameters recorded) for N = 2, 4, 8 at several sizes, beside a plain
 torchvision pipeline of the same recipe (random resized crop, flip, colour
 jitter, grayscale, blur: the authors' kind of loader) drawing the same number
@@ -8,12 +8,12 @@ of views, in the same process, alternating.  Four loaders:
 - ``ours``: ``augment.device=loader``, every view finished in PIL in the workers;
 - ``ours_model``: ``augment.device=model``, the workers only crop, flip and
   resize to uint8 (the photometric parameters still drawn and recorded); the
-  photometric step (:class:`common.photometric.DevicePhotometric`) is timed
+  photometric step (:class:`common.views.photometric.DevicePhotometric`) is timed
   apart on one collated batch, on ``--device`` (the CPU by default: one
   thread, in this process), and added per image: ``ours_model_total``;
 - ``ours_model_crop``: ``augment.device=model_crop``, the workers only decode
   each image once and draw the parameters; its device step (crop, resize,
-  flip and the photometric part, :class:`common.photometric.DeviceViews`) is
+  flip and the photometric part, :class:`common.views.photometric.DeviceViews`) is
   timed the same way: ``ours_model_crop_total``;
 - ``torchvision``: the authors' kind of pipeline.
 
@@ -53,11 +53,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from common.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
+from common.views.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
                             views_to)
-from common.checkpoint import write_json_atomic
-from common.data import DataError, build_dataset
-from common.photometric import device_photometric
+from common.engine.checkpoint import write_json_atomic
+from common.views.data import DataError, build_dataset
+from common.views.photometric import device_photometric
 
 LOADERS = ("ours", "ours_model", "ours_model_crop", "torchvision")
 #: the training paths (augment.device) compared by ``--paper-dino``
@@ -232,7 +232,7 @@ def kernel_launches_as_on_gpu(fn) -> int:
     """:func:`kernel_launches` of a device step run on a CPU with the batch
     sizes of an accelerator (no CPU chunking of the photometric part, the
     accelerator's group size for crops), so that the count is a GPU's."""
-    from common import photometric, resample
+    from common.views import photometric, resample
 
     saved = photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES
     photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = 1 << 62, resample.ACCELERATOR_MAX_VALUES
@@ -245,8 +245,8 @@ def kernel_launches_as_on_gpu(fn) -> int:
 def paper_dino_transform(where: str):
     """DINO's multi-crop transform with HVS at the paper's setting, rendering
     as ``augment.device=where``, and its device step (None for ``loader``)."""
-    from common.config import COMMON_SPEC, resolve
-    from common.multicrop import multicrop_transform
+    from common.engine.config import COMMON_SPEC, resolve
+    from common.views.multicrop import multicrop_transform
     from dino.method import DINOMethod
 
     root = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Wall-clock overhead of Hard View Selection per training step (paper Table 14, App. H).
 
 Times, in one process and on the same model, a *baseline step* (the training
-step of ``common/train.py`` without HVS, on the first candidate of every crop
+step of ``common/engine/train.py`` without HVS, on the first candidate of every crop
 slot) and an *HVS step* at every selection resolution (the same step preceded
 by the selector's no-grad forward over all candidates).  The configurations
 are interleaved: every repeat times each of them once, in an order rotated from
@@ -27,7 +27,7 @@ status 2 with one line if compiling fails).
     python -m bench.overhead --method ibot --image-size 32 --batch-size 16 bench.resolutions=[1.0,0.5]
     python -m bench.overhead --method simsiam --image-size 32 --precision bf16 --compile
 
-The command line is that of every entry point (``common/config.py``:
+The command line is that of every entry point (``common/engine/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
 the flags above are shortcuts for ``bench.method``, ``model.arch``,
 ``bench.image_size``, ``train.batch_size``, ``bench.precision`` and
@@ -57,13 +57,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.config import COMMON_SPEC, ConfigError, resolve, setting
+from common.engine.config import COMMON_SPEC, ConfigError, resolve, setting
 from common.hvs import PRECISIONS, HardViewSelector, native_bf16, selection_dtype
-from common.method import StepInfo
-from common.multicrop import multicrop_pools
-from common.runtime import amp_settings, compile_backbones, exact_fp32, seed_everything
-from common.train import StepContext, train_step
-from common import registry
+from common.engine.method import StepInfo
+from common.views.multicrop import multicrop_pools
+from common.engine.runtime import amp_settings, compile_backbones, exact_fp32, seed_everything
+from common.engine.train import StepContext, train_step
+from common.engine import registry
 from dino.method import DINOMethod
 from eval.knn import parse_cli, resolve_device
 
@@ -76,7 +76,7 @@ def image_candidates(cfg: dict, generator: torch.Generator) -> list:
 
 def multicrop_candidates(cfg: dict, generator: torch.Generator) -> list:
     """Random multi-crop candidates [B, 3, S, S], pool after pool as
-    :func:`common.multicrop.multicrop_pools` (``DINOMethod.pools``) orders them:
+    :func:`common.views.multicrop.multicrop_pools` (``DINOMethod.pools``) orders them:
     the candidates of global slot 1 and of global slot 2 (``augment.global_size``),
     then the local candidates (``augment.local_size``)."""
     B, a = int(cfg["train"]["batch_size"]), cfg["augment"]
@@ -142,7 +142,7 @@ VIEWS = {
 
 def bench_methods() -> dict:
     """{name: BenchMethod} of every registered method that declares ``bench``
-    settings (:class:`common.method.BenchSettings`)."""
+    settings (:class:`common.engine.method.BenchSettings`)."""
     return {name: BenchMethod(cls, cls.bench.paper, *VIEWS[cls.bench.views], cls.bench.arch,
                               cls.bench.paper_setting)
             for name, cls in registry.method_classes().items() if cls.bench is not None}
@@ -153,7 +153,7 @@ METHODS = bench_methods()
 
 
 def build_selector(method, cfg: dict, resolution: float, precision: str | None = None) -> HardViewSelector:
-    """The selector exactly as ``common.train.run`` builds it, at ``resolution``
+    """The selector exactly as ``common.engine.train.run`` builds it, at ``resolution``
     (and ``precision``: by default the config's ``hvs.precision``)."""
     h = cfg["hvs"]
     return HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
@@ -202,7 +202,7 @@ def first_candidates(pools, candidates) -> list:
 
 
 class Step:
-    """One training step exactly as the loop runs it (``common.train.train_step``),
+    """One training step exactly as the loop runs it (``common.engine.train.train_step``),
     timed with CUDA synchronisation on GPU."""
 
     def __init__(self, method, optimizer, autocast, scaler, device, model=None):
@@ -253,7 +253,7 @@ class CompileError(RuntimeError):
 
 def compile_model(model):
     """The model with its backbones compiled in place, as ``train.compile``
-    does (:func:`common.runtime.compile_backbones`); compilation itself
+    does (:func:`common.engine.runtime.compile_backbones`); compilation itself
     happens at the first call."""
     try:
         compile_backbones(model)
@@ -401,7 +401,7 @@ def format_table(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Command line: the config layer of every entry point (common/config.py)
+# Command line: the config layer of every entry point (common/engine/config.py)
 # ---------------------------------------------------------------------------
 #: Keys of the benchmark: what it times (``bench.*``) and the method settings it
 #: varies, under the method's own key names (a value 0 takes the default said).

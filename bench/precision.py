@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint as ckpt_io
-from common.augment import MultiViewDataset
-from common.data import DataError, build_dataset
+from common.engine import checkpoint as ckpt_io
+from common.views.augment import MultiViewDataset
+from common.views.data import DataError, build_dataset
 from common.hvs import PRECISIONS, HardViewSelector, selection_dtype
-from common.method import StepInfo
-from common.registry import get_method
-from common.train import view_transform
+from common.engine.method import StepInfo
+from common.engine.registry import get_method
+from common.engine.train import view_transform
 
 
 def load_method(path: Path, device: torch.device):

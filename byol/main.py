@@ -5,7 +5,7 @@
 
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
 from byol.method import BYOLMethod
-from common.train import main
+from common.engine.train import main
 
 if __name__ == "__main__":
     main(BYOLMethod)

@@ -2,7 +2,7 @@
 
 Recipe (Grill et al. 2020, Section 3 and Appendices B-C): ResNet-50 (zero-init
 residual, as this repository's other ResNet methods), projector and predictor
-MLPs 4096-256; loss :func:`byol.loss.byol_loss`; LARS (BYOL's: :class:`common.optim.LARS`,
+MLPs 4096-256; loss :func:`byol.loss.byol_loss`; LARS (BYOL's: :class:`common.engine.optim.LARS`,
 trust ratio eta |w| / |g + wd w|) with lr 0.2 x batch/256, momentum
 0.9, trust coefficient 1e-3, weight decay 1.5e-6, biases and BatchNorm
 parameters excluded from both weight decay and the adaptation, 10 epochs of
@@ -14,7 +14,7 @@ recipes: view 1 blur p 1.0 and no solarisation, view 2 blur p 0.1 and
 solarisation p 0.2 (``augment.blur_p``, ``augment.solarize_p``).
 
 HVS: BYOL's two views are drawn from different recipes, so the candidates keep
-their recipe (:mod:`common.two_views`): ``hvs.n_views`` = N candidates, N/2 per
+their recipe (:mod:`common.views.two_views`): ``hvs.n_views`` = N candidates, N/2 per
 recipe, and a pair is one view-1 candidate and one view-2 candidate, (N/2)^2
 pairs (4 with the default N = 4).  The score of a pair is
 its per-image BYOL loss, read from one table of cosines between the online
@@ -37,14 +37,14 @@ from __future__ import annotations
 import torch
 
 from common.backbones import build_resnet, has_batchnorm, load_prefixed
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
-from common.method import BenchSettings, PairMethod, StepInfo
-from common.multicrop import ema_update
+from common.engine.method import BenchSettings, PairMethod, StepInfo
+from common.views.multicrop import ema_update
 from common.numerics import collapse_std
-from common.optim import lars
-from common.schedules import cosine_schedule, scaled_lr, set_lr
-from common.two_views import N_RECIPES, TwoViews, two_views_spec
+from common.engine.optim import lars
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
+from common.views.two_views import N_RECIPES, TwoViews, two_views_spec
 from byol.loss import byol_loss, pair_scores
 from byol.model import BYOL
 

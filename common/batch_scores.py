@@ -48,8 +48,8 @@ from collections.abc import Callable
 
 import torch
 
-from common import dist
-from common.config import setting
+from common.engine import dist
+from common.engine.config import setting
 from common.gather import gather_with_grad
 
 SCORES = ("invariance", "contribution")

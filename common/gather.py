@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common import dist as hvs_dist
+from common.engine import dist as hvs_dist
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -58,7 +58,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def precision_setting(default: str, measured: str):
     """The ``hvs.precision`` config key with a method's default and why (``bench/precision.py``)."""
-    from common.config import setting
+    from common.engine.config import setting
 
     return setting(default, "precision of the selection forward and scoring: fp32, bf16, fp16 (GPU) or auto "
                    f"(bf16 where the device computes it natively, else fp32); scores are compared in fp32. {measured}",

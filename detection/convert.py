@@ -62,10 +62,10 @@ def detectron2_name(name: str) -> str | None:
 
 def convert(path, which: str = "auto") -> dict:
     """Detectron2 weights of the ResNet backbone of checkpoint ``path``
-    (``which``: auto, student or teacher, as :func:`common.checkpoint.load_backbone`).
+    (``which``: auto, student or teacher, as :func:`common.engine.checkpoint.load_backbone`).
     A checkpoint of another architecture is refused (:class:`ConvertError`);
-    one that cannot be read raises :class:`common.checkpoint.CheckpointError`."""
-    from common.checkpoint import load_backbone
+    one that cannot be read raises :class:`common.engine.checkpoint.CheckpointError`."""
+    from common.engine.checkpoint import load_backbone
 
     backbone, info = load_backbone(path, which)
     arch = info["arch"]
@@ -111,7 +111,7 @@ def detectron2_settings(data: dict) -> dict:
 def write_pkl(data: dict, path) -> None:
     """Pickle ``data`` (protocol 4) to ``path`` atomically (a temporary file in
     the same folder renamed over it), so a crash never leaves half a file."""
-    from common.checkpoint import save_atomic
+    from common.engine.checkpoint import save_atomic
 
     save_atomic(data, path, dump=lambda obj, f: pickle.dump(obj, f, protocol=4))
 
@@ -162,8 +162,8 @@ def load_pkl(path) -> dict:
 # command line
 # ----------------------------------------------------------------------------
 def main(argv=None) -> dict:
-    from common.checkpoint import CheckpointError
-    from common.runtime import exit_on_error
+    from common.engine.checkpoint import CheckpointError
+    from common.engine.runtime import exit_on_error
 
     parser = argparse.ArgumentParser(
         prog="python -m detection.convert", description=__doc__.split("\n\n")[0],

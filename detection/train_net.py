@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint as ckpt_io
-from common.config import ConfigError, stop_if_checking
-from common.data import DataError
-from common.runtime import EXIT_DIVERGED, EXIT_USER
+from common.engine import checkpoint as ckpt_io
+from common.engine.config import ConfigError, stop_if_checking
+from common.views.data import DataError
+from common.engine.runtime import EXIT_DIVERGED, EXIT_USER
 
 PROG = "python -m detection.train_net"
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import dist
+from common.engine import dist
 from common.numerics import precise
-from common.schedules import linear_warmup
+from common.engine.schedules import linear_warmup
 
 
 def _chunks(x, n: int) -> list:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m dino.main --config configs/dino_paper.yaml ...
 
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from dino.method import DINOMethod
 
 if __name__ == "__main__":

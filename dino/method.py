@@ -9,7 +9,7 @@ x batch/256 reached after 10 linear warm-up epochs, then cosine to 1e-6, weight
 decay cosine from 0.04 to 0.4 (not on biases and norms), per step; teacher EMA
 momentum cosine from 0.996 to 1; each parameter's gradient clipped to norm 3.0;
 multi-crop: 2 global crops of 224 px (scale 0.4-1) and 8 local crops of 96 px
-(scale 0.05-0.4), see :mod:`common.multicrop`.  ResNet-50 (DINO's README):
+(scale 0.05-0.4), see :mod:`common.views.multicrop`.  ResNet-50 (DINO's README):
 SGD, lr 0.03 x batch/256, weight decay 1e-4 constant, global scale 0.14-1,
 local scale 0.05-0.14 (``configs/dino_resnet_paper.yaml``).
 
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit, load_prefixed
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
-from common.method import BenchSettings, SSLMethod, StepInfo
-from common.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
+from common.engine.method import BenchSettings, SSLMethod, StepInfo
+from common.views.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
 from common.numerics import collapse_std
-from common.schedules import cosine_schedule, scaled_lr, set_lr
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
 from dino.loss import DINOLoss
 from dino.model import DINO, DINOHead
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from common.multicrop import MultiCropNet
+from common.views.multicrop import MultiCropNet
 
 
 class DINOHead(nn.Module):

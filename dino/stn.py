@@ -130,10 +130,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.augment import MultiViewTransform
-from common.config import ConfigError, setting
-from common.method import StepInfo
-from common.multicrop import N_GLOBAL, multicrop_recipes
+from common.views.augment import MultiViewTransform
+from common.engine.config import ConfigError, setting
+from common.engine.method import StepInfo
+from common.views.multicrop import N_GLOBAL, multicrop_recipes
 from common.numerics import collapse_std
 from dino.method import DINOMethod, clip_each_gradient
 
@@ -454,6 +454,6 @@ class STNDINOMethod(DINOMethod):
 
 
 if __name__ == "__main__":
-    from common.train import main
+    from common.engine.train import main
 
     main(STNDINOMethod)

@@ -44,7 +44,7 @@ that entropy relative to the uniform map's ``log(h * w)``, the [CLS]->patch
 mass, and with a threshold the fraction of patches kept; and per checkpoint
 the means.
 
-The command line is that of every entry point (``common/config.py``:
+The command line is that of every entry point (``common/engine/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key);
 ``--checkpoints`` and ``--labels`` take several values.  Example
 (ImageNet-100 validation images, teacher weights)::
@@ -66,10 +66,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.augment import eval_transform
-from common.checkpoint import load_backbone
-from common.config import ConfigError, setting
-from common.data import SUBSET_SEED, build_dataset, data_dir_or_default, load_rgb, subset_indices
+from common.views.augment import eval_transform
+from common.engine.checkpoint import load_backbone
+from common.engine.config import ConfigError, setting
+from common.views.data import SUBSET_SEED, build_dataset, data_dir_or_default, load_rgb, subset_indices
 from eval.engine import EVAL_SPEC, EvalError, run_main
 from eval.knn import parse_cli, resolve_device
 
@@ -181,7 +181,7 @@ def map_entropy(attn: Tensor) -> Tensor:
 def image_array(image: Tensor) -> np.ndarray:
     """A normalised image [3, H, W] back to uint8 RGB [H, W, 3] (ImageNet mean
     and std undone): the image as the model saw it."""
-    from common.augment import IMAGENET_MEAN, IMAGENET_STD
+    from common.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     rgb = ((image.detach().cpu().float() * std + mean).clamp(0, 1) * 255).round().byte()
@@ -269,7 +269,7 @@ def geometry(fig, panel: int, rows_per_image: int, images: int) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Command line: the config layer of every entry point (common/config.py)
+# Command line: the config layer of every entry point (common/engine/config.py)
 # ---------------------------------------------------------------------------
 #: Keys of the attention maps.
 ATTENTION_SPEC = {

@@ -5,7 +5,7 @@ Reads top to bottom:
 
   1. the configuration keys every evaluation has, and its command line
      (``--checkpoint``, ``--protocol``, ``--config``, ``key=value``)
-  2. data: the evaluation dataset (any of ``common.data``), class-stratified
+  2. data: the evaluation dataset (any of ``common.views.data``), class-stratified
      subsets, training augmentations seeded per (seed, epoch, image) so that a
      resumed run is exact, batches of images or of cached feature tensors
   3. :class:`Trainer`: the explicit loop (forward, cross-entropy summed over
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from common import checkpoint as ckpt_io
-from common import dist
-from common.config import (COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve,
+from common.engine import checkpoint as ckpt_io
+from common.engine import dist
+from common.engine.config import (COMMON_SPEC, ConfigError, setting, build_parser, overrides_of, resolve,
                            stop_if_checking)
-from common.augment import SeededDataset, eval_transform
-from common.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
-from common.logs import JsonLog, Progress, fmt_time, read_rows
-from common.runtime import (Diverged, EpochSampler, amp_settings, exit_on_error, run_session, step_seed,
+from common.views.augment import SeededDataset, eval_transform
+from common.views.data import SUBSET_SEED, DataError, build_dataset, data_dir_or_default, num_classes, subset_indices
+from common.engine.logs import JsonLog, Progress, fmt_time, read_rows
+from common.engine.runtime import (Diverged, EpochSampler, amp_settings, exit_on_error, run_session, step_seed,
                             warn_config_changes)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -94,7 +94,7 @@ def parse_eval_args(spec: dict, description: str, protocols: dict, auto_protocol
     ``--protocol`` or, with ``auto``, by ``auto_protocol(checkpoint)`` from the
     checkpoint's method and arch) <- each ``--config`` <- ``key=value``
     overrides.  Returns ``(cfg, backbone, info)`` (see
-    :func:`common.checkpoint.load_backbone`; a ViT gets the config's
+    :func:`common.engine.checkpoint.load_backbone`; a ViT gets the config's
     ``model.drop_path`` where there is one)."""
     parser = build_parser(spec, description, SHORTCUTS)
     parser.add_argument("--protocol", default="auto", choices=["auto", *protocols],
@@ -164,7 +164,7 @@ def eval_datasets(cfg: dict, train_transform: Callable | None, test_transform: C
 
 class ImageBatches:
     """Batches ``(images, labels)`` of a dataset.  ``shuffle``: the
-    :class:`~common.train.EpochSampler` order of the run's seed, split over the
+    :class:`~common.engine.train.EpochSampler` order of the run's seed, split over the
     ranks, every sample seen (the last batch may be smaller); otherwise the
     rank's share ``rank::world`` in order (for testing: no sample twice)."""
 
@@ -455,7 +455,7 @@ def write_results(cfg: dict, results: dict) -> None:
 
 @contextmanager
 def eval_session(cfg: dict, info: dict):
-    """Set up an evaluation run (:func:`common.runtime.run_session`: process
+    """Set up an evaluation run (:func:`common.engine.runtime.run_session`: process
     group, device, the locked run folder, seeds) and write its
     ``config.yaml``, after checking that a checkpoint already in the folder is
     an evaluation of the same weights.  Yields ``(device, run folder)``."""
@@ -477,5 +477,5 @@ def eval_session(cfg: dict, info: dict):
 
 def run_main(name: str, body: Callable[[], dict]) -> dict:
     """Run an evaluation's body; user-fixable errors end the process with
-    status 2 and one line naming the problem (:func:`common.runtime.exit_on_error`)."""
+    status 2 and one line naming the problem (:func:`common.engine.runtime.exit_on_error`)."""
     return exit_on_error(name, body, (EvalError,))

@@ -50,10 +50,10 @@ import time
 import torch
 from torch import Tensor, nn
 
-from common import dist
-from common.augment import IMAGENET_MEAN, IMAGENET_STD
-from common.config import setting
-from common.schedules import cosine_schedule, set_lr
+from common.engine import dist
+from common.views.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.engine.config import setting
+from common.engine.schedules import cosine_schedule, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, Trainer, finish, image_data, parse_eval_args, resolve_run,
                          run_main, eval_session)
 

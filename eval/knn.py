@@ -23,7 +23,7 @@ bank size faiss pays: on a 2-core CPU (faiss-cpu 1.15.1, k = 200, chunks of
 256 queries) it paid at none of 10k-500k bank features of 384 or 2048
 dimensions (3-10x slower than torch), so torch stays the default.
 
-Example (the configuration as every entry point's, ``common/config.py``:
+Example (the configuration as every entry point's, ``common/engine/config.py``:
 ``--config YAML``, ``key=value`` overrides, ``--help`` lists every key)::
 
     python -m eval.knn --checkpoint runs/dino_cifar10/checkpoint.pth \\
@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.augment import eval_transform
-from common.checkpoint import load_backbone
-from common.config import ConfigError, build_parser, overrides_of, resolve, setting, stop_if_checking
-from common.data import SUBSET_SEED, build_dataset, data_dir_or_default, subset_indices
+from common.views.augment import eval_transform
+from common.engine.checkpoint import load_backbone
+from common.engine.config import ConfigError, build_parser, overrides_of, resolve, setting, stop_if_checking
+from common.views.data import SUBSET_SEED, build_dataset, data_dir_or_default, subset_indices
 from eval.engine import EVAL_SPEC, SHORTCUTS, run_main
 
 
@@ -199,7 +199,7 @@ def weighted_knn(train_features: Tensor, train_labels: Tensor, test_features: Te
 
 
 # ---------------------------------------------------------------------------
-# Command line: the config layer of every entry point (common/config.py)
+# Command line: the config layer of every entry point (common/engine/config.py)
 # ---------------------------------------------------------------------------
 #: Keys of the k-NN evaluation: the evaluations' own where they fit, and k-NN's.
 KNN_SPEC = {

@@ -56,12 +56,12 @@ import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
-from common import checkpoint as ckpt_io
-from common import dist, registry
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from common.config import setting
-from common.data import subset_indices
-from common.schedules import cosine_schedule, scaled_lr, set_lr
+from common.engine import checkpoint as ckpt_io
+from common.engine import dist, registry
+from common.views.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from common.engine.config import setting
+from common.views.data import subset_indices
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
 from eval.engine import (CONFIGS, EVAL_SPEC, EvalError, TensorBatches, Trainer, eval_datasets, finish, image_data,
                          eval_session, parse_eval_args, resolve_run, run_main)
 
@@ -94,7 +94,7 @@ LINEAR_SPEC = {
 
 def auto_protocol(ckpt: dict) -> str:
     """The pretraining method's protocol for the checkpoint's backbone family, as
-    the method declares it (``linear_protocols`` in :mod:`common.registry`):
+    the method declares it (``linear_protocols`` in :mod:`common.engine.registry`):
     DINO's for DINO, DINO with the STN adversary and iBOT (iBOT evaluates as DINO
     does), SimSiam's and SimCLR's for theirs.  The methods beyond the paper take
     the nearest of the three: SimCLR's (SGD, no weight decay, cosine; BYOL's
@@ -171,7 +171,7 @@ def build_optimizer(heads: LinearHeads, cfg: dict, lrs: list) -> torch.optim.Opt
     learning rate); LARS adapts the weights and not the bias (SimSiam's)."""
     o = cfg["optim"]
     if o["name"] == "lars":
-        from common.optim import LARS
+        from common.engine.optim import LARS
 
         groups = []
         for head, lr in zip(heads.heads, lrs):

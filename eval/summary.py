@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from analysis.stats import difference_cells, value_cell
-from common import registry
+from common.engine import registry
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / "configs" / "paper_numbers.csv"
 #: the token may hold underscores (dino_resnet); the shortest one that leaves a valid tail is taken
@@ -75,7 +75,7 @@ def paper_rows(table="1", epochs="100"):
 
 
 def token_info(token: str):
-    """``(method class, entry, family)`` of a run_all.sh token (:mod:`common.registry`),
+    """``(method class, entry, family)`` of a run_all.sh token (:mod:`common.engine.registry`),
     or of its part before the first underscore; None if neither is a token."""
     tokens = registry.run_all_tokens()
     return tokens.get(token) or tokens.get(token.split("_")[0])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.numerics import precise
-from common.schedules import linear_warmup
+from common.engine.schedules import linear_warmup
 from dino.loss import (combination_scores as cls_combination_scores, cross_entropy_table, dino_loss,
                        teacher_probs, updated_center)
 

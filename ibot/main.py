@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m ibot.main --config configs/ibot_paper.yaml ...
 
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from ibot.method import IBOTMethod
 
 if __name__ == "__main__":

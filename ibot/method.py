@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 
 from common.backbones import VITS
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
-from common.method import BenchSettings, StepInfo
-from common.multicrop import N_GLOBAL, multicrop_spec
+from common.engine.method import BenchSettings, StepInfo
+from common.views.multicrop import N_GLOBAL, multicrop_spec
 from common.numerics import collapse_std
 from dino.method import DINOMethod
 from ibot.loss import IBOTLoss

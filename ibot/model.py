@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from common.backbones import vit_tokens
-from common.multicrop import MultiCropNet
+from common.views.multicrop import MultiCropNet
 from dino.model import DINO
 
 

@@ -10,7 +10,7 @@ relative paths (configs, ``run.output_dir``) mean the same there.
 
 Processes: one SLURM task per GPU.  Each task gets the variables torchrun
 would set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR: the
-job's first node, MASTER_PORT: from the job id), which ``common/dist.py``
+job's first node, MASTER_PORT: from the job id), which ``common/engine/dist.py``
 reads to join the process group, and runs the entry point in-process as
 ``python -m <module> <args>`` would.  A single task sets none of them and runs
 as one plain process.
@@ -156,8 +156,8 @@ def check_configs(args: list) -> None:
             raise LaunchError(f"--config {path}: no such file (relative to {os.getcwd()}, where the job runs)")
 
 
-#: what the source of an entry point holds when it resolves a configuration through common/config.py
-#: and so stops there when only checking (common.config.stop_if_checking)
+#: what the source of an entry point holds when it resolves a configuration through common/engine/config.py
+#: and so stops there when only checking (common.engine.config.stop_if_checking)
 RESOLVES_CONFIG = re.compile(r"from common\.train import main|parse_cli\(|parse_eval_args\(|prepare_weights\(")
 
 
@@ -168,11 +168,11 @@ def resolves_config(module: str) -> bool:
 def check_entry_config(module: str, args: list, timeout: float = 600) -> None:
     """Resolve the entry point's configuration here, as the job would, and
     stop there (``python -m MODULE ARGS`` with
-    :data:`common.config.CHECK_ONLY_ENV` set: nothing is built or written):
+    :data:`common.engine.config.CHECK_ONLY_ENV` set: nothing is built or written):
     an unknown key or a bad value is refused before the job waits in the
     queue, with the entry point's own line.  Entry points that resolve no
     configuration of this repository (the analyses) are not run."""
-    from common.config import CHECK_ONLY_ENV, CHECKED_LINE
+    from common.engine.config import CHECK_ONLY_ENV, CHECKED_LINE
 
     if not resolves_config(module):
         return

@@ -6,7 +6,7 @@
 
 Keys come from the whole global batch (gathered across ranks).
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from mocov3.method import MoCoV3Method
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Recipe (Chen, Xie & He 2021; the released code's ``main_moco.py`` and
   colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2; view 1
   blurred always, view 2 blurred with p 0.1 and solarised with p 0.2.
 
-LARS is MoCo v3's own (:class:`common.optim.LARS`): trust ratio
+LARS is MoCo v3's own (:class:`common.engine.optim.LARS`): trust ratio
 eta |w| / |g + wd w| on the weights; BN and bias parameters (the 1-d ones)
 take neither weight decay nor adaptation.
 
@@ -37,7 +37,7 @@ step's momentum, so the momentum encoder holds the same weights at every key
 computation (and the selection of step t + 1 sees them too).
 
 HVS: the two views of an image come from different recipes, so the candidates
-keep their recipe (:mod:`common.two_views`), ``hvs.n_views / 2`` each, and a
+keep their recipe (:mod:`common.views.two_views`), ``hvs.n_views / 2`` each, and a
 combination is a pair of one candidate of each (4 candidates give 2 x 2 = 4
 pairs).  The score of pair (k, l) is the pair's symmetrised
 loss, the keys of candidate index k (l) of the other images of the global
@@ -58,14 +58,14 @@ import torch
 from torch import nn
 
 from common.backbones import arch_label, build_backbone, is_vit, load_prefixed
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
-from common.method import BenchSettings, SSLMethod, StepInfo
-from common.multicrop import ema_update
+from common.engine.method import BenchSettings, SSLMethod, StepInfo
+from common.views.multicrop import ema_update
 from common.numerics import collapse_std
-from common.optim import lars
-from common.schedules import cosine_schedule, scaled_lr, set_lr
-from common.two_views import TwoViews, per_recipe, two_views_spec
+from common.engine.optim import lars
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
+from common.views.two_views import TwoViews, per_recipe, two_views_spec
 from mocov3.loss import mocov3_loss, pair_scores
 from mocov3.model import MoCoV3, mocov3_vit
 

@@ -91,7 +91,7 @@ def tensor_digest(h, name: str, value) -> None:
 
 
 def digest(checkpoint: Path) -> str:
-    from common import checkpoint as ckpt_io
+    from common.engine import checkpoint as ckpt_io
 
     state = ckpt_io.load(checkpoint)
     h = hashlib.sha256()
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="labels of the runs to make (default: all)")
     args = parser.parse_args(argv)
-    from common.train import run
+    from common.engine.train import run
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common import dist
+from common.engine import dist
 from common.gather import gather_with_grad
 from common.numerics import precise as _precise
 

@@ -5,7 +5,7 @@
 
 Negatives come from the whole global batch (features gathered across ranks).
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from simclr.method import SimCLRMethod
 
 if __name__ == "__main__":

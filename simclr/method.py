@@ -12,17 +12,17 @@ HVS (Appendix I.1): the objective is unchanged; the score of pair (k, l) for an
 image is its NT-Xent with both directions summed, the negatives being views k
 and l of the other images of the global batch (:func:`simclr.loss.pair_scores`).
 
-LARS is SimCLR's own (:class:`common.optim.LARS`): trust ratio
+LARS is SimCLR's own (:class:`common.engine.optim.LARS`): trust ratio
 eta |w| / |g + wd w|, the learning rate inside the momentum buffer
 (v = m v + lr trust (g + wd w), SimCLR's "classic momentum"), BatchNorm and
 bias parameters excluded from weight decay and adaptation.
 """
-from common.augment import augment_spec
-from common.config import setting
-from common.method import BenchSettings, PairMethod
+from common.views.augment import augment_spec
+from common.engine.config import setting
+from common.engine.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
-from common.optim import lars
-from common.schedules import cosine_schedule, scaled_lr, set_lr
+from common.engine.optim import lars
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
 from simclr.loss import nt_xent, pair_scores
 from simclr.model import SimCLR
 

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m simsiam.main --config configs/simsiam_paper.yaml ...
 
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from simsiam.method import SimSiamMethod
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ residual; augmentation of MoCo v2 (crop scale 0.2-1, flip, colour jitter 0.4,
 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur sigma 0.1-2 with p 0.5)."""
 import torch
 
-from common.augment import augment_spec
-from common.config import setting
-from common.method import BenchSettings, PairMethod
+from common.views.augment import augment_spec
+from common.engine.config import setting
+from common.engine.method import BenchSettings, PairMethod
 from common.numerics import collapse_std
-from common.schedules import cosine_schedule, scaled_lr, set_lr
+from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
 from simsiam.loss import pair_scores, simsiam_loss
 from simsiam.model import SimSiam
 

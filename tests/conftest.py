@@ -16,7 +16,7 @@ def tiny_checkpoints(tmp_path_factory, image_root):
     """Checkpoints of one short pretraining each on ``image_root`` (16 px):
     ``simsiam`` (ResNet-18, CIFAR stem), ``dino`` and ``dino_hvs`` (ViT-tiny/4
     with 2 blocks, 3 heads).  Shared by the evaluation tests; read-only."""
-    from common.train import run
+    from common.engine.train import run
     from dino.method import DINOMethod
     from simsiam.method import SimSiamMethod
 

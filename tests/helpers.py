@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from common.config import COMMON_SPEC, resolve
-from common.data import make_image_folder  # noqa: F401  (re-exported for the tests)
+from common.engine.config import COMMON_SPEC, resolve
+from common.views.data import make_image_folder  # noqa: F401  (re-exported for the tests)
 from dino.method import DINOMethod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +99,8 @@ def assert_exact_resume(make_cfg, method_cls, tmp_path, args, stop, state_keys, 
     """A run stopped after ``stop`` steps and resumed ends bitwise equal to an
     uninterrupted run: weights, the method's state ``state_keys`` (non-zero) and
     the logged losses.  ``make_cfg(out, *overrides)`` builds the config."""
-    from common import checkpoint as ckpt_io
-    from common.train import run
+    from common.engine import checkpoint as ckpt_io
+    from common.engine.train import run
 
     run(make_cfg(tmp_path / "a", *args), method_cls)
     b = tmp_path / "b"

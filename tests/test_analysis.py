@@ -1,7 +1,7 @@
 """The analysis package (analysis/): reading selection logs, pair metrics, the
 IoU analysis, the fANOVA importance table, the selected-pair predictor and the
 three command lines, on small synthetic logs written here in the format of
-``common.logs.SelectionLog``."""
+``common.engine.logs.SelectionLog``."""
 import itertools
 import json
 import subprocess
@@ -16,7 +16,7 @@ import yaml
 from analysis import importance, iou, predict
 from analysis.logs import AnalysisError, load_selection
 from analysis.metrics import PAIR_METRICS, iou as pair_iou, pair_metrics
-from common.augment import P, PARAM_NAMES, box_iou
+from common.views.augment import P, PARAM_NAMES, box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 

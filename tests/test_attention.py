@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common.augment import eval_transform
+from common.views.augment import eval_transform
 from common.backbones import build_vit
-from common.checkpoint import load_backbone
-from common.data import load_rgb
+from common.engine.checkpoint import load_backbone
+from common.views.data import load_rgb
 from eval import attention
 from eval.attention import DIM, cls_attention, keep_mass, main, map_entropy, mask_overlay, render_grid
 

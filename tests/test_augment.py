@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from common.augment import (P, PARAM_NAMES, MultiViewDataset, MultiViewTransform, ViewRecipe, box_iou,
+from common.views.augment import (P, PARAM_NAMES, MultiViewDataset, MultiViewTransform, ViewRecipe, box_iou,
                             draw_view, sample_crop)
 
 
@@ -62,7 +62,7 @@ def test_the_crop_uses_no_pixel_outside_its_box():
     img.paste((0, 0, 0), (0, 0, 40, 10))  # black band above the crop box
     recipe = ViewRecipe(size=8, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, mean=(0, 0, 0), std=(1, 1, 1))
 
-    import common.augment as aug
+    import common.views.augment as aug
     real = aug.sample_crop
     try:
         aug.sample_crop = lambda *a: (5, 10, 30, 30)  # starts right below the band

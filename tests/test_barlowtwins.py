@@ -12,11 +12,11 @@ from torch import nn
 
 from barlowtwins.loss import barlow_twins_loss, cross_correlation, pair_scores, redundancy_loss, standardise
 from barlowtwins.method import BarlowTwinsMethod
-from common.augment import P
+from common.views.augment import P
 from common.batch_scores import SCORES
-from common.config import ConfigError
+from common.engine.config import ConfigError
 from common.hvs import HardViewSelector
-from common.method import StepInfo
+from common.engine.method import StepInfo
 from tests.helpers import assert_exact_resume, assert_knn_evaluates, read_log, tiny_cfg
 
 LAMBD = 5e-3
@@ -163,7 +163,7 @@ def test_each_view_keeps_its_recipe(tmp_path):
 
 
 def test_model_recipe():
-    from common.config import COMMON_SPEC, resolve
+    from common.engine.config import COMMON_SPEC, resolve
 
     cfg = resolve({**COMMON_SPEC, **BarlowTwinsMethod.spec}, None, ["model.arch=resnet18", "model.proj_hidden=32",
                                                                    "model.dim=16"])

@@ -11,7 +11,7 @@ from torch import nn
 from barlowtwins.loss import barlow_twins_loss
 from barlowtwins.loss import pair_scores as bt_scores
 from common.batch_scores import SCORES, candidate_columns, first_order_scores, score_setting
-from common.config import ConfigError, resolve
+from common.engine.config import ConfigError, resolve
 from vicreg.loss import pair_scores as vicreg_scores
 from vicreg.loss import vicreg_loss
 

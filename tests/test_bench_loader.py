@@ -45,7 +45,7 @@ def test_goal_reads_the_224_px_row_and_loaders_can_be_chosen(image_root):
 def test_cpu_seconds_count_the_workers(image_root):
     """The CPU cost includes the worker processes' (joined) time, not only this process's."""
     from bench.loader import ours, read_all
-    from common.data import build_dataset
+    from common.views.data import build_dataset
 
     base = build_dataset("imagefolder", "train", str(image_root))
     _, in_parent, count = read_all(ours(base, 64, 8), batch_size=8, workers=0)

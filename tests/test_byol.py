@@ -12,12 +12,12 @@ from torch import nn
 
 from byol.loss import byol_loss, cosine_table, normalized_mse, pair_scores
 from byol.method import BYOLMethod
-from common import checkpoint as ckpt_io
-from common.config import ConfigError
+from common.engine import checkpoint as ckpt_io
+from common.engine.config import ConfigError
 from common.hvs import HardViewSelector, pair_combinations, pool_combinations
-from common.method import StepInfo
-from common.two_views import recipes
-from common.train import run
+from common.engine.method import StepInfo
+from common.views.two_views import recipes
+from common.engine.train import run
 from tests.helpers import assert_exact_resume, assert_knn_evaluates, cli, read_log, tiny_cfg
 
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import COMMON_SPEC, resolve
-from common.registry import METHODS, get_method
+from common.engine.config import COMMON_SPEC, resolve
+from common.engine.registry import METHODS, get_method
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 EVALUATIONS = ("linear", "finetune")

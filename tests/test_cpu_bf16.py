@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from common.hvs import cpu_has_bf16
-from common.method import StepInfo
-from common.runtime import amp_settings
+from common.engine.method import StepInfo
+from common.engine.runtime import amp_settings
 from simclr.method import SimCLRMethod
 from simsiam.method import SimSiamMethod
 from tests.helpers import tiny_cfg

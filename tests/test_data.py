@@ -1,4 +1,4 @@
-"""Tests of common/data.py on tiny synthetic image trees built in tmp_path."""
+"""Tests of common/views/data.py on tiny synthetic image trees built in tmp_path."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common import data
-from common.data import DataError, build_dataset, cache_root, resolve_data_dir, subset_indices
+from common.views import data
+from common.views.data import DataError, build_dataset, cache_root, resolve_data_dir, subset_indices
 
 CLASSES = ("cat", "dog", "frog")
 

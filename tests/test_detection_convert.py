@@ -16,8 +16,8 @@ from detectron2.modeling import build_backbone, build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from common import checkpoint as ckpt_io  # noqa: E402
-from common.train import save_checkpoint  # noqa: E402
+from common.engine import checkpoint as ckpt_io  # noqa: E402
+from common.engine.train import save_checkpoint  # noqa: E402
 from detection.convert import ConvertError, convert, detectron2_settings, load_pkl, write_pkl  # noqa: E402
 from detection.modeling import add_hvs_config  # noqa: E402
 from dino.method import DINOMethod  # noqa: E402

@@ -17,7 +17,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see docs/
 
 from PIL import Image  # noqa: E402
 
-from common.data import DataError, archive_key  # noqa: E402
+from common.views.data import DataError, archive_key  # noqa: E402
 from detection import data as det_data  # noqa: E402
 from detection import train_net  # noqa: E402
 from tests.helpers import ROOT  # noqa: E402

@@ -1,9 +1,9 @@
 """augment.device=model: the loader's workers crop, flip and resize to uint8 and
-record every photometric parameter as before; common/photometric.py finishes
+record every photometric parameter as before; common/views/photometric.py finishes
 the views on the training device from those rows.  augment.device=model_crop:
-the workers only decode and draw; common/resample.py crops, resizes and flips
+the workers only decode and draw; common/views/resample.py crops, resizes and flips
 on the device too.  Replayed against PIL (the loader path,
-common.augment.render) operation by operation and view by view: the pixels
+common.views.augment.render) operation by operation and view by view: the pixels
 are equal (0 levels apart), and the normalised tensors too."""
 import random
 
@@ -13,12 +13,12 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 
-from common import photometric as ph
-from common import resample
-from common.augment import (P, PARAM_NAMES, IoUPolicy, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
+from common.views import photometric as ph
+from common.views import resample
+from common.views.augment import (P, PARAM_NAMES, IoUPolicy, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
                             draw_colour, draw_finish, draw_geometry, record, sample_crop, to_uint8)
-from common.config import ConfigError
-from common.multicrop import multicrop_transform
+from common.engine.config import ConfigError
+from common.views.multicrop import multicrop_transform
 from tests.helpers import dino_cfg, read_log, tiny_cfg
 
 
@@ -283,7 +283,7 @@ def test_every_candidate_comes_from_one_decode_of_the_image(photometric, tmp_pat
 
 
 def test_device_option_is_in_every_method_and_checked(tmp_path):
-    from common.registry import get_method
+    from common.engine.registry import get_method
 
     for name in ("simsiam", "simclr", "dino", "ibot", "dino_stn"):
         spec = get_method(name).spec
@@ -330,7 +330,7 @@ def test_pair_method_trains_identically_with_the_device_path(tmp_path, image_roo
     """SimSiam with HVS, 2 steps of 4 images: the same recorded params,
     choices, scores and losses with augment.device=model and model_crop as with loader (the
     pixels are equal, so the whole run is)."""
-    from common.train import run
+    from common.engine.train import run
     from simsiam.method import SimSiamMethod
 
     args = ["hvs.enabled=true", "train.epochs=1", "run.max_steps_per_epoch=2", "train.batch_size=4", "augment.blur_p=0.7",
@@ -345,7 +345,7 @@ def test_pair_method_trains_identically_with_the_device_path(tmp_path, image_roo
 def test_dino_trains_identically_with_the_device_path(tmp_path, image_root):
     """DINO with HVS (two crop sizes, solarisation on global crop 2), with a
     loader worker: same rows, choices, scores and losses on both paths."""
-    from common.train import run
+    from common.engine.train import run
     from dino.method import DINOMethod
 
     args = ["hvs.enabled=true", "train.epochs=1", "run.max_steps_per_epoch=2", "data.num_workers=1",

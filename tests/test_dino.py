@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common import checkpoint as ckpt_io
-from common.augment import P
+from common.engine import checkpoint as ckpt_io
+from common.views.augment import P
 from common.hvs import HardViewSelector
-from common.method import StepInfo
-from common.multicrop import ema_update, multicrop_pools
-from common.schedules import cosine_schedule, linear_warmup
-from common.train import run
+from common.engine.method import StepInfo
+from common.views.multicrop import ema_update, multicrop_pools
+from common.engine.schedules import cosine_schedule, linear_warmup
+from common.engine.train import run
 from dino.loss import DINOLoss, combination_scores, cross_entropy_table, dino_loss, updated_center
 from dino.method import DINOMethod, clip_each_gradient
 from dino.model import DINOHead
@@ -396,7 +396,7 @@ def test_selection_stats_compare_with_the_baseline_views():
     baseline's (the first candidates of every pool), and the IoU columns use
     the two global crops."""
     from common.hvs import Selection
-    from common.train import selection_stats
+    from common.engine.train import selection_stats
 
     selector = HardViewSelector([(2, 1), (2, 1), (4, 2)])
     first = selector.all_combos[0]

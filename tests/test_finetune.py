@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from common import checkpoint as ckpt_io
+from common.engine import checkpoint as ckpt_io
 from common.backbones import build_vit
-from common.config import resolve
+from common.engine.config import resolve
 from eval.engine import EvalError
 from eval.finetune import FINETUNE_SPEC, PROTOCOLS, Classifier, from_table, main
 

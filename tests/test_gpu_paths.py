@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.hvs import HardViewSelector
-from common.runtime import amp_settings
+from common.engine.runtime import amp_settings
 
 FLAGS = ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32", "torch.backends.cudnn.benchmark")
 
@@ -24,7 +24,7 @@ def cuda_flags():
 
 
 def test_tf32_and_cudnn_autotuning_on_cuda_by_default(cuda_flags):
-    from common.config import COMMON_SPEC
+    from common.engine.config import COMMON_SPEC
 
     assert COMMON_SPEC["train.tf32"]["default"] is True
     amp_settings({"train": {"amp": "off"}}, torch.device("cpu"))
@@ -106,14 +106,14 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
 def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
     """Host synchronisations of each of ``steps`` training steps on batches
     of the run's own dataset: the photometric step (``augment.device=model``),
-    ``common.train.train_step`` and the divergence guard's update, as the loop
+    ``common.engine.train.train_step`` and the divergence guard's update, as the loop
     runs them between logging steps.  ``fp16``: under fp16 autocast with a
     GradScaler (on the CPU)."""
-    from common.augment import collate
-    from common.method import StepInfo
-    from common.photometric import device_photometric
-    from common.runtime import DivergenceGuard
-    from common.train import StepContext, build_train_data, train_step
+    from common.views.augment import collate
+    from common.engine.method import StepInfo
+    from common.views.photometric import device_photometric
+    from common.engine.runtime import DivergenceGuard
+    from common.engine.train import StepContext, build_train_data, train_step
 
     cpu = torch.device("cpu")
     method = method_cls(cfg, cpu)
@@ -184,7 +184,7 @@ def test_one_host_synchronisation_per_step_under_fp16(tmp_path, image_root, monk
     counts = counted_steps(monkeypatch, SimSiamMethod, tiny_cfg(SimSiamMethod, tmp_path, image_root,
                                                                  "hvs.enabled=true"), fp16=True)
     assert [[w.split(" at ")[0] for w in c] for c in counts] == [["item"]] * len(counts)
-    assert all("common/train.py" in c[0] for c in counts)  # the scaler.step of train_step
+    assert all("common/engine/train.py" in c[0] for c in counts)  # the scaler.step of train_step
 
 
 def test_the_counter_sees_a_synchronisation(monkeypatch):
@@ -273,7 +273,7 @@ def test_selection_uses_local_statistics_under_syncbatchnorm(tmp_path, monkeypat
 def test_exact_fp32_reference_turns_tf32_off_and_back(cuda_flags):
     """bench.overhead's fp32 reference choices run without TF32 (the agreement of
     a TF32 selection is measured against exact fp32), the flags restored after."""
-    from common.runtime import exact_fp32
+    from common.engine.runtime import exact_fp32
 
     amp_settings({"train": {"amp": "off"}}, torch.device("cuda"))
     with exact_fp32():

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common import checkpoint as ckpt_io
-from common.config import COMMON_SPEC, ConfigError, resolve
-from common.data import DataError, build_dataset
-from common.logs import read_rows
-from common.runtime import Diverged, RunDir, RunError
-from common.train import run
+from common.engine import checkpoint as ckpt_io
+from common.engine.config import COMMON_SPEC, ConfigError, resolve
+from common.views.data import DataError, build_dataset
+from common.engine.logs import read_rows
+from common.engine.runtime import Diverged, RunDir, RunError
+from common.engine.train import run
 from dino.method import DINOMethod
 from simclr.method import SimCLRMethod
 from simsiam.method import SimSiamMethod
@@ -71,7 +71,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, image_root):
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "r"
-    code = f"from common.runtime import RunDir; RunDir({str(out)!r}).open(); print('locked', flush=True); " \
+    code = f"from common.engine.runtime import RunDir; RunDir({str(out)!r}).open(); print('locked', flush=True); " \
            "import time; time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -122,7 +122,7 @@ def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path, image_root, capsys)
 def test_a_resume_refused_for_a_damaged_log_writes_nothing(tmp_path, image_root):
     """Every resume check passes before config.yaml is rewritten: a log damaged in the middle
     refuses the resume and leaves the folder (its config of the trained lr) as it was."""
-    from common.logs import LogError
+    from common.engine.logs import LogError
 
     out = tmp_path / "r"
     run(tiny_cfg(SimSiamMethod, out, image_root, "train.epochs=1", "run.stop_after_steps=2", "run.log_every=1"),
@@ -311,7 +311,7 @@ def test_a_preemption_signal_waits_for_the_checkpoint_write(tmp_path):
     import os
     import signal
 
-    from common.checkpoint import save_atomic
+    from common.engine.checkpoint import save_atomic
 
     seen = []
     old = signal.signal(signal.SIGUSR2, lambda *_: seen.append((tmp_path / "ckpt.pth").exists()))
@@ -329,7 +329,7 @@ def test_a_preemption_signal_waits_for_the_checkpoint_write(tmp_path):
 
 
 def test_an_evaluation_refuses_a_damaged_log_before_writing_its_config(tmp_path):
-    from common.logs import LogError
+    from common.engine.logs import LogError
     from eval.engine import eval_session
 
     out = tmp_path / "ev"

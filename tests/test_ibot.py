@@ -13,11 +13,11 @@ import random
 import pytest
 import torch
 
-from common import checkpoint as ckpt_io
+from common.engine import checkpoint as ckpt_io
 from common.backbones import build_vit, vit_tokens
 from common.hvs import HardViewSelector
-from common.method import StepInfo
-from common.train import run
+from common.engine.method import StepInfo
+from common.engine.train import run
 from dino.loss import dino_loss, updated_center
 from dino.model import DINO
 from ibot.loss import IBOTLoss, ibot_loss, patch_loss

@@ -1,4 +1,4 @@
-"""common/optim.py against the LARS update of the official SimCLR, BYOL, Barlow
+"""common/engine/optim.py against the LARS update of the official SimCLR, BYOL, Barlow
 Twins and MoCo v3 code, re-stated here from their published formulas: one and
 three steps on identical parameters and gradients, the learning rate changing
 between steps as under a schedule, BatchNorm and bias tensors excluded as each
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.optim import LARS, lars
+from common.engine.optim import LARS, lars
 
 ETA, WD, MOMENTUM = 1e-3, 1e-4, 0.9
 LRS = [0.3, 0.45, 0.6]  # a warm-up: the two momentum forms differ once the lr changes
@@ -29,7 +29,7 @@ def excluded(name: str, p: torch.Tensor, method: str) -> bool:
 
 
 def official_step(params, grads, state, lr, method):
-    """One step of the official update (re-stated; see common/optim.py for the formulas)."""
+    """One step of the official update (re-stated; see common/engine/optim.py for the formulas)."""
     for (name, w), g in zip(params, grads):
         d = g.clone()
         q = torch.tensor(1.0)

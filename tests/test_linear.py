@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from common import checkpoint as ckpt_io
-from common.augment import SeededDataset
+from common.engine import checkpoint as ckpt_io
+from common.views.augment import SeededDataset
 from common.backbones import build_resnet, build_vit
-from common.config import resolve
+from common.engine.config import resolve
 from eval.engine import TensorBatches, Trainer, epoch_results, topk_correct
 from eval.linear import (LINEAR_SPEC, PROTOCOLS, FrozenFeatures, LinearHeads, build_optimizer, check_unchanged,
                          main, make_schedule)

@@ -4,9 +4,9 @@ workers draw the views of the right epoch (the same training as without
 workers)."""
 import torch
 
-from common import checkpoint as ckpt_io
-from common.runtime import EpochSampler
-from common.train import PREFETCH, make_loader, run
+from common.engine import checkpoint as ckpt_io
+from common.engine.runtime import EpochSampler
+from common.engine.train import PREFETCH, make_loader, run
 from simsiam.method import SimSiamMethod
 from tests.helpers import read_log, tiny_cfg
 

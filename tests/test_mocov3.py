@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
-from common import checkpoint as ckpt_io
-from common.augment import P
-from common.config import ConfigError
+from common.engine import checkpoint as ckpt_io
+from common.views.augment import P
+from common.engine.config import ConfigError
 from common.hvs import HardViewSelector, pair_combinations, pool_combinations
-from common.method import StepInfo
+from common.engine.method import StepInfo
 from mocov3.loss import contrastive, mocov3_loss, pair_scores
 from mocov3.method import MoCoV3Method
 from tests.helpers import assert_exact_resume, assert_knn_evaluates, cli, read_log, tiny_cfg

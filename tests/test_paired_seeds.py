@@ -4,8 +4,8 @@ only difference between them is the choice of views."""
 import pytest
 import torch
 
-from common.runtime import seed_everything
-from common.train import build
+from common.engine.runtime import seed_everything
+from common.engine.train import build
 from dino.method import DINOMethod
 from simclr.method import SimCLRMethod
 from simsiam.method import SimSiamMethod

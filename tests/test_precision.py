@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from common import hvs
-from common.config import ConfigError
+from common.engine.config import ConfigError
 from common.hvs import HardViewSelector, selection_dtype
-from common.train import run
+from common.engine.train import run
 from simsiam.method import SimSiamMethod
 from tests.helpers import tiny_cfg
 
@@ -92,8 +92,8 @@ def test_precision_bench_on_a_checkpoint(tmp_path, tiny_checkpoints, image_root)
 def test_train_compile_compiles_the_backbones_in_place(tmp_path, image_root, monkeypatch):
     """train.compile=true compiles every backbone (student and teacher for DINO) for the training step and
     the selection forward, keeping the state-dict keys (checkpoints unchanged)."""
-    from common import checkpoint as ckpt_io
-    from common.runtime import compile_backbones
+    from common.engine import checkpoint as ckpt_io
+    from common.engine.runtime import compile_backbones
     from dino.method import DINOMethod
     from tests.helpers import dino_cfg
 
@@ -123,11 +123,11 @@ AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_step(method_name, amp, precision, monkeypatch):
-    """One training step (``common.train.train_step``) of a tiny SimSiam or DINO
+    """One training step (``common.engine.train.train_step``) of a tiny SimSiam or DINO
     under CPU autocast ``amp`` with the selection in ``precision`` (fp16 allowed
     on the CPU here: CPU autocast computes it); returns (loss, gradients)."""
-    from common.method import StepInfo
-    from common.train import StepContext, train_step
+    from common.engine.method import StepInfo
+    from common.engine.train import StepContext, train_step
     from dino.method import DINOMethod
     from tests.helpers import dino_cfg, multicrop_candidates
 

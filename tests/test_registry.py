@@ -1,4 +1,4 @@
-"""common/registry.py is the one list of methods: a method registered there (here
+"""common/engine/registry.py is the one list of methods: a method registered there (here
 a toy one, registered only inside the test) reaches run_all.sh's tokens, the
 linear probe's protocol, the summary's paper rows and both benchmarks."""
 import csv
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from common import registry
-from common.method import BenchSettings
+from common.engine import registry
+from common.engine.method import BenchSettings
 from simsiam.method import SimSiamMethod
 from tests.helpers import ROOT, cli
 
@@ -98,9 +98,9 @@ def test_what_the_methods_declare_exists():
 
 
 def test_the_command_line_lists_and_refuses_in_one_line():
-    p = cli("-m", "common.registry", "--list", "methods")
+    p = cli("-m", "common.engine.registry", "--list", "methods")
     assert p.returncode == 0 and p.stdout.split() == list(registry.METHODS)
-    p = cli("-m", "common.registry", "--list", "everything")
+    p = cli("-m", "common.engine.registry", "--list", "everything")
     assert p.returncode == 2 and "invalid choice: 'everything'" in p.stderr
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common import checkpoint as ckpt_io
-from common.train import run
+from common.engine import checkpoint as ckpt_io
+from common.engine.train import run
 from simsiam.method import SimSiamMethod
 from tests.helpers import tiny_cfg
 

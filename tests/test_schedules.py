@@ -1,9 +1,9 @@
-"""common.schedules: the two warm-up shapes of cosine_schedule."""
+"""common.engine.schedules: the two warm-up shapes of cosine_schedule."""
 import math
 
 import pytest
 
-from common.schedules import cosine_schedule
+from common.engine.schedules import cosine_schedule
 
 
 def test_default_warmup_is_linspace_bitwise():

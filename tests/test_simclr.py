@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.hvs import HardViewSelector, pair_combinations
-from common.method import StepInfo
-from common.train import run
+from common.engine.method import StepInfo
+from common.engine.train import run
 from simclr.loss import nt_xent, pair_scores
 from simclr.method import SimCLRMethod
 from tests.helpers import tiny_cfg
@@ -111,7 +111,7 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
 
 
 def test_schedule_is_bitwise_the_warmup_then_cosine(tmp_path):
-    """The schedule (now ``common.schedules.cosine_schedule`` with
+    """The schedule (now ``common.engine.schedules.cosine_schedule`` with
     ``warmup_shape="ratio"``) gives exactly, to the bit, SimCLR's formula:
     lr * step / warmup during the warm-up, then lr * 0.5 * (1 + cos(pi * (step -
     warmup) / (total - warmup)))."""

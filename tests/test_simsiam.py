@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from common.config import COMMON_SPEC, resolve
-from common.method import StepInfo
+from common.engine.config import COMMON_SPEC, resolve
+from common.engine.method import StepInfo
 from simsiam.loss import negative_cosine, pair_scores, simsiam_loss
 from simsiam.method import SimSiamMethod
 
@@ -67,7 +67,7 @@ def test_optimizer_recipe():
 
 
 def test_lr_schedule_is_bitwise_the_cosine_per_epoch():
-    """The schedule (now ``common.schedules.cosine_schedule``) gives exactly, to
+    """The schedule (now ``common.engine.schedules.cosine_schedule``) gives exactly, to
     the bit, SimSiam's formula init_lr * 0.5 * (1 + cos(pi * epoch / epochs))."""
     cfg, m = make()
     for batch in (256, 512, 100, 4096):

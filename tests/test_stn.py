@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common import checkpoint as ckpt_io
-from common.augment import IMAGENET_MEAN, IMAGENET_STD, P
-from common.config import COMMON_SPEC, ConfigError, resolve
-from common.method import StepInfo
-from common.registry import get_method
-from common.train import run
+from common.engine import checkpoint as ckpt_io
+from common.views.augment import IMAGENET_MEAN, IMAGENET_STD, P
+from common.engine.config import COMMON_SPEC, ConfigError, resolve
+from common.engine.method import StepInfo
+from common.engine.registry import get_method
+from common.engine.train import run
 from dino.stn import (MODES, N_PARAMS, STN, STNDINOMethod, crop_area, initial_raw, render_views, reverse_gradient,
                       tcp_penalty, theta_from_raw)
 from tests.helpers import VIT, assert_exact_resume, assert_knn_evaluates, cli, read_log, tiny_cfg

@@ -75,8 +75,8 @@ def test_torchrun_variables_from_slurm(monkeypatch):
 
 
 def join_process_group():
-    """In a task: torchrun's variables from the job, then what every entry point does (common/dist.py)."""
-    from common import dist
+    """In a task: torchrun's variables from the job, then what every entry point does (common/engine/dist.py)."""
+    from common.engine import dist
 
     os.environ.update(launcher.distributed_env(submitit.JobEnvironment()))
     dist.init("cpu")
@@ -153,8 +153,8 @@ def logged_steps(out) -> int:
 
 @pytest.mark.slow
 def test_preempted_job_is_requeued_and_resumes(tmp_path, image_root, monkeypatch):
-    from common import checkpoint as ckpt_io
-    from common.train import run
+    from common.engine import checkpoint as ckpt_io
+    from common.engine.train import run
     from simsiam.method import SimSiamMethod
     from tests.helpers import TINY, read_log, tiny_cfg
 

@@ -169,7 +169,7 @@ def test_ibot_checkpoint_arch_is_a_vit():
     """The arch eval.knn writes for an iBOT checkpoint (the method's ``arch``) is of the ViT family."""
     from pathlib import Path
 
-    from common.config import COMMON_SPEC, resolve
+    from common.engine.config import COMMON_SPEC, resolve
     from ibot.method import IBOTMethod
     configs = Path(__file__).resolve().parents[1] / "configs"
     for name, arch in (("ibot_small", "vit_tiny/4"), ("ibot_tiny_imagenet_gpu", "vit_tiny/8"),

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint as ckpt_io
-from common.config import ConfigError
-from common.train import run
+from common.engine import checkpoint as ckpt_io
+from common.engine.config import ConfigError
+from common.engine.train import run
 from simsiam.method import SimSiamMethod
 from tests.helpers import tiny_cfg
 from tests.helpers import cli, read_log
@@ -49,7 +49,7 @@ def test_exact_resume(tmp_path, image_root, stop):
 
 
 def test_config_changes_are_named():
-    from common.runtime import config_changes
+    from common.engine.runtime import config_changes
 
     old = {"train": {"epochs": 2, "batch_size": 8}, "run": {"stop_after_steps": 4}}
     new = {"train": {"epochs": 4, "batch_size": 8}, "run": {"stop_after_steps": 0}}

@@ -1,4 +1,4 @@
-"""Tests of the transfer datasets of common/data.py (Flowers102, Food101, iNat21)
+"""Tests of the transfer datasets of common/views/data.py (Flowers102, Food101, iNat21)
 on tiny fake roots written in tmp_path in each layout that build_dataset accepts."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import functional as TF
 
-from common.data import DATASETS, DataError, archive_key, build_dataset, num_classes, subset_indices
+from common.views.data import DATASETS, DataError, archive_key, build_dataset, num_classes, subset_indices
 
 
 def write_image(path: Path, level: int, mode: str = "RGB") -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from common.batch_scores import SCORES
-from common.config import COMMON_SPEC, resolve
-from common.method import StepInfo
+from common.engine.config import COMMON_SPEC, resolve
+from common.engine.method import StepInfo
 from tests.helpers import assert_exact_resume, assert_knn_evaluates, read_log, tiny_cfg
 from vicreg.loss import pair_scores, vicreg_loss
 from vicreg.method import VICRegMethod

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.augment import (P, PARAM_NAMES, IoUPolicy, IoUPolicyError, MultiViewDataset, MultiViewTransform, ViewRecipe,
+from common.views.augment import (P, PARAM_NAMES, IoUPolicy, IoUPolicyError, MultiViewDataset, MultiViewTransform, ViewRecipe,
                             box_iou, pair_iou)
-from common.config import ConfigError, load_yaml
+from common.engine.config import ConfigError, load_yaml
 from common.hvs import HardViewSelector
 from common.numerics import collapse_std
-from common.runtime import EpochSampler, one_line
-from common.train import run
+from common.engine.runtime import EpochSampler, one_line
+from common.engine.train import run
 from simsiam.method import SimSiamMethod
 from tests.helpers import ROOT, TINY, cli, read_log, tiny_cfg
 
@@ -163,8 +163,8 @@ def test_options_are_checked_against_hvs(tmp_path, image_root):
 
 
 def test_analysis_configs_resolve_for_every_method():
-    from common.config import COMMON_SPEC, resolve
-    from common.registry import get_method
+    from common.engine.config import COMMON_SPEC, resolve
+    from common.engine.registry import get_method
 
     configs = sorted((ROOT / "configs" / "analysis").glob("*.yaml"))
     assert {"easy.yaml", "n_views_8.yaml", "static_color.yaml"} <= {c.name for c in configs}

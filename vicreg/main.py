@@ -5,7 +5,7 @@
 
 Variance and covariance are taken over the global batch (embeddings gathered across ranks).
 Re-running the same command resumes from ``<output_dir>/checkpoint.pth``."""
-from common.train import main
+from common.engine.train import main
 from vicreg.method import VICRegMethod
 
 if __name__ == "__main__":

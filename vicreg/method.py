@@ -15,10 +15,10 @@ per-sample score ``hvs.score`` is VICReg's own: :func:`vicreg.loss.pair_scores`.
 The three loss terms are logged (``inv``, ``var``, ``cov``).
 """
 from barlowtwins.method import SHARED_SPEC, BarlowTwinsMethod
-from common.config import setting
-from common.method import BenchSettings
+from common.engine.config import setting
+from common.engine.method import BenchSettings
 from common.numerics import collapse_std
-from common.schedules import scaled_lr
+from common.engine.schedules import scaled_lr
 from vicreg.loss import pair_scores, vicreg_loss
 from vicreg.model import VICReg
 

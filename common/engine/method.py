@@ -1,7 +1,7 @@
 """What the shared training loop and the selector know of a method.
 
 A method subclasses :class:`SSLMethod` and fills in a few functions; the loop
-(`common/train.py`) and the selector (`common/hvs.py`) know nothing else."""
+(`common/engine/train.py`) and the selector (`common/hvs.py`) know nothing else."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from common.augment import MultiViewTransform, recipe_from_cfg
+from common.views.augment import MultiViewTransform, recipe_from_cfg
 from common.backbones import build_resnet, load_prefixed
-from common.config import setting
+from common.engine.config import setting
 from common.hvs import precision_setting
 
 
@@ -48,9 +48,9 @@ class BenchSettings:
 
 
 class SSLMethod:
-    #: name written into checkpoints and used by :mod:`common.registry`
+    #: name written into checkpoints and used by :mod:`common.engine.registry`
     name: str = ""
-    # --- what the scripts read through :mod:`common.registry` (set on every registered class) ---
+    # --- what the scripts read through :mod:`common.engine.registry` (set on every registered class) ---
     #: run_all.sh's method tokens -> backbone family ("resnet" or "vit"); a token runs
     #: ``python -m <folder>.main --config configs/<token>_<profile>.yaml``; empty: not run by run_all.sh
     run_all_tokens: dict = {}
@@ -62,7 +62,7 @@ class SSLMethod:
     bench: BenchSettings | None = None
     #: run by the smoke section of bench/gpu_check.py (needs configs/<name>_cifar10_gpu.yaml)
     gpu_smoke: bool = False
-    #: extra config keys of the method, merged into :data:`common.config.COMMON_SPEC`
+    #: extra config keys of the method, merged into :data:`common.engine.config.COMMON_SPEC`
     spec: dict = {}
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
     size_multiple: int = 1

@@ -3,9 +3,9 @@
 
 With ``model_crop`` the loader workers only decode each image once and draw
 (and record) every parameter; the crop boxes and flips of the candidates are
-the rows' ``crop_*`` and ``flip`` columns (:data:`common.augment.PARAM_NAMES`).
+the rows' ``crop_*`` and ``flip`` columns (:data:`common.views.augment.PARAM_NAMES`).
 This module turns a batch of decoded images into the candidates' ``uint8``
-views, which :mod:`common.photometric` then finishes.
+views, which :mod:`common.views.photometric` then finishes.
 
 PIL's ``Image.resize`` (``Resample.c``, 8 bits per channel) is separable: a
 horizontal pass, then a vertical pass, each rounded to ``uint8``.  For output
@@ -34,8 +34,8 @@ import functools
 import numpy as np
 import torch
 
-from common.augment import P
-from common.photometric import to_device
+from common.numerics import to_device
+from common.views.augment import P
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
 #: values a group's first pass holds at most, on a CPU and on an accelerator
@@ -183,7 +183,7 @@ def pillow_vertical_first() -> bool:
 
 
 def padded_group(pixels: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, H: int, W: int) -> torch.Tensor:
-    """Images of a packed batch (:class:`common.augment.DecodedBatch`: ``pixels``
+    """Images of a packed batch (:class:`common.views.augment.DecodedBatch`: ``pixels``
     flat uint8, image g from ``starts[g]`` in [h, w, 3] order, ``shapes`` [G, 2]
     its (h, w)) zero-padded to [G, 3, H, W] int32 with one gather: a fixed
     number of kernels whatever the number of images."""
@@ -201,12 +201,12 @@ def padded_group(pixels: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, H
 def crop_resize_flip(images, params: torch.Tensor, size: int, interpolation: str,
                      max_values: int | None = None) -> torch.Tensor:
     """The views of a batch: ``images`` the B decoded images (a
-    :class:`common.augment.DecodedBatch`, or a list of uint8 [3, H_i, W_i],
+    :class:`common.views.augment.DecodedBatch`, or a list of uint8 [3, H_i, W_i],
     any device, or a tensor [B, 3, H, W]), ``params`` [B, n,
     len(PARAM_NAMES)] (CPU) the rows of ``n`` views of each image, all of
     output ``size`` and ``interpolation``.  Returns [B, n, 3, size, size]
     float32 levels, equal to ``img.crop(box).resize((size, size), filter)``
-    then maybe a flip (as :func:`common.augment.draw_geometry`).
+    then maybe a flip (as :func:`common.views.augment.draw_geometry`).
 
     Images of similar size go together (sorted by area), zero-padded to the
     largest of their group, a group's first pass holding at most about

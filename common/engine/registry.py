@@ -2,16 +2,16 @@
 method's folder stays self-contained.
 
 Everything else that needs the list of methods reads it from here, through the
-class attributes every method declares (:class:`common.method.SSLMethod`):
-``run_all.sh`` (its method tokens, through ``python -m common.registry --list``),
+class attributes every method declares (:class:`common.engine.method.SSLMethod`):
+``run_all.sh`` (its method tokens, through ``python -m common.engine.registry --list``),
 ``bench/overhead.py`` and ``bench/gpu_check.py`` (what they time and smoke-test),
 ``eval/linear.py`` (each method's linear-probe protocol) and ``eval/summary.py``
 (the paper's rows beside ours).  Adding a method is its folder plus one line
 below (docs/add_a_method.md).
 
-    python -m common.registry --list methods     # the registered names
-    python -m common.registry --list tokens      # run_all.sh's tokens: "<token> <entry module> <family>"
-    python -m common.registry --list protocols   # the linear-probe protocols the methods use
+    python -m common.engine.registry --list methods     # the registered names
+    python -m common.engine.registry --list tokens      # run_all.sh's tokens: "<token> <entry module> <family>"
+    python -m common.engine.registry --list protocols   # the linear-probe protocols the methods use
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Runs as one process (CPU or GPU) or under torchrun (DDP: gloo on CPU, NCCL on
 GPU, one or several nodes).  Reads top to bottom:
 
-  1. set-up (``common.runtime``): process group, the locked run folder, seeds
+  1. set-up (``common.engine.runtime``): process group, the locked run folder, seeds
   2. :func:`build`: multi-view dataset (N candidates per crop slot), sampler,
      model, optimizer, mixed precision, selector
   3. :func:`resume` from ``checkpoint.pth`` (checked against the run first)
@@ -22,16 +22,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common import checkpoint as ckpt_io
-from common import dist
-from common.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou, collate, views_to
-from common.config import COMMON_SPEC, ConfigError, entry_point, parse_args
-from common.data import DataError, build_dataset, subset_indices
+from common.engine import checkpoint as ckpt_io
+from common.engine import dist
+from common.views.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou, collate, views_to
+from common.engine.config import COMMON_SPEC, ConfigError, entry_point, parse_args
+from common.views.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
-from common.logs import JsonLog, Progress, SelectionLog, fmt_time
-from common.method import StepInfo
-from common.photometric import device_photometric
-from common.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
+from common.engine.logs import JsonLog, Progress, SelectionLog, fmt_time
+from common.engine.method import StepInfo
+from common.views.photometric import device_photometric
+from common.engine.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
                             exit_on_error, run_session, step_seed, warn_config_changes)
 
 
@@ -277,7 +277,7 @@ def resume(r: Run, state: dict | None) -> None:
 
 def checkpoint(r: Run, epoch_done: int, loop: dict | None = None) -> None:
     """Write ``checkpoint.pth`` (rank 0), unless a loss since the start or a
-    weight is not finite: then :class:`common.runtime.Diverged`, and the last
+    weight is not finite: then :class:`common.engine.runtime.Diverged`, and the last
     good checkpoint stays as it was."""
     r.sel_log.flush()
     state = r.model.state_dict()

@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.augment import MultiViewTransform, ViewRecipe, device_spec
-from common.config import setting
+from common.views.augment import MultiViewTransform, ViewRecipe, device_spec
+from common.engine.config import setting
 
 N_GLOBAL = 2  # global crops per image (the teacher's views)
 

@@ -5,7 +5,7 @@ The two views of an image share the crop, flip, colour jitter and grayscale
 settings and differ in blur and solarisation (BYOL, Appendix B: view 1 always
 blurred, never solarised; view 2 blurred with p 0.1, solarised with p 0.2).
 With HVS the candidates keep their recipe, as DINO's two global crops do
-(:mod:`common.multicrop`): ``hvs.n_views`` = N candidates are split N/2 per
+(:mod:`common.views.multicrop`): ``hvs.n_views`` = N candidates are split N/2 per
 recipe, pools ``[(N/2, 1), (N/2, 1)]``, and a compared pair is one candidate of
 each recipe, (N/2)^2 pairs (4 with N = 4, where a single pool would give
 C(4, 2) = 6 pairs, some of two views of one recipe, which these methods never
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from common.augment import MultiViewTransform, ViewRecipe, augment_spec, recipe_from_cfg
-from common.config import ConfigError, setting
+from common.views.augment import MultiViewTransform, ViewRecipe, augment_spec, recipe_from_cfg
+from common.engine.config import ConfigError, setting
 
 N_RECIPES = 2
 
@@ -36,7 +36,7 @@ def two_views_spec(interpolation: str = "bicubic", jitter=(0.4, 0.4, 0.2, 0.1)) 
 
 
 def recipes(cfg: dict) -> list[ViewRecipe]:
-    """The :class:`common.augment.ViewRecipe` of view 1 and of view 2."""
+    """The :class:`common.views.augment.ViewRecipe` of view 1 and of view 2."""
     a = cfg["augment"]
     return [replace(recipe_from_cfg({**a, "blur_p": a["blur_p"][v]}), solarize_p=a["solarize_p"][v],
                     interpolation=a["interpolation"]) for v in range(N_RECIPES)]
@@ -63,7 +63,7 @@ def two_views_pools(cfg: dict) -> list:
 
 class TwoViews:
     """The data hooks of a method trained on BYOL's two view recipes (mix it in
-    before :class:`common.method.SSLMethod` or ``PairMethod``)."""
+    before :class:`common.engine.method.SSLMethod` or ``PairMethod``)."""
 
     def view_transform(self, hvs_on):
         return two_views_transform(self.cfg, hvs_on)

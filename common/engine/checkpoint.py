@@ -169,7 +169,7 @@ PRETRAINING_ENTRIES = {"method": str, "arch": str, "config": dict, "epoch": int,
 def check_pretraining_entries(path, ckpt: dict) -> None:
     """A pretraining checkpoint has every entry of :data:`PRETRAINING_ENTRIES`
     and a method of this repository."""
-    from common.registry import METHODS
+    from common.engine.registry import METHODS
 
     for key, kind in PRETRAINING_ENTRIES.items():
         if not isinstance(ckpt.get(key), kind):
@@ -243,7 +243,7 @@ def load_backbone(path, which: str = "auto", drop_path: float = 0.0):
     hvs, which (the weights taken) and fingerprint (a hash of the backbone's
     weights).  ``which``: auto (teacher if the method has one), teacher or
     student.  ``drop_path``: stochastic depth of a ViT (finetuning)."""
-    from common.registry import get_method
+    from common.engine.registry import get_method
 
     ckpt = load(path)
     method_cls = get_method(ckpt["method"])

@@ -25,7 +25,7 @@ class JsonLog:
         self.path, self.enabled = Path(path), enabled
         if enabled and resume_step is not None and self.path.exists():
             keep = [json.dumps(r) for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
-            from common.checkpoint import write_text_atomic
+            from common.engine.checkpoint import write_text_atomic
 
             write_text_atomic(self.path, "".join(r + "\n" for r in keep))
 

@@ -11,10 +11,10 @@ Where the photometric half of a view runs is ``augment.device``
 (:func:`device_spec`): ``loader`` (default) renders every view in PIL here;
 ``model`` makes the workers stop after the crop, flip and resize (uint8
 tensors) while drawing and recording the same parameters from the same random
-sequence, and :mod:`common.photometric` finishes the views on the training
+sequence, and :mod:`common.views.photometric` finishes the views on the training
 device from those rows, pixel for pixel as PIL would; ``model_crop`` makes the
 workers only decode each image once and draw and record every parameter, and
-the crop, resize and flip (:mod:`common.resample`) run on the device as well.
+the crop, resize and flip (:mod:`common.views.resample`) run on the device as well.
 
 Randomness comes from an explicit :class:`random.Random` passed in, never from
 the global generators: :class:`MultiViewDataset` seeds it from
@@ -34,7 +34,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from common.config import ConfigError
+from common.engine.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +114,7 @@ def sample_crop(rng: random.Random, width: int, height: int, scale, ratio):
 def device_spec() -> dict:
     """Config key ``augment.device``: where the photometric half of every view
     (jitter, grayscale, blur, solarisation) runs; every method has it."""
-    from common.config import setting
+    from common.engine.config import setting
 
     return {"augment.device": setting(
         "loader", "where the views are rendered: loader (all in PIL, per view, in the loader workers), model "
@@ -126,7 +126,7 @@ def device_spec() -> dict:
 
 def augment_spec(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, size=224) -> dict:
     """Config keys ``augment.*`` of a one-slot recipe, with a method's defaults."""
-    from common.config import setting
+    from common.engine.config import setting
 
     return {
         **device_spec(),
@@ -323,13 +323,13 @@ class MultiViewTransform:
       ``"model"`` (``augment.device=model``): return the geometric views as
       uint8 tensors [3, S, S], every photometric parameter still drawn from
       ``rng`` in the same sequence and recorded in the same rows; the training
-      loop finishes them on its device (:class:`common.photometric.DevicePhotometric`).
+      loop finishes them on its device (:class:`common.views.photometric.DevicePhotometric`).
       With static colour the V views come once and the rows twice ([2V, ...]):
       the shared-colour rows, then the own-colour rows of the renderings.
       ``"model_crop"``: as ``"model"``, but instead of the V views the decoded
       image itself, once (one uint8 tensor [3, H, W], not a list; :func:`collate`
       packs a batch of them), the crops and flips only drawn and recorded
-      (:class:`common.photometric.DeviceViews` renders them).
+      (:class:`common.views.photometric.DeviceViews` renders them).
     """
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])

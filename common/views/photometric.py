@@ -2,11 +2,11 @@
 (``augment.device=model``).
 
 With ``augment.device=loader`` (the default) every candidate view is finished
-in PIL in the loader workers (:func:`common.augment.render`).  With ``model``
+in PIL in the loader workers (:func:`common.views.augment.render`).  With ``model``
 the workers only crop, flip and resize, hand over ``uint8`` tensors, and still
 draw and record every photometric parameter with the same random sequence; the
 training loop then runs :class:`DevicePhotometric` over all candidates of the
-batch, driven by those recorded rows (:data:`common.augment.PARAM_NAMES`):
+batch, driven by those recorded rows (:data:`common.views.augment.PARAM_NAMES`):
 
 1. colour jitter: brightness, contrast, saturation, hue with the recorded
    factors, in the recorded order (four rounds; in round ``k`` each sample runs
@@ -16,7 +16,7 @@ batch, driven by those recorded rows (:data:`common.augment.PARAM_NAMES`):
 
 With ``augment.device=model_crop`` the workers hand over the decoded images
 instead, and :class:`DeviceViews` first crops, resizes and flips the
-candidates on the device (:mod:`common.resample`), then does the same.
+candidates on the device (:mod:`common.views.resample`), then does the same.
 
 Every operation follows the integer arithmetic of the PIL operation it
 replaces, rounding to ``uint8`` where PIL does, so that the pixels match the
@@ -49,8 +49,9 @@ import math
 import numpy as np
 import torch
 
-from common.augment import P
 from common.numerics import to_device
+from common.views.augment import P
+from common.views.resample import crop_resize_flip
 
 ORDER_COLUMNS = [P[f"order{k}"] for k in range(4)]
 FACTOR_COLUMNS = [P["brightness"], P["contrast"], P["saturation"], P["hue"]]
@@ -296,7 +297,7 @@ CPU_CHUNK_VALUES = 1 << 18
 
 
 def apply_photometric(images: torch.Tensor, params: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """The photometric part of :func:`common.augment.render`, batched: jitter
+    """The photometric part of :func:`common.views.augment.render`, batched: jitter
     (recorded factors and order), grayscale, blur (recorded sigma), solarise.
     ``images`` [n, 3, H, W] uint8 (any device), ``params`` [n, len(PARAM_NAMES)]
     on the CPU.  Returns float32 [n, 3, H, W] holding the uint8 levels.
@@ -374,15 +375,13 @@ class DevicePhotometric:
 
 class DeviceViews(DevicePhotometric):
     """:class:`DevicePhotometric` for ``augment.device=model_crop``: called
-    with the decoded images of the batch (a :class:`common.augment.DecodedBatch`,
+    with the decoded images of the batch (a :class:`common.views.augment.DecodedBatch`,
     or a list of uint8 [3, H, W]) in place of the candidates; crops, resizes
-    and flips every candidate from its row (:func:`common.resample.crop_resize_flip`,
+    and flips every candidate from its row (:func:`common.views.resample.crop_resize_flip`,
     consecutive views of one size and filter together), then finishes them as
     :class:`DevicePhotometric`."""
 
     def __call__(self, images, params: torch.Tensor):
-        from common.resample import crop_resize_flip
-
         V = len(self.recipes)
         packed = hasattr(images, "pixels")  # a DecodedBatch: cropped without a kernel per image
         if isinstance(images, torch.Tensor) or len(images) != params.shape[0] or params.shape[1] not in (V, 2 * V) \

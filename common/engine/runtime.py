@@ -1,4 +1,4 @@
-"""What every run of this repository shares: pretraining (``common/train.py``),
+"""What every run of this repository shares: pretraining (``common/engine/train.py``),
 the evaluations (``eval/engine.py``) and the benchmarks (``bench/``).
 
   1. the run folder: one run at a time (a lock), writable, no stale temporary
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from common import checkpoint as ckpt_io
-from common import dist
-from common.config import ConfigError, dump, flatten
-from common.data import DataError
-from common.logs import LogError
+from common.engine import checkpoint as ckpt_io
+from common.engine import dist
+from common.engine.config import ConfigError, dump, flatten
+from common.views.data import DataError
+from common.engine.logs import LogError
 
 
 class RunError(RuntimeError):

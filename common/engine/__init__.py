@@ -1,0 +1,1 @@
+"""The run: training loop, runtime, checkpoints, logs, configuration, method interface and registry."""
