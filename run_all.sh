@@ -378,7 +378,7 @@ if has analysis || has selection; then
           variant_run dino stn-baseline "$seed" dino.main --config "configs/dino_${STN_CFG}.yaml"
         fi
         for mode in $STN_MODES; do
-          variant_run dino "stn-$mode" "$seed" dino.stn --config "configs/dino_stn_${STN_CFG}.yaml" "stn.mode=$mode"
+          variant_run dino "stn-$mode" "$seed" stn.main --config "configs/dino_stn_${STN_CFG}.yaml" "stn.mode=$mode"
         done
       fi
     done

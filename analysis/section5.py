@@ -293,7 +293,7 @@ def render(results: Path) -> list:
          "The crops of the pair (DINO: the global crops) are redrawn until their IoU is at most a threshold "
          "scheduled from start to end over training; no HVS.", table5(runs)),
         ("### STN adversary (Table 6): DINO ViT-tiny on CIFAR-10",
-         "A spatial transformer generates the crops and maximises DINO's loss (`dino/stn.py`); theta-crop "
+         "A spatial transformer generates the crops and maximises DINO's loss (`stn/method.py`); theta-crop "
          "penalty (TCP).", table6(runs)),
         ("### Easy selection, number of views and static colour (Appendix F.2, Fig. 7, Fig. 4 right)",
          "`out_std`: std of the L2-normalised outputs over the batch (SimSiam's collapse measure; about "

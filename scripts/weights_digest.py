@@ -42,7 +42,7 @@ def runs():
     from barlowtwins.method import BarlowTwinsMethod
     from byol.method import BYOLMethod
     from dino.method import DINOMethod
-    from dino.stn import STNDINOMethod
+    from stn.method import STNDINOMethod
     from ibot.method import IBOTMethod
     from mocov3.method import MoCoV3Method
     from simclr.method import SimCLRMethod

@@ -1,4 +1,4 @@
-"""DINO with the adversarial STN (dino/stn.py, HVS paper Appendix E / Table 6):
+"""DINO with the adversarial STN (stn/method.py, HVS paper Appendix E / Table 6):
 the transformation families and their degrees of freedom, the initial crops,
 crops rendered from known thetas, the Theta Crops Penalty, the gradient
 reversal (the STN's step raises the loss, the student's lowers it), the data
@@ -19,7 +19,7 @@ from common.engine.config import COMMON_SPEC, ConfigError, resolve
 from common.engine.method import StepInfo
 from common.engine.registry import get_method
 from common.engine.train import run
-from dino.stn import (MODES, N_PARAMS, STN, STNDINOMethod, crop_area, initial_raw, render_views, reverse_gradient,
+from stn.method import (MODES, N_PARAMS, STN, STNDINOMethod, crop_area, initial_raw, render_views, reverse_gradient,
                       tcp_penalty, theta_from_raw)
 from tests.helpers import VIT, assert_exact_resume, assert_knn_evaluates, cli, read_log, tiny_cfg
 
@@ -364,7 +364,7 @@ def test_short_run_logs_the_game_and_its_checkpoint_loads(tmp_path, image_root):
 @pytest.mark.slow
 def test_command_line_run_evaluates_with_knn_and_linear(tmp_path, image_root):
     out = tmp_path / "cli"
-    r = cli("-m", "dino.stn", "--output-dir", str(out), "--data-dir", str(image_root), "data.dataset=imagefolder",
+    r = cli("-m", "stn.main", "--output-dir", str(out), "--data-dir", str(image_root), "data.dataset=imagefolder",
             *VIT, "model.out_dim=32", "model.head_hidden=32", "model.head_bottleneck=16", "augment.global_size=16",
             "augment.local_size=8", "augment.n_local=2", "train.batch_size=8", "train.epochs=1",
             "data.num_workers=0", "stn.input_size=16", "stn.hidden=4", "stn.mode=rotation-translation-scale",
@@ -378,7 +378,7 @@ def test_command_line_run_evaluates_with_knn_and_linear(tmp_path, image_root):
                        str(tmp_path / "lin"), "train.epochs=1", "data.num_workers=0", "train.batch_size=8",
                        "run.log_every=1000", "features.n_last_blocks=2"])
     assert res["method"] == "dino_stn" and 0 <= res["top1"] <= 100
-    bad = cli("-m", "dino.stn", "--output-dir", str(tmp_path / "bad"), "--data-dir", str(image_root),
+    bad = cli("-m", "stn.main", "--output-dir", str(tmp_path / "bad"), "--data-dir", str(image_root),
               "data.dataset=imagefolder", "hvs.enabled=true")
     assert bad.returncode == 2 and "hvs.enabled=true" in bad.stderr
 
@@ -388,7 +388,7 @@ def test_torchrun_two_processes(tmp_path, image_root):
     """DDP (gloo, two CPU processes): the STN runs inside the wrapped model's
     forward, so DDP averages its gradients with the student's."""
     out = tmp_path / "ddp"
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dino.stn",
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stn.main",
             "--output-dir", str(out), "--data-dir", str(image_root), "data.dataset=imagefolder",
             *VIT, "model.out_dim=32", "model.head_hidden=32", "model.head_bottleneck=16",
             "augment.global_size=16", "augment.local_size=8", "augment.n_local=2", "train.batch_size=8",

@@ -23,7 +23,7 @@ METHODS = {
     "simsiam": "simsiam.method:SimSiamMethod",
     "simclr": "simclr.method:SimCLRMethod",
     "dino": "dino.method:DINOMethod",
-    "dino_stn": "dino.stn:STNDINOMethod",
+    "dino_stn": "stn.method:STNDINOMethod",
     "ibot": "ibot.method:IBOTMethod",
     "byol": "byol.method:BYOLMethod",
     "mocov3": "mocov3.method:MoCoV3Method",

@@ -2,7 +2,7 @@
 HVS paper's Section 5.3 ("Optimizing an Adversarial Learner for the View
 Generation") and Appendix E, Table 6 (ViT-tiny, CIFAR-10).
 
-    python -m dino.stn --config configs/dino_stn_small.yaml [--output-dir DIR] [key=value ...]
+    python -m stn.main --config configs/dino_stn_small.yaml [--output-dir DIR] [key=value ...]
 
 What the paper says (Appendix E, Fig. 9)
 ----------------------------------------
@@ -325,7 +325,7 @@ class STNDINO(nn.Module):
 # ----------------------------------------------------------------------------
 class STNDINOMethod(DINOMethod):
     """DINO with an adversarial Spatial Transformer Network generating the
-    crops (HVS paper, Section 5.3 and Appendix E, Table 6); see dino/stn.py."""
+    crops (HVS paper, Section 5.3 and Appendix E, Table 6); see stn/method.py."""
 
     name = "dino_stn"
     # its runs are run_all.sh's Section 5 rows (Table 6), not a method token; DINO's linear protocol
@@ -452,8 +452,3 @@ class STNDINOMethod(DINOMethod):
             stats["area_local"] = area[:, N_GLOBAL:].mean()
         return loss, stats
 
-
-if __name__ == "__main__":
-    from common.engine.train import main
-
-    main(STNDINOMethod)
