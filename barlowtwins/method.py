@@ -100,13 +100,13 @@ class BarlowTwinsMethod(TwoViews, PairMethod):
         return lars(self.model.parameters(), weights_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
                     bias_lr=bias_lr)
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+    def schedule(self, optimizer, step):
         """Linear warm-up from 0 (lr x step / warm-up steps), then cosine decay
         to ``end_lr_ratio`` x the peak, per step; the same factor for both groups."""
         o = self.cfg["optim"]
-        total = self.cfg["train"]["epochs"] * iters_per_epoch
-        factor = cosine_schedule(epoch * iters_per_epoch + it, total, 1.0, o["end_lr_ratio"],
-                                 round(o["warmup_epochs"] * iters_per_epoch), warmup_shape="ratio")
+        total = self.cfg["train"]["epochs"] * step.iters
+        factor = cosine_schedule(step.global_step, total, 1.0, o["end_lr_ratio"],
+                                 round(o["warmup_epochs"] * step.iters), warmup_shape="ratio")
         lrs = [factor * lr for lr in self.peak_lrs]
         set_lr(optimizer, lrs)
         return {"lr": lrs[0], "bias_lr": lrs[1]}

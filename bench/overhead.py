@@ -228,7 +228,7 @@ class Step:
             candidates = first_candidates(self.method.pools(), candidates)
         self.ctx.sync()
         t0 = time.perf_counter()
-        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, 0, 0, 1))
+        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, StepInfo(0, 0, 1)))
         _, _, _, t_sel = train_step(self.ctx, candidates, step, generator, time_selection=True)
         self.ctx.sync()
         return time.perf_counter() - t0, t_sel
@@ -238,7 +238,7 @@ class Step:
         TF32) on the model as it is now, called as the training step calls it,
         without training; the global RNG (iBOT's masks) is restored afterwards,
         so the timed step that follows draws the same random parts."""
-        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, 0, 0, 1))
+        step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, StepInfo(0, 0, 1)))
         model, method = self.ctx.model, self.method
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), exact_fp32(), self.ctx.autocast():

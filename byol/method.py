@@ -88,12 +88,12 @@ class BYOLMethod(TwoViews, PairMethod):
         return lars(self.model.parameters(), self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"],
                     o["trust_clip"])
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+    def schedule(self, optimizer, step: StepInfo):
         """lr: linear warm-up (lr * k / warm-up steps), then cosine to 0; tau:
         the target's EMA rate; both per step k of K."""
         o = self.cfg["optim"]
-        k, total = epoch * iters_per_epoch + it, self.cfg["train"]["epochs"] * iters_per_epoch
-        lr = cosine_schedule(k, total, self.init_lr, 0.0, round(o["warmup_epochs"] * iters_per_epoch),
+        k, total = step.global_step, self.cfg["train"]["epochs"] * step.iters
+        lr = cosine_schedule(k, total, self.init_lr, 0.0, round(o["warmup_epochs"] * step.iters),
                              warmup_shape="ratio")
         set_lr(optimizer, lr)
         return {"lr": lr, "tau": cosine_schedule(k, total, o["tau_base"], 1.0)}

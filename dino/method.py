@@ -156,17 +156,17 @@ class DINOMethod(SSLMethod):
             return torch.optim.SGD(groups, lr=0.0, momentum=o["momentum"])
         return torch.optim.AdamW(groups, lr=0.0)
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+    def schedule(self, optimizer, step: StepInfo):
         """lr, weight decay, teacher EMA momentum (per step) and the loss's
         teacher temperature(s) (per epoch, :meth:`DINOLoss.temperatures`)."""
-        o, step = self.cfg["optim"], epoch * iters_per_epoch + it
-        total = self.cfg["train"]["epochs"] * iters_per_epoch
-        lr = cosine_schedule(step, total, self.init_lr, o["min_lr"], round(o["warmup_epochs"] * iters_per_epoch))
-        wd = cosine_schedule(step, total, o["weight_decay"], o["weight_decay_end"])
-        momentum = cosine_schedule(step, total, o["momentum_teacher"], 1.0)
+        o, k = self.cfg["optim"], step.global_step
+        total = self.cfg["train"]["epochs"] * step.iters
+        lr = cosine_schedule(k, total, self.init_lr, o["min_lr"], round(o["warmup_epochs"] * step.iters))
+        wd = cosine_schedule(k, total, o["weight_decay"], o["weight_decay_end"])
+        momentum = cosine_schedule(k, total, o["momentum_teacher"], 1.0)
         set_lr(optimizer, lr)
         optimizer.param_groups[0]["weight_decay"] = wd
-        return {"lr": lr, "wd": wd, "momentum": momentum, **self.loss.temperatures(epoch)}
+        return {"lr": lr, "wd": wd, "momentum": momentum, **self.loss.temperatures(step.epoch)}
 
     def before_optimizer_step(self, model, step: StepInfo):
         if self.cfg["optim"]["clip_grad"]:

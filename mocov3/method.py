@@ -141,16 +141,16 @@ class MoCoV3Method(TwoViews, SSLMethod):
             return torch.optim.AdamW(params, lr=self.init_lr, weight_decay=o["weight_decay"])
         return lars(params, self.init_lr, o["weight_decay"], o["momentum"], o["trust_coeff"])
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+    def schedule(self, optimizer, step):
         """Per step: lr (linear warm-up lr * step / warmup, then cosine to 0;
         MoCo v3's ``adjust_learning_rate`` at fractional epochs) and the
         momentum of the EMA update after this step (that of step + 1, see the
         module docstring)."""
-        o, step = self.cfg["optim"], epoch * iters_per_epoch + it
-        total = self.cfg["train"]["epochs"] * iters_per_epoch
-        warmup = round(o["warmup_epochs"] * iters_per_epoch)
-        lr = cosine_schedule(step, total, self.init_lr, 0.0, warmup, warmup_shape="ratio")
-        momentum = cosine_schedule(step + 1, total, o["momentum_encoder"], 1.0)
+        o, k = self.cfg["optim"], step.global_step
+        total = self.cfg["train"]["epochs"] * step.iters
+        warmup = round(o["warmup_epochs"] * step.iters)
+        lr = cosine_schedule(k, total, self.init_lr, 0.0, warmup, warmup_shape="ratio")
+        momentum = cosine_schedule(k + 1, total, o["momentum_encoder"], 1.0)
         set_lr(optimizer, lr)
         return {"lr": lr, "momentum": momentum}
 

@@ -68,10 +68,10 @@ class SimCLRMethod(PairMethod):
         base is reached at step ``warmup``), then cosine decay to 0."""
         return cosine_schedule(step, total, self.init_lr, 0.0, warmup, warmup_shape="ratio")
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
-        warmup = round(self.cfg["optim"]["warmup_epochs"] * iters_per_epoch)
-        total = self.cfg["train"]["epochs"] * iters_per_epoch
-        lr = self.learning_rate(epoch * iters_per_epoch + it, total, warmup)
+    def schedule(self, optimizer, step):
+        warmup = round(self.cfg["optim"]["warmup_epochs"] * step.iters)
+        total = self.cfg["train"]["epochs"] * step.iters
+        lr = self.learning_rate(step.global_step, total, warmup)
         set_lr(optimizer, lr)
         return {"lr": lr}
 

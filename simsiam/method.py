@@ -52,8 +52,8 @@ class SimSiamMethod(PairMethod):
         ]
         return torch.optim.SGD(groups, lr=self.init_lr, momentum=o["momentum"], weight_decay=o["weight_decay"])
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
-        lr = cosine_schedule(epoch, self.cfg["train"]["epochs"], self.init_lr, 0.0)  # per epoch, to 0
+    def schedule(self, optimizer, step):
+        lr = cosine_schedule(step.epoch, self.cfg["train"]["epochs"], self.init_lr, 0.0)  # per epoch, to 0
         set_lr(optimizer, lambda group: self.init_lr if group["fix_lr"] else lr)
         return {"lr": lr}
 

@@ -406,9 +406,9 @@ class STNDINOMethod(DINOMethod):
             return float(s["lr"])
         return float(s["lr"]) * dino_lr / self.init_lr
 
-    def schedule(self, optimizer, epoch, it, iters_per_epoch):
+    def schedule(self, optimizer, step):
         """DINO's values; the STN's group gets ``stn_lr`` (and no weight decay)."""
-        values = super().schedule(optimizer, epoch, it, iters_per_epoch)
+        values = super().schedule(optimizer, step)
         lr = self.stn_lr(values["lr"])
         for group in optimizer.param_groups:
             if group.get("name") == "stn":

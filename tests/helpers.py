@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from common.engine.config import COMMON_SPEC, resolve
+from common.engine.method import StepInfo
 from common.views.data import make_image_folder  # noqa: F401  (re-exported for the tests)
 from dino.method import DINOMethod
 
@@ -86,7 +87,7 @@ def assert_schedule_sets_no_attribute(method, epochs=3, iters=4):
     optimizer = method.build_optimizer(8)
     before, loss_before = dict(vars(method)), dict(vars(method.loss))
     state = copy.deepcopy(method.state_dict())
-    values = [method.schedule(optimizer, e, i, iters) for e in range(epochs) for i in range(iters)]
+    values = [method.schedule(optimizer, StepInfo(e, i, iters)) for e in range(epochs) for i in range(iters)]
     assert vars(method).keys() == before.keys() and all(vars(method)[k] is v for k, v in before.items())
     assert vars(method.loss).keys() == loss_before.keys()
     assert all(vars(method.loss)[k] is v for k, v in loss_before.items())

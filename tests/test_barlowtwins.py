@@ -200,13 +200,13 @@ def test_lars_groups_learning_rates_and_schedule(tmp_path):
     assert len(weights["params"]) + len(biases["params"]) == len(list(m.model.parameters()))
     for e in range(10):
         for i in range(4):
-            values = m.schedule(opt, e, i, 4)
+            values = m.schedule(opt, StepInfo(e, i, 4))
             factor = official_factor(e * 4 + i, 40, 8)
             assert values["lr"] == pytest.approx(0.2 * 2 * factor, rel=1e-12, abs=1e-15)
             assert values["bias_lr"] == pytest.approx(0.0048 * 2 * factor, rel=1e-12, abs=1e-15)
             assert [g["lr"] for g in opt.param_groups] == [values["lr"], values["bias_lr"]]
     # one step: biases and BatchNorm take plain SGD, weights lr * trust * (g + wd w)
-    m.schedule(opt, 5, 0, 4)
+    m.schedule(opt, StepInfo(5, 0, 4))
     w, bn = weights["params"][0], biases["params"][0]
     w0, bn0 = w.detach().clone(), bn.detach().clone()
     for p in weights["params"] + biases["params"]:

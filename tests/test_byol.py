@@ -107,7 +107,7 @@ def test_target_starts_equal_and_gets_no_gradient(tmp_path):
     assert set(stats) == {"out_std"} and 0 < stats["out_std"] < 1
     target = copy.deepcopy(model.target.state_dict())
     opt = m.build_optimizer(8)
-    m.schedule(opt, 0, 0, 4)
+    m.schedule(opt, StepInfo(0, 0, 4))
     opt.step()  # the optimizer holds no target parameter: only the EMA moves it
     assert all(torch.equal(v, model.target.state_dict()[k]) for k, v in target.items())
 
@@ -115,7 +115,7 @@ def test_target_starts_equal_and_gets_no_gradient(tmp_path):
 def test_ema_schedule_is_byols_cosine_and_updates_the_target(tmp_path):
     m = make(tmp_path, "train.epochs=3", "optim.tau_base=0.99")
     opt = m.build_optimizer(8)
-    K, values = 12, [m.schedule(opt, e, i, 4)["tau"] for e in range(3) for i in range(4)]
+    K, values = 12, [m.schedule(opt, StepInfo(e, i, 4))["tau"] for e in range(3) for i in range(4)]
     for k, tau in enumerate(values):
         assert math.isclose(tau, 1 - (1 - 0.99) * (math.cos(math.pi * k / K) + 1) / 2, rel_tol=0, abs_tol=1e-15)
     assert values[0] == 0.99 and all(a < b for a, b in zip(values, values[1:])) and values[-1] < 1
@@ -152,13 +152,13 @@ def test_lars_groups_and_lr_schedule(tmp_path):
     w0, bn0 = w.detach().clone(), bn.detach().clone()
     for p in trained:
         p.grad = torch.full_like(p, 0.01)
-    lr = m.schedule(opt, 5, 0, 4)["lr"]
+    lr = m.schedule(opt, StepInfo(5, 0, 4))["lr"]
     opt.step()
     assert torch.allclose(bn, bn0 - lr * 0.01)
     trust = 1e-3 * w0.norm() / (w.grad.norm() + 1.5e-6 * w0.norm())
     assert torch.allclose(w, w0 - lr * trust * (w.grad + 1.5e-6 * w0), atol=1e-7)
     # schedule: linear warm-up over 2 epochs (lr * k / 8), then cosine to 0 over the other 8, per step
-    lrs = [m.schedule(opt, e, i, 4)["lr"] for e in range(10) for i in range(4)]
+    lrs = [m.schedule(opt, StepInfo(e, i, 4))["lr"] for e in range(10) for i in range(4)]
     for k, lr in enumerate(lrs):
         expected = 0.4 * k / 8 if k < 8 else 0.4 * 0.5 * (1 + math.cos(math.pi * (k - 8) / 32))
         assert math.isclose(lr, expected, rel_tol=1e-12, abs_tol=1e-15)

@@ -139,7 +139,7 @@ def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
         with counter:
             if photometric is not None:
                 candidates, params = photometric(candidates, params)
-            step = StepInfo(0, k, steps, method.schedule(optimizer, 0, k, steps))
+            step = StepInfo(0, k, steps, method.schedule(optimizer, StepInfo(0, k, steps)))
             loss, *_ = train_step(ctx, candidates, step, torch.Generator().manual_seed(k))
             guard.update(loss, k + 1)
         counts.append(counter.where)

@@ -265,9 +265,9 @@ def test_patch_temperature_warms_up_after_the_mask_start(tmp_path, image_root):
     m = IBOTMethod(ibot_cfg(tmp_path, image_root, "train.epochs=10", "loss.warmup_teacher_temp_epochs=3",
                             "mask.start_epoch=2"), CPU)
     opt = m.build_optimizer(8)
-    temps = [m.schedule(opt, e, 0, 4)["teacher_patch_temp"] for e in range(7)]
+    temps = [m.schedule(opt, StepInfo(e, 0, 4))["teacher_patch_temp"] for e in range(7)]
     assert temps == pytest.approx([0.04, 0.04, 0.04, 0.055, 0.07, 0.07, 0.07])
-    assert m.schedule(opt, 1, 0, 4)["teacher_temp"] == pytest.approx(0.055)  # [CLS]: from epoch 0
+    assert m.schedule(opt, StepInfo(1, 0, 4))["teacher_temp"] == pytest.approx(0.055)  # [CLS]: from epoch 0
     assert [m.loss.temperatures(e)["teacher_patch_temp"] for e in range(7)] == temps  # the loss module's schedule
 
 
@@ -284,12 +284,12 @@ def test_masks_follow_the_step_passed(tmp_path, image_root):
                             "mask.start_epoch=1", "train.epochs=3"), CPU)
     opt = m.build_optimizer(8)
     cands = multicrop_candidates(m)
-    before, after = (StepInfo(e, 0, 4, m.schedule(opt, e, 0, 4)) for e in (0, 1))
-    m.schedule(opt, 2, 0, 4)  # the last schedule called: masked
+    before, after = (StepInfo(e, 0, 4, m.schedule(opt, StepInfo(e, 0, 4))) for e in (0, 1))
+    m.schedule(opt, StepInfo(2, 0, 4))  # the last schedule called: masked
     with torch.no_grad():
         assert not m.candidate_outputs(m.model, cands, before)["masks"].any()
         assert m.candidate_outputs(m.model, cands, after)["masks"].any()
-    m.schedule(opt, 0, 0, 4)  # the last schedule called: unmasked
+    m.schedule(opt, StepInfo(0, 0, 4))  # the last schedule called: unmasked
     views = cands[:1] + cands[2:3] + cands[4:6]  # no selection: the loss draws the masks
     assert m.training_loss(m.model, views, None, after)[1]["mask_ratio"] > 0
     assert m.training_loss(m.model, views, None, before)[1]["mask_ratio"] == 0

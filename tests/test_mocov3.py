@@ -128,7 +128,7 @@ def test_momentum_schedule_and_ema(tmp_path):
     method = make(tmp_path, *TINY_VIT, "optim.momentum_encoder=0.99", "train.epochs=3")
     opt = method.build_optimizer(8)
     iters, total = 5, 15
-    got = [method.schedule(opt, e, i, iters)["momentum"] for e in range(3) for i in range(iters)]
+    got = [method.schedule(opt, StepInfo(e, i, iters))["momentum"] for e in range(3) for i in range(iters)]
     # MoCo v3 updates at the start of step s with 1 - 0.5 (1 + cos(pi s / total)) (1 - m0):
     # our update after step t is its update at the start of step t + 1
     moco = [1 - 0.5 * (1 + math.cos(math.pi * s / total)) * (1 - 0.99) for s in range(1, total + 1)]
@@ -166,7 +166,7 @@ def test_lars_groups_and_learning_rate_schedule(tmp_path):
         for it in range(iters):
             e = epoch + it / iters
             want = init_lr * e / 2 if e < 2 else init_lr * 0.5 * (1 + math.cos(math.pi * (e - 2) / 8))
-            assert method.schedule(opt, epoch, it, iters)["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+            assert method.schedule(opt, StepInfo(epoch, it, iters))["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15)
             assert [g["lr"] for g in opt.param_groups] == [pytest.approx(want, rel=1e-12, abs=1e-15)] * 2
 
 
@@ -185,7 +185,7 @@ def test_vit_adamw_and_frozen_patch_embedding(tmp_path):
         assert all(p.requires_grad is not frozen for p in embed)
         start = {n: t.detach().clone() for n, t in model.state_dict().items()}
         for it in range(2):
-            step = StepInfo(0, it, 2, method.schedule(opt, 1, it, 2))  # epoch 1: past the (0) warm-up
+            step = StepInfo(0, it, 2, method.schedule(opt, StepInfo(1, it, 2)))  # epoch 1: past the (0) warm-up
             loss, _ = method.training_loss(model, [torch.randn(4, 3, 16, 16) for _ in range(2)], None, step)
             opt.zero_grad()
             loss.backward()
@@ -430,7 +430,7 @@ def test_vit_position_embedding_is_never_trained(tmp_path):
     assert all(p is not pos for g in opt.param_groups for p in g["params"])
     start = pos.detach().clone()
     for it in range(2):
-        step = StepInfo(0, it, 2, method.schedule(opt, 1, it, 2))
+        step = StepInfo(0, it, 2, method.schedule(opt, StepInfo(1, it, 2)))
         loss, _ = method.training_loss(model, [torch.randn(4, 3, 16, 16) for _ in range(2)], None, step)
         opt.zero_grad()
         loss.backward()

@@ -146,7 +146,7 @@ def amp_step(method_name, amp, precision, monkeypatch):
         (lambda: torch.autocast("cpu", dtype=dtype))
     selector = HardViewSelector(m.pools(), precision=precision, size_multiple=m.size_multiple)
     ctx = StepContext(m, m.model, m.model, optimizer, autocast, None, selector, CPU)
-    loss, _, sel, _ = train_step(ctx, candidates, StepInfo(0, 0, 1, m.schedule(optimizer, 0, 0, 1)))
+    loss, _, sel, _ = train_step(ctx, candidates, StepInfo(0, 0, 1, m.schedule(optimizer, StepInfo(0, 0, 1))))
     assert sel.dtype is hvs.DTYPES.get(precision)
     return loss, {name: p.grad for name, p in m.model.named_parameters()}
 

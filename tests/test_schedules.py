@@ -30,3 +30,10 @@ def test_the_two_warmup_shapes():
     assert cosine_schedule(1, 4, 1.0, 0.0, 2, start=0.5, warmup_shape="ratio") == 0.75
     with pytest.raises(ValueError, match="warmup_shape"):
         cosine_schedule(5, 10, 1.0, 0.0, 2, warmup_shape="cosine")
+
+
+def test_step_info_global_step_counts_the_steps_before():
+    from common.engine.method import StepInfo
+
+    seen = [StepInfo(e, i, 3).global_step for e in range(4) for i in range(3)]
+    assert seen == list(range(12))

@@ -96,7 +96,7 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
     w0, bn0 = w.detach().clone(), bn.detach().clone()
     for p in adapted["params"] + plain["params"]:
         p.grad = torch.full_like(p, 0.01)
-    method.schedule(opt, 5, 0, 4)
+    method.schedule(opt, StepInfo(5, 0, 4))
     lr = opt.param_groups[0]["lr"]
     opt.step()
     assert torch.allclose(bn, bn0 - lr * 0.01)
@@ -104,7 +104,7 @@ def test_lars_excludes_batchnorm_and_bias_and_schedule(tmp_path):
     assert torch.allclose(w, w0 - lr * trust * (w.grad + 1e-4 * w0), atol=1e-7)
     assert adapted["lr_in_momentum"] and plain["lr_in_momentum"]  # SimCLR's classic momentum
     # schedule: 0.3 x 256/256, linear warm-up over 2 epochs, cosine to 0 over the other 8
-    lrs = [method.schedule(opt, e, i, 4)["lr"] for e in range(10) for i in range(4)]
+    lrs = [method.schedule(opt, StepInfo(e, i, 4))["lr"] for e in range(10) for i in range(4)]
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.15) and lrs[8] == pytest.approx(0.3)
     assert lrs[24] == pytest.approx(0.15) and 0 < lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[8:], lrs[9:]))
@@ -130,7 +130,7 @@ def test_schedule_is_bitwise_the_warmup_then_cosine(tmp_path):
                         old = init_lr * s / warmup
                     else:
                         old = init_lr * 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-                    assert method.schedule(opt, e, i, iters) == {"lr": old}
+                    assert method.schedule(opt, StepInfo(e, i, iters)) == {"lr": old}
                     assert [g["lr"] for g in opt.param_groups] == [old, old]  # float equality
 
 

@@ -60,7 +60,7 @@ def test_optimizer_recipe():
     opt = m.build_optimizer(512)
     assert math.isclose(m.init_lr, 0.05 * 512 / 256)
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
-    m.schedule(opt, 5, 0, 100)
+    m.schedule(opt, StepInfo(5, 0, 100))
     lrs = [g["lr"] for g in opt.param_groups]
     assert math.isclose(lrs[0], 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert math.isclose(lrs[1], 0.1)  # fixed predictor lr
@@ -77,7 +77,7 @@ def test_lr_schedule_is_bitwise_the_cosine_per_epoch():
             cfg["train"]["epochs"] = epochs
             for epoch in range(epochs):
                 old = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-                assert m.schedule(opt, epoch, 3, 7) == {"lr": old}
+                assert m.schedule(opt, StepInfo(epoch, 3, 7)) == {"lr": old}
                 assert [g["lr"] for g in opt.param_groups] == [old, init_lr]  # float equality
 
 

@@ -309,7 +309,7 @@ def test_stn_group_has_its_own_lr_and_no_weight_decay(tmp_path, image_root, sche
     assert len(stn_group) == 1 and len(opt.param_groups) == 3
     assert {id(p) for p in stn_group[0]["params"]} == {id(p) for p in m.model.stn.parameters()}
     for epoch, it in ((0, 0), (0, 2), (1, 0), (2, 3)):
-        values = m.schedule(opt, epoch, it, 4)
+        values = m.schedule(opt, StepInfo(epoch, it, 4))
         assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == values["lr"]
         assert stn_group[0]["weight_decay"] == 0.0 and stn_group[0]["lr"] == values["stn_lr"]
         expected = 0.002 * values["lr"] / m.init_lr if schedule == "cosine" else 0.002

@@ -174,7 +174,7 @@ def test_one_learning_rate_for_all_parameters(tmp_path):
         else:
             q = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
             factor = q + 0.001 * (1 - q)
-        values = m.schedule(opt, e, i, 4)
+        values = m.schedule(opt, StepInfo(e, i, 4))
         assert values["lr"] == values["bias_lr"] == pytest.approx(0.2 * 512 / 256 * factor, rel=1e-12, abs=1e-15)
         assert weights["lr"] == biases["lr"] == values["lr"]
 

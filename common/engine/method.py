@@ -28,6 +28,11 @@ class StepInfo:
     iters: int
     values: dict = field(default_factory=dict)
 
+    @property
+    def global_step(self) -> int:
+        """Steps done before this one since the run began: ``epoch * iters + it``."""
+        return self.epoch * self.iters + self.it
+
     def __getitem__(self, key: str):
         return self.values[key]
 
@@ -95,8 +100,9 @@ class SSLMethod:
     def build_optimizer(self, global_batch: int) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def schedule(self, optimizer, epoch: int, it: int, iters_per_epoch: int) -> dict:
-        """Set the optimizer's lr (and the like) for this step and return every
+    def schedule(self, optimizer, step: StepInfo) -> dict:
+        """Set the optimizer's lr (and the like) for the step ``step`` (its
+        ``values`` are still empty) and return every
         scheduled value of the step (logged, and handed to the hooks below in
         :class:`StepInfo`).  Sets nothing else."""
         raise NotImplementedError

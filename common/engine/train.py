@@ -334,7 +334,7 @@ def train_one_epoch(r: Run, epoch: int) -> None:
         renders = None
         if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
             candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]
-        sched = r.method.schedule(r.optimizer, epoch, it, r.iters)
+        sched = r.method.schedule(r.optimizer, StepInfo(epoch, it, r.iters))
         timed = r.step % r.log_every == 0
         gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode
         torch.manual_seed(step_seed(seed, r.step) + 1)  # stochastic depth etc.: resume is exact
