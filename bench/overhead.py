@@ -153,12 +153,9 @@ METHODS = bench_methods()
 
 
 def build_selector(method, cfg: dict, resolution: float, precision: str | None = None) -> HardViewSelector:
-    """The selector exactly as ``common.engine.train.run`` builds it, at ``resolution``
-    (and ``precision``: by default the config's ``hvs.precision``)."""
-    h = cfg["hvs"]
-    return HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
-                            resolution=resolution, bn_mode=h["bn_mode"], size_multiple=method.size_multiple,
-                            precision=precision or h["precision"])
+    """The selector of a run (:meth:`HardViewSelector.from_cfg`, as the loop builds
+    it) at ``resolution`` (and ``precision``: by default the config's ``hvs.precision``)."""
+    return HardViewSelector.from_cfg(method, cfg["hvs"], resolution, precision)
 
 
 class SplitSelector:

@@ -394,6 +394,17 @@ class HardViewSelector:
         self.slot_pool = [p for p, (_, k) in enumerate(self.pools) for _ in range(k)]
         self.pool_start = [sum(n for n, _ in self.pools[:p]) for p in range(len(self.pools))]
 
+    @classmethod
+    def from_cfg(cls, method, hvs: dict, resolution: float | None = None,
+                 precision: str | None = None) -> HardViewSelector:
+        """The selector of a run: ``method``'s pools and size multiple, the
+        ``hvs`` section of its config (``mode``, ``max_combinations``,
+        ``resolution``, ``bn_mode``, ``precision``); ``resolution`` and
+        ``precision`` given here replace the config's (the benchmark's sweep)."""
+        return cls(method.pools(), mode=hvs["mode"], max_combinations=hvs["max_combinations"],
+                   resolution=hvs["resolution"] if resolution is None else resolution, bn_mode=hvs["bn_mode"],
+                   size_multiple=method.size_multiple, precision=precision or hvs["precision"])
+
     @property
     def num_candidates(self) -> int:
         return sum(n for n, _ in self.pools)

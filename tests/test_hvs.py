@@ -196,3 +196,18 @@ def test_bn_running_mode_uses_running_statistics():
     model.eval()
     with torch.no_grad():
         assert torch.allclose(out, model.embed(cands[0])[1])
+
+
+def test_from_cfg_takes_the_method_and_the_hvs_section():
+    class Toy:
+        size_multiple = 16
+
+        def pools(self):
+            return [(4, 1), (6, 2)]
+
+    h = {"mode": "random", "max_combinations": 8, "resolution": 0.5, "bn_mode": "running", "precision": "bf16"}
+    sel = HardViewSelector.from_cfg(Toy(), h)
+    assert (sel.pools, sel.mode, sel.max_combinations, sel.resolution, sel.bn_mode, sel.size_multiple,
+            sel.precision) == ([(4, 1), (6, 2)], "random", 8, 0.5, "running", 16, "bf16")
+    swept = HardViewSelector.from_cfg(Toy(), h, resolution=0.25, precision="fp32")
+    assert (swept.resolution, swept.precision, swept.mode) == (0.25, "fp32", "random")

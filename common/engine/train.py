@@ -216,9 +216,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
             selection_dtype(h["precision"], device)  # fp16 on a CPU is refused before anything runs
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
-                                    resolution=h["resolution"], bn_mode=h["bn_mode"],
-                                    size_multiple=method.size_multiple, precision=h["precision"])
+        selector = HardViewSelector.from_cfg(method, h)
     out = Path(cfg["run"]["output_dir"])
     return Run(cfg=cfg, device=device, method=method, model=model, optimizer=optimizer, scaler=scaler,
                dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
