@@ -158,7 +158,7 @@ def check_configs(args: list) -> None:
 
 #: what the source of an entry point holds when it resolves a configuration through common/engine/config.py
 #: and so stops there when only checking (common.engine.config.stop_if_checking)
-RESOLVES_CONFIG = re.compile(r"from common\.train import main|parse_cli\(|parse_eval_args\(|prepare_weights\(")
+RESOLVES_CONFIG = re.compile(r"from common\.engine\.train import main|parse_cli\(|parse_eval_args\(|prepare_weights\(")
 
 
 def resolves_config(module: str) -> bool:

@@ -238,7 +238,7 @@ def test_static_colour_run_and_unreachable_policy_from_the_command_line(tmp_path
 
 def test_one_line_strips_worker_tracebacks():
     err = IoUPolicyError("Caught IoUPolicyError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                         "call last):\n  File x\ncommon.augment.IoUPolicyError: IoU policy: no pair\n")
+                         "call last):\n  File x\ncommon.views.augment.IoUPolicyError: IoU policy: no pair\n")
     assert one_line(err) == "IoU policy: no pair"
     assert one_line(ValueError("plain")) == "plain"
 
