@@ -13,7 +13,7 @@ the split of the HVS step: selection forward (the selector's
 rest of the selector call: resizing, drawing the compared combinations, the
 argmax and assembling the chosen views) and the training step (the rest of the
 step: loss, backward, optimizer, hooks).  The library is not changed for this:
-the two callables the training step gives the selector are wrapped with timers.
+the method's two selection functions are timed where the selector calls them.
 
 ``--precision`` (``bench.precision``) is the selectors' ``hvs.precision``; with
 a reduced one the share of samples whose choice agrees with an fp32 selector's
@@ -158,11 +158,21 @@ def build_selector(method, cfg: dict, resolution: float, precision: str | None =
     return HardViewSelector.from_cfg(method, cfg["hvs"], resolution, precision)
 
 
+class TimedHooks:
+    """``method`` as the selector sees it (:class:`common.hvs.SelectionHooks`),
+    its two selection functions timed into ``split``'s ``forward_s`` and ``scoring_s``."""
+
+    def __init__(self, method, split: SplitSelector):
+        self.model = method.model
+        self.candidate_outputs = split.timed(method.candidate_outputs, "forward_s")
+        self.combination_scores = split.timed(method.combination_scores, "scoring_s")
+
+
 class SplitSelector:
-    """A selector as the training step calls it, with the ``candidate_outputs``
-    and ``combination_scores`` callables it is given wrapped with timers (CUDA
-    synchronisation around each on GPU); the selection itself is unchanged.
-    Every other attribute is the selector's."""
+    """A selector as the training step calls it, with the method's
+    ``candidate_outputs`` and ``combination_scores`` timed (CUDA
+    synchronisation around each on GPU; :class:`TimedHooks`); the selection
+    itself is unchanged.  Every other attribute is the selector's."""
 
     def __init__(self, selector: HardViewSelector, sync: Callable):
         self.selector, self.sync = selector, sync
@@ -172,7 +182,7 @@ class SplitSelector:
     def __getattr__(self, name):
         return getattr(self.__dict__["selector"], name)
 
-    def _timed(self, fn: Callable, attr: str) -> Callable:
+    def timed(self, fn: Callable, attr: str) -> Callable:
         def run(*args):
             self.sync()
             t0 = time.perf_counter()
@@ -182,10 +192,9 @@ class SplitSelector:
             return out
         return run
 
-    def __call__(self, candidates, model, candidate_outputs, combination_scores, generator=None, renders=None):
+    def __call__(self, candidates, method, step=None, *, generator=None, renders=None):
         self.forward_s = self.scoring_s = 0.0
-        self.last = self.selector(candidates, model, self._timed(candidate_outputs, "forward_s"),
-                                  self._timed(combination_scores, "scoring_s"), generator, renders)
+        self.last = self.selector(candidates, TimedHooks(method, self), step, generator=generator, renders=renders)
         return self.last
 
 
@@ -202,10 +211,10 @@ class Step:
     """One training step exactly as the loop runs it (``common.engine.train.train_step``),
     timed with CUDA synchronisation on GPU."""
 
-    def __init__(self, method, optimizer, autocast, scaler, device, model=None):
-        self.method = method
-        model = method.model if model is None else model  # model: e.g. the torch.compile'd method.model
-        self.ctx = StepContext(method, model, model, optimizer, autocast, scaler, None, device)
+    def __init__(self, method, optimizer, autocast, scaler, device):
+        self.method = method  # method.model: its backbones compiled in place with --compile
+        self.ctx = StepContext(method=method, ddp_model=method.model, optimizer=optimizer, autocast=autocast,
+                               scaler=scaler, selector=None, device=device)
 
     def teacher_reused(self, selector) -> bool | None:
         """Whether the training step reuses the selection's teacher outputs
@@ -236,11 +245,9 @@ class Step:
         without training; the global RNG (iBOT's masks) is restored afterwards,
         so the timed step that follows draws the same random parts."""
         step = StepInfo(0, 0, 1, self.method.schedule(self.ctx.optimizer, StepInfo(0, 0, 1)))
-        model, method = self.ctx.model, self.method
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), exact_fp32(), self.ctx.autocast():
-            sel = selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
-                           lambda outputs, combos: method.combination_scores(outputs, combos, step), generator)
+            sel = selector(candidates, self.method, step, generator=generator)
         return sel.choice
 
 
@@ -301,8 +308,9 @@ def benchmark(cfg: dict) -> dict:
     method.model.to(device).train()
     optimizer = method.build_optimizer(batch_size)
     autocast, scaler = amp_settings(mcfg, device)
-    model = compile_model(method.model) if b["compile"] else method.model
-    step = Step(method, optimizer, autocast, scaler, device, model)
+    if b["compile"]:
+        compile_model(method.model)
+    step = Step(method, optimizer, autocast, scaler, device)
     candidates = [c.to(device) for c in entry.candidates(mcfg, torch.Generator().manual_seed(0))]
     generator = torch.Generator().manual_seed(1)
 

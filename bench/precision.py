@@ -69,16 +69,11 @@ def measure(method, cfg: dict, batches, precision: str, seed: int = 0) -> dict:
     device = next(method.model.parameters()).device
     if selection_dtype(precision, device) is None:
         raise ValueError(f"--precision {precision} is fp32 on {device}: nothing to compare")
-    make = lambda p: HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],  # noqa: E731
-                                      resolution=h["resolution"], bn_mode=h["bn_mode"],
-                                      size_multiple=method.size_multiple, precision=p)
-    ref, low = make("fp32"), make(precision)
+    ref, low = (HardViewSelector.from_cfg(method, h, precision=p) for p in ("fp32", precision))
     optimizer = method.build_optimizer(int(cfg["train"]["batch_size"]))
     epochs = int(cfg["train"]["epochs"])
     values = method.schedule(optimizer, StepInfo(epochs - 1, 0, 1))  # the schedule at the run's last epoch
     step = StepInfo(epochs - 1, 0, 1, values)
-    outputs = lambda c: method.candidate_outputs(method.model, c, step)  # noqa: E731
-    scores = lambda o, combos: method.combination_scores(o, combos, step)  # noqa: E731
     agree, gaps, rel_gaps, times = [], [], [], {"fp32": [], precision: []}
     for k, candidates in enumerate(batches):
         candidates = [c.to(device) for c in candidates]
@@ -86,7 +81,7 @@ def measure(method, cfg: dict, batches, precision: str, seed: int = 0) -> dict:
         for name, selector in (("fp32", ref), (precision, low)) if k % 2 == 0 else ((precision, low), ("fp32", ref)):
             torch.manual_seed(seed + k)  # the same random parts (iBOT's masks) for both precisions
             t0 = time.perf_counter()
-            runs[name] = selector(candidates, method.model, outputs, scores, torch.Generator().manual_seed(seed + k))
+            runs[name] = selector(candidates, method, step, generator=torch.Generator().manual_seed(seed + k))
             if k > 0:  # the first batch warms up both precisions' kernels
                 times[name].append(time.perf_counter() - t0)
         a, b = runs["fp32"], runs[precision]

@@ -40,7 +40,7 @@ from common.backbones import build_resnet, has_batchnorm, load_prefixed
 from common.engine.config import setting
 from common.hvs import precision_setting
 from common.engine.method import BenchSettings, PairMethod, StepInfo
-from common.views.multicrop import ema_update
+from common.engine.teacher import TeacherMethod
 from common.numerics import collapse_std
 from common.engine.optim import lars
 from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
@@ -48,7 +48,7 @@ from common.views.two_views import N_RECIPES, TwoViews, two_views_spec
 from byol.loss import byol_loss, pair_scores
 from byol.model import BYOL
 
-class BYOLMethod(TwoViews, PairMethod):
+class BYOLMethod(TwoViews, TeacherMethod, PairMethod):
     """BYOL (Grill et al. 2020), optionally with Hard View Selection."""
 
     name = "byol"
@@ -56,6 +56,7 @@ class BYOLMethod(TwoViews, PairMethod):
     paper_name = "BYOL"
     linear_protocols = {"resnet": "simclr", "vit": "dino"}  # BYOL's protocol is SimCLR's
     bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
+    momentum_key, reuse_flag = "tau", "reuse_target"
     spec = {
         **PairMethod.spec,
         "model.proj_hidden": setting(4096, "projector hidden width", range="[1, inf)"),
@@ -98,8 +99,8 @@ class BYOLMethod(TwoViews, PairMethod):
         set_lr(optimizer, lr)
         return {"lr": lr, "tau": cosine_schedule(k, total, o["tau_base"], 1.0)}
 
-    def after_step(self, step: StepInfo):
-        ema_update(self.model.target, self.model.online, step["tau"])
+    def ema_pairs(self):
+        return [(self.model.target, self.model.online)]
 
     # --- hard view selection ---------------------------------------------------
     def candidate_outputs(self, module, candidates, step):
@@ -113,28 +114,13 @@ class BYOLMethod(TwoViews, PairMethod):
         return pair_scores(outputs["online"], outputs["target"], combos)
 
     # --- training -----------------------------------------------------------------
-    @property
-    def reuse_teacher(self) -> bool:
-        """Whether a full-size selection's target outputs are reused
-        (``hvs.reuse_target``, ``hvs.resolution`` 1, no BatchNorm in the target);
-        DINO's attribute name, which ``bench/overhead.py`` reads."""
-        h = self.cfg["hvs"]
-        return bool(h["reuse_target"]) and float(h["resolution"]) == 1.0 and not has_batchnorm(self.model.target)
-
-    def can_reuse_target(self, selection) -> bool:
-        """Whether the selection's target projections are those the training
-        step would compute (see the module docstring)."""
-        return self.reuse_teacher and selection is not None and selection.reusable()
-
-    @staticmethod
-    def chosen_targets(selection) -> tuple:
-        """The selection's target projections of the chosen view 1 and view 2, [B, D] each."""
-        z = selection.outputs["target"]
-        rows = torch.arange(z.shape[1], device=z.device)
-        return tuple(z[selection.indices[:, s], rows] for s in range(N_RECIPES))
+    def reuse_exact(self) -> bool:
+        """No BatchNorm in the target (see the module docstring)."""
+        return not has_batchnorm(self.model.target)
 
     def training_loss(self, model, views, selection, step):
-        reuse = self.chosen_targets(selection) if self.can_reuse_target(selection) else None
+        # the selection's target projections of the chosen view 1 and view 2, [B, D] each
+        reuse = tuple(selection.chosen_outputs("target", range(N_RECIPES))) if self.can_reuse_teacher(selection) else None
         q1, q2, z1_target, z2_target, z1 = model(views[0], views[1], reuse)
         return byol_loss(q1, q2, z1_target, z2_target), {"out_std": collapse_std(z1)}
 

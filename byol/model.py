@@ -33,7 +33,7 @@ class Encoder(nn.Module):
 
 class BYOL(nn.Module):
     """``online`` (backbone + projector), ``predictor`` and ``target`` (a frozen
-    copy of ``online``, moved by :func:`common.views.multicrop.ema_update`)."""
+    copy of ``online``, moved by :func:`common.engine.teacher.ema_update`)."""
 
     def __init__(self, backbone: nn.Module, dim: int = 256, proj_hidden: int = 4096, pred_hidden: int = 4096):
         super().__init__()

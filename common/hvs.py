@@ -15,10 +15,11 @@ DINO and iBOT: some global and some local candidates).  The selector
 4. assembles the training minibatch from the chosen candidates, sample by
    sample: different images may use different candidate indices.
 
-To the selector a method is two functions::
+To the selector a method is a model and two functions (:class:`SelectionHooks`;
+every method of this repository is one, and so is any small object with them)::
 
-    outputs = candidate_outputs(candidates)     # list of V tensors [B, ...]
-    scores  = combination_scores(outputs, combos)   # [B, C], combos [C, S]
+    outputs = method.candidate_outputs(method.model, candidates, step)  # e.g. V tensors [B, ...]
+    scores  = method.combination_scores(outputs, combos, step)          # [B, C], combos [C, S]
 
 The selection pass changes no training state: it runs under ``torch.no_grad``,
 takes no optimizer step, and (with the default ``bn_mode='batch'``) restores
@@ -33,7 +34,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,25 @@ def sample_ranks(total: int, count: int, generator: Optional[torch.Generator] = 
     return sorted(chosen)
 
 
+class SelectionHooks(Protocol):
+    """What the selector knows of a method, and all it knows.
+
+    ``model``: the module whose BatchNorm, dropout and stochastic-depth layers
+    are switched to the selection mode during the selection forward (the
+    method's trainable network).  ``step``: whatever the caller hands the
+    selector for this step (the loop: the :class:`common.engine.method.StepInfo`);
+    it is passed on unchanged.  Both functions run without gradient and must
+    not change any training state."""
+
+    model: nn.Module
+
+    def candidate_outputs(self, model: nn.Module, candidates: Sequence[torch.Tensor], step: Any) -> Any:
+        """The outputs of all V candidates (V tensors [B, ...]), one batched forward of ``model``."""
+
+    def combination_scores(self, outputs: Any, combos: torch.Tensor, step: Any) -> torch.Tensor:
+        """The per-sample score [B, C] of every combination [C, S] from ``outputs``."""
+
+
 @dataclass
 class Selection:
     """What the selector chose for a minibatch of B samples."""
@@ -233,6 +253,16 @@ class Selection:
         if self.outputs is None or self.resolution != 1.0 or self.rendered:
             return False
         return self.dtype is None or self.dtype == active_autocast_dtype(self.indices.device.type)
+
+    def chosen_outputs(self, key=None, slots: Optional[Sequence[int]] = None) -> list:
+        """The selection's outputs of the chosen candidates, slot by slot:
+        for every slot s in ``slots`` (default: all), the tensor [B, ...] whose
+        row b is ``outputs[key][indices[b, s], b]``.  ``outputs[key]`` (or
+        ``outputs`` itself with ``key`` None) is [V', B, ...] over the first V'
+        candidates (DINO's teacher outputs: the global candidates only)."""
+        t = self.outputs if key is None else self.outputs[key]
+        rows = torch.arange(t.shape[1], device=t.device)
+        return [t[self.indices[:, s], rows] for s in (range(self.indices.shape[1]) if slots is None else slots)]
 
     @property
     def chosen_scores(self) -> Optional[torch.Tensor]:
@@ -483,14 +513,14 @@ class HardViewSelector:
             views.append(stacks[p][indices[:, s] - self.pool_start[p], rows])
         return views
 
-    def __call__(self, candidates: Sequence[torch.Tensor], model: nn.Module,
-                 candidate_outputs: Callable, combination_scores: Callable,
+    def __call__(self, candidates: Sequence[torch.Tensor], method: SelectionHooks, step: Any = None, *,
                  generator: Optional[torch.Generator] = None,
                  renders: Optional[Sequence[torch.Tensor]] = None) -> Selection:
         """Select training views from ``candidates`` (V tensors [B, ...]).
 
-        ``model`` is only used to put its BatchNorm layers in the selection mode;
-        ``candidate_outputs(candidates)`` runs the forward, ``combination_scores``
+        ``method`` (:class:`SelectionHooks`): ``method.candidate_outputs(method.model,
+        candidates, step)`` runs the forward (``method.model``'s BatchNorm layers in
+        the selection mode), ``method.combination_scores(outputs, combos, step)``
         turns its outputs into scores [B, C].  ``generator`` (CPU) drives the cap
         subset and the random mode.  ``renders``: other renderings of the same
         candidates (V tensors) to train on instead of ``candidates`` (static
@@ -512,9 +542,10 @@ class HardViewSelector:
             # dtype, so a bf16 selection inside fp16 training would hand bf16 weights to the training forward
             autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                         else torch.autocast(device.type, enabled=False))  # fp32, also inside training AMP
+            model = method.model
             with torch.no_grad(), batchnorm_mode(model, self.bn_mode), without_training_noise(model), autocast:
-                outputs = candidate_outputs(small)
-                scores = combination_scores(outputs, combos).float()
+                outputs = method.candidate_outputs(model, small, step)
+                scores = method.combination_scores(outputs, combos, step).float()
             if scores.shape != (B, len(combos)):
                 raise RuntimeError(f"combination_scores returned shape {tuple(scores.shape)}, "
                                    f"expected {(B, len(combos))}")

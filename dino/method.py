@@ -36,8 +36,9 @@ from torch import nn
 from common.backbones import arch_label, build_backbone, has_batchnorm, is_vit, load_prefixed
 from common.engine.config import setting
 from common.hvs import precision_setting
-from common.engine.method import BenchSettings, SSLMethod, StepInfo
-from common.views.multicrop import N_GLOBAL, MultiCropNet, ema_update, multicrop_pools, multicrop_spec, multicrop_transform
+from common.engine.method import BenchSettings, StepInfo
+from common.engine.teacher import TeacherMethod
+from common.views.multicrop import N_GLOBAL, MultiCropNet, multicrop_pools, multicrop_spec, multicrop_transform
 from common.numerics import collapse_std
 from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
 from dino.loss import DINOLoss
@@ -53,7 +54,7 @@ def clip_each_gradient(parameters, max_norm: float) -> None:
             p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-class DINOMethod(SSLMethod):
+class DINOMethod(TeacherMethod):
     """DINO (Caron et al. 2021), optionally with Hard View Selection."""
 
     name = "dino"
@@ -64,6 +65,7 @@ class DINOMethod(SSLMethod):
                           "DINO ViT-S/16 GPU, 4 global + 16 local candidates, 128 combinations")
     gpu_smoke = True
     has_teacher = True
+    reuse_flag = "reuse_teacher"  # momentum_key: "momentum"
     model_cls, net_cls = DINO, MultiCropNet  # student + teacher; one network
     loss_cls = DINOLoss  # the loss and its state (centre, temperatures)
     spec = {
@@ -106,9 +108,6 @@ class DINOMethod(SSLMethod):
         self.loss = self.loss_cls.from_cfg(cfg).to(device)
         self.model = self.model_cls(self.network(cfg, m["drop_path"]), self.network(cfg, 0.0))
         self.size_multiple = int(m["patch_size"]) if is_vit(m["arch"]) else 1
-        h = cfg["hvs"]
-        self.reuse_teacher = bool(h["reuse_teacher"]) and float(h["resolution"]) == 1.0 \
-            and not has_batchnorm(self.model.teacher)
 
     @classmethod
     def backbone(cls, cfg: dict, drop_path: float = 0.0) -> nn.Module:
@@ -175,8 +174,8 @@ class DINOMethod(SSLMethod):
             for p in self.model.student.head.last_layer.parameters():
                 p.grad = None
 
-    def after_step(self, step: StepInfo):
-        ema_update(self.model.teacher, self.model.student, step["momentum"])
+    def ema_pairs(self):
+        return [(self.model.teacher, self.model.student)]
 
     # --- hard view selection ---------------------------------------------------
     def candidate_outputs(self, module, candidates, step: StepInfo):
@@ -190,19 +189,15 @@ class DINOMethod(SSLMethod):
         return self.loss.scores(outputs["teacher"], outputs["student"], combos, step["teacher_temp"], N_GLOBAL)
 
     # --- training -----------------------------------------------------------------
+    def reuse_exact(self) -> bool:
+        """No BatchNorm in the teacher: its outputs would depend on the batch,
+        which differs between the selection and the training forward."""
+        return not has_batchnorm(self.model.teacher)
+
     @staticmethod
     def chosen_globals(selection, key: str) -> torch.Tensor:
-        """The rows of the chosen global views in the selection's ``outputs[key]``
-        ([G, B, ...] over the global candidates), [2B, ...] (view after view)."""
-        t = selection.outputs[key]
-        rows = torch.arange(t.shape[1], device=t.device)
-        return torch.cat([t[selection.indices[:, s], rows] for s in range(N_GLOBAL)])
-
-    def can_reuse_teacher(self, selection) -> bool:
-        """Whether the selection's teacher outputs are those of the training step
-        (full-size crops of the same rendering and precision, ``hvs.reuse_teacher``,
-        no BatchNorm in the teacher; :meth:`common.hvs.Selection.reusable`)."""
-        return self.reuse_teacher and selection is not None and selection.reusable()
+        """The selection's ``outputs[key]`` of the chosen global views, [2B, ...] (view after view)."""
+        return torch.cat(selection.chosen_outputs(key, range(N_GLOBAL)))
 
     def training_loss(self, model, views, selection, step: StepInfo):
         reuse = self.chosen_globals(selection, "teacher") if self.can_reuse_teacher(selection) else None

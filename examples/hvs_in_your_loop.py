@@ -1,9 +1,7 @@
-"""Hard View Selection in a plain PyTorch loop: your model, your per-sample loss.
-
-    python -m examples.hvs_in_your_loop        # from the repository root; CPU, seconds
-
-You write three things: the outputs of all N candidates (one forward, no grad), the per-sample
-score of every pair [B, C], and the loss on the chosen views; per image, the hardest pair is kept."""
+"""Hard View Selection in a plain PyTorch loop: your model, your per-sample loss.  From the repository
+root (CPU, seconds): python -m examples.hvs_in_your_loop.  You write three things: the outputs of all N
+candidates (one forward, no grad) and the per-sample score of every pair [B, C], on an object with your
+model, for the selector; and the loss on the chosen views.  Per image, the hardest pair is kept."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +19,7 @@ torch.manual_seed(0)
 encoder = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, DIM))
 predictor = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
-model = nn.ModuleList([encoder, predictor])  # the selector only switches its BatchNorm layers
+model = nn.ModuleList([encoder, predictor])
 
 
 def embed(x):
@@ -34,14 +32,16 @@ def loss_per_sample(p1, z1, p2, z2):  # symmetric MSE of unit vectors, no gradie
     return 0.5 * ((p1 - z2).pow(2).sum(-1) + (p2 - z1).pow(2).sum(-1))  # one value per sample
 
 
-def candidate_outputs(candidates):  # 1. all N candidates in one forward: (p, z), each [N, B, DIM]
-    p, z = embed(torch.cat(candidates))
-    return p.unflatten(0, (N, -1)), z.unflatten(0, (N, -1))
+class Hooks:  # what the selector asks for: the model (it switches its BatchNorm layers), two functions
+    model = model
 
+    def candidate_outputs(self, model, candidates, step):  # 1. all N candidates, one forward: (p, z) [N, B, DIM]
+        p, z = embed(torch.cat(candidates))
+        return p.unflatten(0, (N, -1)), z.unflatten(0, (N, -1))
 
-def combination_scores(outputs, combos):  # 2. the per-sample loss of every pair (k, l): [B, C]
-    (p, z), k, l = outputs, combos[:, 0], combos[:, 1]
-    return loss_per_sample(p[k], z[k], p[l], z[l]).T
+    def combination_scores(self, outputs, combos, step):  # 2. the per-sample loss of every pair (k, l): [B, C]
+        (p, z), k, l = outputs, combos[:, 0], combos[:, 1]
+        return loss_per_sample(p[k], z[k], p[l], z[l]).T
 
 
 selector = HardViewSelector(pools=[(N, 2)], mode="hard")  # all C(4, 2) = 6 pairs
@@ -49,7 +49,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 other = []  # per step: share of images whose pair is not the baseline's, candidates (0, 1)
 for epoch in range(2):
     for step, (candidates, _) in enumerate(loader):
-        sel = selector(candidates, model, candidate_outputs, combination_scores)
+        sel = selector(candidates, Hooks())  # step: passed on to the two functions (unused here)
         loss = loss_per_sample(*embed(sel.views[0]), *embed(sel.views[1])).mean()  # 3. chosen pair
         optimizer.zero_grad()
         loss.backward()

@@ -60,8 +60,8 @@ from torch import nn
 from common.backbones import arch_label, build_backbone, is_vit, load_prefixed
 from common.engine.config import setting
 from common.hvs import precision_setting
-from common.engine.method import BenchSettings, SSLMethod, StepInfo
-from common.views.multicrop import ema_update
+from common.engine.method import BenchSettings
+from common.engine.teacher import TeacherMethod
 from common.numerics import collapse_std
 from common.engine.optim import lars
 from common.engine.schedules import cosine_schedule, scaled_lr, set_lr
@@ -69,7 +69,7 @@ from common.views.two_views import TwoViews, per_recipe, two_views_spec
 from mocov3.loss import mocov3_loss, pair_scores
 from mocov3.model import MoCoV3, mocov3_vit
 
-class MoCoV3Method(TwoViews, SSLMethod):
+class MoCoV3Method(TwoViews, TeacherMethod):
     """MoCo v3 (Chen, Xie & He 2021), optionally with Hard View Selection."""
 
     name = "mocov3"
@@ -77,9 +77,6 @@ class MoCoV3Method(TwoViews, SSLMethod):
     paper_name = "MoCo v3"
     linear_protocols = {"resnet": "simclr", "vit": "dino"}  # the nearest of the three
     bench = BenchSettings("pair", "resnet18", paper_setting="beyond the paper: no factor in it")
-    #: the momentum encoder's keys of the chosen views are recomputed in the
-    #: training step, never taken from the selection (see the module docstring)
-    reuse_teacher = False
     spec = {
         "model.arch": setting("resnet50", "backbone: resnet18/34/50/101 (torchvision) or vit_tiny, vit_small, vit_base (timm)"),
         "model.cifar_stem": setting(False, "ResNet: 3x3 stride-1 first convolution and no max-pool, for 32-64 px images"),
@@ -154,8 +151,13 @@ class MoCoV3Method(TwoViews, SSLMethod):
         set_lr(optimizer, lr)
         return {"lr": lr, "momentum": momentum}
 
-    def after_step(self, step: StepInfo):
-        ema_update(self.model.momentum, self.model.base, step["momentum"])
+    def ema_pairs(self):
+        return [(self.model.momentum, self.model.base)]
+
+    def reuse_exact(self) -> bool:
+        """Never: the momentum encoder's keys of the chosen views are recomputed
+        in the training step (BatchNorm in its projector; see the module docstring)."""
+        return False
 
     # --- hard view selection ---------------------------------------------------
     def candidate_outputs(self, module, candidates, step):

@@ -102,7 +102,7 @@ class Encoder(nn.Module):
 class MoCoV3(nn.Module):
     """``base`` (f_q without its predictor), ``predictor`` and ``momentum``
     (f_k).  The momentum encoder starts as a copy of ``base`` and is updated
-    only by :func:`common.views.multicrop.ema_update`."""
+    only by :func:`common.engine.teacher.ema_update`."""
 
     def __init__(self, backbone: nn.Module, momentum_backbone: nn.Module, dim: int = 256, hidden: int = 4096,
                  proj_layers: int = 2, pred_layers: int = 2, pred_last_bn: bool = False):

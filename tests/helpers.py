@@ -18,6 +18,21 @@ from dino.method import DINOMethod
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Hooks:
+    """A method as the selector sees it (:class:`common.hvs.SelectionHooks`) made of
+    a model and two plain functions, ``outputs(candidates)`` and
+    ``scores(outputs, combos)`` (the step is not used)."""
+
+    def __init__(self, model, outputs, scores):
+        self.model, self.outputs, self.scores = model, outputs, scores
+
+    def candidate_outputs(self, model, candidates, step):
+        return self.outputs(candidates)
+
+    def combination_scores(self, outputs, combos, step):
+        return self.scores(outputs, combos)
+
+
 def read_log(out) -> list:
     """The rows of a run folder's ``log.jsonl``."""
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from bench.overhead import (METHODS, build_selector, first_candidates, main, met
 from common.hvs import HardViewSelector
 from dino.method import DINOMethod
 from ibot.method import IBOTMethod
+from tests.helpers import Hooks
 
 
 def test_first_candidates_takes_k_of_each_pool():
@@ -246,8 +247,8 @@ def test_split_selector_times_the_callables_and_changes_nothing():
         time.sleep(0.02)
         return torch.stack([(out[i] - out[j]).abs().sum(1) for i, j in combos.tolist()], 1)
 
-    got = split(cands, torch.nn.Identity(), outputs, scores)
-    want = sel(cands, torch.nn.Identity(), outputs, scores)
+    got = split(cands, Hooks(torch.nn.Identity(), outputs, scores))
+    want = sel(cands, Hooks(torch.nn.Identity(), outputs, scores))
     assert torch.equal(got.choice, want.choice) and split.last is got
     assert 0.01 <= split.forward_s < 0.02 + 0.05 and 0.02 <= split.scoring_s < 0.02 + 0.05
 

@@ -195,8 +195,7 @@ def strip_batchnorm(module: nn.Module) -> None:
 
 def select(method, candidates, resolution=1.0):
     selector = HardViewSelector(method.pools(), resolution=resolution)
-    return selector(candidates, method.model, lambda c: method.candidate_outputs(method.model, c, STEP),
-                    lambda o, combos: method.combination_scores(o, combos, STEP))
+    return selector(candidates, method, STEP)
 
 
 def test_reuse_of_the_target_outputs_only_where_exact(tmp_path):
@@ -205,14 +204,14 @@ def test_reuse_of_the_target_outputs_only_where_exact(tmp_path):
     m = make(tmp_path, "hvs.enabled=true")
     m.model.train()
     sel = select(m, candidates)
-    assert not m.can_reuse_target(sel) and not m.reuse_teacher  # a ResNet target has BatchNorm
+    assert not m.can_reuse_teacher(sel) and not m.reuse_teacher  # a ResNet target has BatchNorm
     strip_batchnorm(m.model)
-    assert m.can_reuse_target(sel) and m.reuse_teacher and not m.can_reuse_target(None)
-    assert not m.can_reuse_target(select(m, candidates, resolution=0.5))
+    assert m.can_reuse_teacher(sel) and m.reuse_teacher and not m.can_reuse_teacher(None)
+    assert not m.can_reuse_teacher(select(m, candidates, resolution=0.5))
     for override in ("hvs.reuse_target=false", "hvs.resolution=0.5"):
         other = make(tmp_path, override)
         strip_batchnorm(other.model)
-        assert not other.reuse_teacher and not other.can_reuse_target(sel)
+        assert not other.reuse_teacher and not other.can_reuse_teacher(sel)
 
 
 def test_reused_target_outputs_give_the_identical_step(tmp_path):

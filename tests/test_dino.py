@@ -16,13 +16,14 @@ from common.engine import checkpoint as ckpt_io
 from common.views.augment import P
 from common.hvs import HardViewSelector
 from common.engine.method import StepInfo
-from common.views.multicrop import ema_update, multicrop_pools
+from common.engine.teacher import ema_update
+from common.views.multicrop import multicrop_pools
 from common.engine.schedules import cosine_schedule, linear_warmup
 from common.engine.train import run
 from dino.loss import DINOLoss, combination_scores, cross_entropy_table, dino_loss, updated_center
 from dino.method import DINOMethod, clip_each_gradient
 from dino.model import DINOHead
-from tests.helpers import (VIT, assert_exact_resume, assert_knn_evaluates, assert_schedule_sets_no_attribute,
+from tests.helpers import (VIT, Hooks, assert_exact_resume, assert_knn_evaluates, assert_schedule_sets_no_attribute,
                            assert_state_round_trips, cli, dino_cfg, multicrop_candidates, read_log)
 
 RESNET = ["model.arch=resnet18", "model.cifar_stem=true"]
@@ -130,8 +131,8 @@ def test_cap_draws_a_full_random_subset():
     # the smallest cap still selects one candidate for every slot of every sample
     tiny = HardViewSelector(pools, max_combinations=1)
     cands = [torch.full((3, 1), float(k)) for k in range(20)]
-    sel = tiny(cands, torch.nn.Identity(), lambda c: torch.stack(c), lambda o, combos: o.new_zeros(3, len(combos)),
-               torch.Generator().manual_seed(0))
+    sel = tiny(cands, Hooks(torch.nn.Identity(), torch.stack, lambda o, combos: o.new_zeros(3, len(combos))),
+               generator=torch.Generator().manual_seed(0))
     assert len(sel.views) == 10 and sel.combos.shape == (1, 10)
     for s, view in enumerate(sel.views):
         assert torch.equal(view[:, 0], sel.indices[:, s].float())
@@ -142,8 +143,7 @@ def test_selection_changes_neither_centre_nor_teacher(tiny_method):
     model.train()
     center, state = m.loss.center.clone(), copy.deepcopy(model.state_dict())
     selector = HardViewSelector(m.pools(), max_combinations=16)
-    sel = selector(multicrop_candidates(m), model, lambda c: m.candidate_outputs(model, c, STEP),
-                   lambda o, combos: m.combination_scores(o, combos, STEP), torch.Generator().manual_seed(0))
+    sel = selector(multicrop_candidates(m), m, STEP, generator=torch.Generator().manual_seed(0))
     assert sel.scores.shape == (3, 16) and len(sel.views) == 4
     assert torch.equal(m.loss.center, center)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -164,14 +164,14 @@ def test_reused_teacher_outputs_give_the_identical_step(tmp_path, image_root, gl
     m.loss.center.copy_(torch.randn(1, 32) * 0.1)
     assert m.reuse_teacher
     other = copy.deepcopy(m)
-    other.reuse_teacher = False
+    other.cfg["hvs"]["reuse_teacher"] = False
+    assert not other.reuse_teacher
     cands = multicrop_candidates(m, B=4, seed=3)
     selector = HardViewSelector(m.pools(), max_combinations=16)
     results = []
     for method in (m, other):
         method.model.train()
-        sel = selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c, STEP),
-                       lambda o, combos: method.combination_scores(o, combos, STEP), torch.Generator().manual_seed(0))
+        sel = selector(cands, method, STEP, generator=torch.Generator().manual_seed(0))
         torch.manual_seed(7)  # the same stochastic-depth draws in both training forwards
         loss, _ = method.training_loss(method.model, sel.views, sel, STEP)
         loss.backward()

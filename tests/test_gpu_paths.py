@@ -126,7 +126,8 @@ def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
     autocast, scaler = nullcontext, None
     if fp16:
         autocast, scaler = (lambda: torch.autocast("cpu", dtype=torch.float16)), torch.amp.GradScaler("cpu")
-    ctx = StepContext(method, method.model, method.model, optimizer, autocast, scaler, selector, cpu)
+    ctx = StepContext(method=method, ddp_model=method.model, optimizer=optimizer, autocast=autocast, scaler=scaler,
+                      selector=selector, device=cpu)
     guard = DivergenceGuard(cpu)
     counts, counter = [], SyncCounter(monkeypatch)
     counter.mark(*method.model.parameters(), *method.model.buffers(), guard.first_bad)
@@ -224,6 +225,8 @@ def sync_bn_worker(rank, out_dir):
 
     import torch.distributed as dist
 
+    from tests.helpers import Hooks
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     collectives = []
@@ -239,8 +242,8 @@ def sync_bn_worker(rank, out_dir):
             synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(local)).train()
             results = []
             for model in (local, synced):
-                sel = HardViewSelector([(4, 2)], bn_mode=bn_mode)(candidates, model, lambda c: [model(v) for v in c],
-                                                                  pair_scores)
+                hooks = Hooks(model, lambda c: [model(v) for v in c], pair_scores)  # noqa: B023 (called at once)
+                sel = HardViewSelector([(4, 2)], bn_mode=bn_mode)(candidates, hooks)
                 results.append((sel.scores, sel.choice, [b.clone() for b in model.buffers()]))
             out[bn_mode] = {"same_scores": torch.equal(results[0][0], results[1][0]),
                             "same_choice": torch.equal(results[0][1], results[1][1]),

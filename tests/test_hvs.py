@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.hvs import HardViewSelector, batchnorm_mode, pair_combinations, pool_combinations, resize_views
+from common.hvs import (HardViewSelector, Selection, batchnorm_mode, pair_combinations, pool_combinations,
+                        resize_views)
 from simsiam.loss import pair_scores, simsiam_loss
+from tests.helpers import Hooks
 
 
 class Toy(nn.Module):
@@ -64,7 +66,7 @@ def test_pair_combinations():
 @pytest.mark.parametrize("mode,pick", [("hard", max), ("easy", min)])
 def test_selection_matches_brute_force(n, mode, pick):
     model, cands = Toy(), candidates(n)
-    sel = HardViewSelector([(n, 2)], mode=mode)(cands, model, outputs_fn(model), scores_fn)
+    sel = HardViewSelector([(n, 2)], mode=mode)(cands, Hooks(model, outputs_fn(model), scores_fn))
     pairs = list(itertools.combinations(range(n), 2))
     expected = brute_force(model, cands, pairs, pick)
     assert [tuple(r) for r in sel.indices.tolist()] == expected
@@ -76,14 +78,14 @@ def test_selection_matches_brute_force(n, mode, pick):
 
 def test_different_samples_pick_different_pairs():
     model, cands = Toy(), candidates(4, B=32)
-    sel = HardViewSelector([(4, 2)])(cands, model, outputs_fn(model), scores_fn)
+    sel = HardViewSelector([(4, 2)])(cands, Hooks(model, outputs_fn(model), scores_fn))
     assert len({tuple(r) for r in sel.indices.tolist()}) > 1
 
 
 def test_ties_resolve_to_first_combination():
     cands = candidates(4)
     const = lambda c: torch.zeros(len(c), c[0].shape[0], 3)  # noqa: E731
-    sel = HardViewSelector([(4, 2)])(cands, nn.Identity(), const, lambda o, combos: torch.zeros(o.shape[1], len(combos)))
+    sel = HardViewSelector([(4, 2)])(cands, Hooks(nn.Identity(), const, lambda o, combos: torch.zeros(o.shape[1], len(combos))))
     assert sel.indices.tolist() == [[0, 1]] * 6
 
 
@@ -92,20 +94,20 @@ def test_random_mode_runs_no_forward_and_covers_all_pairs():
         raise AssertionError("random mode must not run the selection forward")
 
     cands = candidates(4, B=600, size=2)
-    sel = HardViewSelector([(4, 2)], mode="random")(cands, nn.Identity(), forbidden, None,
-                                                    torch.Generator().manual_seed(0))
+    sel = HardViewSelector([(4, 2)], mode="random")(cands, Hooks(nn.Identity(), forbidden, None),
+                                                    generator=torch.Generator().manual_seed(0))
     assert sel.scores is None
     counts = torch.bincount(sel.choice, minlength=6)
     assert (counts > 50).all()  # every pair is drawn (expected 100 each)
-    again = HardViewSelector([(4, 2)], mode="random")(cands, nn.Identity(), forbidden, None,
-                                                      torch.Generator().manual_seed(0))
+    again = HardViewSelector([(4, 2)], mode="random")(cands, Hooks(nn.Identity(), forbidden, None),
+                                                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(sel.choice, again.choice)
 
 
 def test_cap_draws_a_subset_and_selects_within_it():
     model, cands = Toy(), candidates(4)
     selector = HardViewSelector([(4, 2)], max_combinations=3)
-    sel = selector(cands, model, outputs_fn(model), scores_fn, torch.Generator().manual_seed(3))
+    sel = selector(cands, Hooks(model, outputs_fn(model), scores_fn), generator=torch.Generator().manual_seed(3))
     assert sel.combos.shape == (3, 2)
     allowed = [tuple(r) for r in sel.combos.tolist()]
     assert len(set(allowed)) == 3 and set(allowed) <= set(itertools.combinations(range(4), 2))
@@ -142,7 +144,7 @@ def test_reduced_resolution_selection(factor):
         return outputs_fn(model)(c)
 
     model.embed(torch.zeros(1, 3, round(16 * factor), round(16 * factor)))  # materialise LazyLinear
-    sel = HardViewSelector([(4, 2)], resolution=factor)(cands, model, fn, scores_fn)
+    sel = HardViewSelector([(4, 2)], resolution=factor)(cands, Hooks(model, fn, scores_fn))
     assert seen == [(round(16 * factor),) * 2]
     assert sel.views[0].shape[-1] == 16  # training uses the full-size views
     small = resize_views(cands, factor)
@@ -159,7 +161,7 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="hvs.max_combinations"):
         HardViewSelector(max_combinations=-1)
     with pytest.raises(ValueError, match="candidate views"):
-        HardViewSelector([(4, 2)])(candidates(3), nn.Identity(), None, None)
+        HardViewSelector([(4, 2)])(candidates(3), Hooks(nn.Identity(), None, None))
 
 
 class BNToy(nn.Module):
@@ -177,11 +179,11 @@ def test_selection_changes_no_training_state():
     model = BNToy().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cands = candidates(4, size=4)
-    HardViewSelector([(4, 2)], bn_mode="batch")(cands, model, outputs_fn(model), scores_fn)
+    HardViewSelector([(4, 2)], bn_mode="batch")(cands, Hooks(model, outputs_fn(model), scores_fn))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert model.training and model.f[2].training
-    HardViewSelector([(4, 2)], bn_mode="batch_update")(cands, model, outputs_fn(model), scores_fn)
+    HardViewSelector([(4, 2)], bn_mode="batch_update")(cands, Hooks(model, outputs_fn(model), scores_fn))
     assert not torch.equal(before["f.2.running_mean"], model.f[2].running_mean)
 
 
@@ -211,3 +213,55 @@ def test_from_cfg_takes_the_method_and_the_hvs_section():
             sel.precision) == ([(4, 1), (6, 2)], "random", 8, 0.5, "running", 16, "bf16")
     swept = HardViewSelector.from_cfg(Toy(), h, resolution=0.25, precision="fp32")
     assert (swept.resolution, swept.precision, swept.mode) == (0.25, "fp32", "random")
+
+
+def test_selector_takes_any_object_with_the_protocols_three_parts():
+    """The selector asks a method only for ``model``, ``candidate_outputs`` and
+    ``combination_scores``; the step it is given reaches both functions unchanged."""
+    seen = []
+
+    class Minimal:
+        model = BNToy().train()
+
+        def candidate_outputs(self, model, candidates, step):
+            seen.append(("outputs", model, step))
+            assert not torch.is_grad_enabled()
+            return outputs_fn(model)(candidates)
+
+        def combination_scores(self, outputs, combos, step):
+            seen.append(("scores", step))
+            return scores_fn(outputs, combos)
+
+    hooks, step, cands = Minimal(), object(), candidates(4, size=4)
+    before = {k: v.clone() for k, v in hooks.model.state_dict().items()}
+    sel = HardViewSelector([(4, 2)])(cands, hooks, step)
+    assert seen == [("outputs", hooks.model, step), ("scores", step)]
+    assert all(torch.equal(before[k], v) for k, v in hooks.model.state_dict().items())  # BN mode on ``model``
+    with torch.no_grad():
+        expected = scores_fn(outputs_fn(hooks.model)(cands), sel.combos)  # batch statistics, as the selection
+    assert torch.equal(sel.choice, expected.argmax(1))
+
+
+def test_chosen_outputs_gather_each_samples_chosen_candidates():
+    B, D, pools = 5, 3, [(2, 1), (4, 2)]  # slot 0 from candidates 0-1, slots 1 and 2 from 2-5
+    g = torch.Generator().manual_seed(2)
+    cands = [torch.randn(B, D, generator=g) for _ in range(6)]
+
+    def outputs(c):  # every candidate's output; the first pool's alone (a prefix of the candidates)
+        every = torch.stack(c)
+        return {"every": every, "first": every[:2] * 10}
+
+    sel = HardViewSelector(pools)(cands, Hooks(nn.Identity(), outputs, lambda o, combos: torch.randn(B, len(combos),
+                                                                                                      generator=g)))
+    assert len({tuple(r) for r in sel.indices.tolist()}) > 1  # the samples chose differently
+    every = sel.chosen_outputs("every")
+    assert len(every) == 3
+    for s in range(3):
+        for b in range(B):
+            assert torch.equal(every[s][b], sel.outputs["every"][sel.indices[b, s], b])
+            assert torch.equal(every[s][b], sel.views[s][b])
+    (first,) = sel.chosen_outputs("first", slots=[0])
+    assert torch.equal(first, torch.stack([sel.outputs["first"][sel.indices[b, 0], b] for b in range(B)]))
+    whole = Selection(views=sel.views, indices=sel.indices, choice=sel.choice, combos=sel.combos, scores=sel.scores,
+                      outputs=sel.outputs["every"])
+    assert all(torch.equal(x, y) for x, y in zip(whole.chosen_outputs(), every))  # key None: the outputs themselves

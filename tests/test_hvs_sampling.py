@@ -11,6 +11,7 @@ from torch import nn
 
 from common.hvs import (HardViewSelector, num_pool_combinations, pool_combinations, sample_ranks,
                         unrank_combinations)
+from tests.helpers import Hooks
 
 LAYOUTS = [[(4, 2)], [(2, 1), (2, 1), (6, 3)], [(3, 1), (5, 2)], [(1, 1), (5, 5), (7, 3), (2, 1)]]
 
@@ -137,7 +138,7 @@ def test_choice_over_the_sampled_rows_equals_brute_force(mode):
         return outputs[:, combos].sum(-1)  # [B, C]
 
     def select(selector, seed):
-        return selector(candidates, nn.Identity(), candidate_outputs, combination_scores,
+        return selector(candidates, Hooks(nn.Identity(), candidate_outputs, combination_scores),
                         generator=torch.Generator().manual_seed(seed))
 
     sampled = HardViewSelector(pools, mode=mode, max_combinations=20)
@@ -162,7 +163,7 @@ def test_choice_over_the_sampled_rows_equals_brute_force(mode):
 def test_ties_resolve_to_the_first_sampled_row():
     selector = HardViewSelector([(2, 1), (2, 1), (8, 4)], max_combinations=10)
     cands = [torch.zeros(3, 1) for _ in range(12)]
-    sel = selector(cands, nn.Identity(), lambda c: None, lambda o, combos: torch.zeros(3, len(combos)),
+    sel = selector(cands, Hooks(nn.Identity(), lambda c: None, lambda o, combos: torch.zeros(3, len(combos))),
                    generator=torch.Generator().manual_seed(0))
     assert sel.choice.tolist() == [0, 0, 0] and sel.indices.tolist() == [sel.combos[0].tolist()] * 3
 
@@ -178,7 +179,7 @@ def test_start_up_stays_flat_with_many_candidates():
     assert_valid(combos.tolist(), pools)
     assert selector.baseline_combo.tolist() == [0, 2] + list(range(4, 16))
     random = HardViewSelector(pools, mode="random", max_combinations=128)
-    sel = random([torch.full((2, 1), float(v)) for v in range(28)], nn.Identity(), None, None,
+    sel = random([torch.full((2, 1), float(v)) for v in range(28)], Hooks(nn.Identity(), None, None),
                  generator=torch.Generator().manual_seed(0))
     assert sel.combos.shape == (128, 14) and sel.indices.shape == (2, 14)
     assert [v[:, 0].tolist() for v in sel.views] == sel.indices.t().float().tolist()

@@ -192,8 +192,7 @@ def test_method_scores_match_a_forward_per_combination(tiny_method):
 def select(method, cands, resolution=1.0, seed=0, step=STEP):
     selector = HardViewSelector(method.pools(), max_combinations=16, resolution=resolution,
                                 size_multiple=method.size_multiple)
-    return selector(cands, method.model, lambda c: method.candidate_outputs(method.model, c, step),
-                    lambda o, combos: method.combination_scores(o, combos, step), torch.Generator().manual_seed(seed))
+    return selector(cands, method, step, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("resolution", [1.0, 0.5])
@@ -243,7 +242,8 @@ def test_reused_teacher_tokens_give_the_identical_step(tmp_path, image_root):
     m.loss.center.copy_(torch.randn(1, 32) * 0.1)
     assert m.reuse_teacher
     other = copy.deepcopy(m)
-    other.reuse_teacher = False
+    other.cfg["hvs"]["reuse_teacher"] = False
+    assert not other.reuse_teacher
     cands = multicrop_candidates(m, B=4, seed=3)
     results = []
     for method in (m, other):

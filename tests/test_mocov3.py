@@ -237,8 +237,7 @@ def test_candidate_outputs_and_a_selection_that_changes_nothing(tmp_path):
         assert torch.equal(method.combination_scores(out, pairs, step), want)
     model.train()  # as in training: the selection restores the BN statistics and updates nothing
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    sel = HardViewSelector(method.pools())(candidates, model, lambda c: method.candidate_outputs(model, c, step),
-                                           lambda o, c: method.combination_scores(o, c, step))
+    sel = HardViewSelector(method.pools())(candidates, method, step)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
     assert sel.combos.tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]  # one candidate of each recipe
     assert torch.equal(sel.choice, sel.scores.argmax(1))

@@ -22,7 +22,7 @@ def built(make_cfg, seed, hvs):
     for epoch in (0, 1):
         r.sampler.set_epoch(epoch)
         order.append([int(i) for i in r.sampler])
-    return {k: v.clone() for k, v in r.model.state_dict().items()}, order
+    return {k: v.clone() for k, v in r.ctx.method.model.state_dict().items()}, order
 
 
 def configs(tmp_path, image_root):

@@ -9,7 +9,7 @@ from common.engine.config import ConfigError
 from common.hvs import HardViewSelector, selection_dtype
 from common.engine.train import run
 from simsiam.method import SimSiamMethod
-from tests.helpers import tiny_cfg
+from tests.helpers import Hooks, tiny_cfg
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def select(precision, candidates, model):
         z = torch.nn.functional.normalize(torch.stack(outputs), dim=-1)
         return -(z[combos[:, 0]] * z[combos[:, 1]]).sum(-1).T
 
-    return selector(candidates, model, lambda c: [model(v) for v in c], scores)
+    return selector(candidates, Hooks(model, lambda c: [model(v) for v in c], scores))
 
 
 def test_bf16_selection_runs_in_bf16_and_scores_in_fp32():
@@ -145,7 +145,8 @@ def amp_step(method_name, amp, precision, monkeypatch):
     autocast = (lambda: torch.autocast("cpu", enabled=False)) if dtype is None else \
         (lambda: torch.autocast("cpu", dtype=dtype))
     selector = HardViewSelector(m.pools(), precision=precision, size_multiple=m.size_multiple)
-    ctx = StepContext(m, m.model, m.model, optimizer, autocast, None, selector, CPU)
+    ctx = StepContext(method=m, ddp_model=m.model, optimizer=optimizer, autocast=autocast, scaler=None,
+                      selector=selector, device=CPU)
     loss, _, sel, _ = train_step(ctx, candidates, StepInfo(0, 0, 1, m.schedule(optimizer, StepInfo(0, 0, 1))))
     assert sel.dtype is hvs.DTYPES.get(precision)
     return loss, {name: p.grad for name, p in m.model.named_parameters()}

@@ -18,7 +18,7 @@ from common.engine.method import StepInfo
 from common.engine.train import run
 from simclr.loss import nt_xent, pair_scores
 from simclr.method import SimCLRMethod
-from tests.helpers import tiny_cfg
+from tests.helpers import Hooks, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,8 @@ def test_selector_picks_the_brute_force_hardest_pair(tmp_path):
     g = torch.Generator().manual_seed(2)
     candidates = [torch.randn(8, 16, generator=g) for _ in range(4)]  # stand-ins for projections
     step = StepInfo(0, 0, 1, {"lr": 0.0})
-    sel = HardViewSelector([(4, 2)])(candidates, nn.Identity(), torch.stack,
-                                     lambda outputs, combos: method.combination_scores(outputs, combos, step))
+    hooks = Hooks(nn.Identity(), torch.stack, lambda outputs, combos: method.combination_scores(outputs, combos, step))
+    sel = HardViewSelector([(4, 2)])(candidates, hooks)
     brute = torch.stack([nt_xent(candidates[k], candidates[l], 0.5, reduce=False)
                          for k, l in pair_combinations(4).tolist()], dim=1)
     assert torch.equal(sel.choice, brute.argmax(1))

@@ -17,7 +17,7 @@ from common.numerics import collapse_std
 from common.engine.runtime import EpochSampler, one_line
 from common.engine.train import run
 from simsiam.method import SimSiamMethod
-from tests.helpers import ROOT, TINY, cli, read_log, tiny_cfg
+from tests.helpers import ROOT, TINY, Hooks, cli, read_log, tiny_cfg
 
 
 def image(w=48, h=40, seed=0):
@@ -142,10 +142,10 @@ def test_selector_trains_on_the_renderings_of_the_chosen_candidates():
     def scores(outputs, combos):  # the pair (1, 3) is the hardest for every sample
         return (torch.stack(outputs)[combos].squeeze(-1).prod(1)).T
 
-    sel = selector(candidates, torch.nn.Identity(), lambda c: c, scores, renders=renders)
+    sel = selector(candidates, Hooks(torch.nn.Identity(), lambda c: c, scores), renders=renders)
     assert sel.rendered and sel.indices.tolist() == [[2, 3]] * B
     assert torch.equal(sel.views[0], renders[2]) and torch.equal(sel.views[1], renders[3])
-    plain = selector(candidates, torch.nn.Identity(), lambda c: c, scores)
+    plain = selector(candidates, Hooks(torch.nn.Identity(), lambda c: c, scores))
     assert not plain.rendered and torch.equal(plain.views[0], candidates[2])
 
 

@@ -71,7 +71,9 @@ class SSLMethod:
     spec: dict = {}
     #: reduced selection sizes are rounded to a multiple of this (a ViT's patch size)
     size_multiple: int = 1
-    #: whether checkpoints hold an EMA teacher (evaluated by default, as DINO does)
+    #: whether evaluations take the teacher's backbone by default (``--which auto``), as DINO
+    #: does; BYOL and MoCo v3 have an EMA teacher too (:class:`common.engine.teacher.TeacherMethod`)
+    #: but are evaluated on the online network
     has_teacher: bool = False
 
     def __init__(self, cfg: dict, device: torch.device):
@@ -111,7 +113,7 @@ class SSLMethod:
         """Hook after backward and unscaling, before the step (clipping, freezing a layer)."""
 
     def after_step(self, step: StepInfo) -> None:
-        """Hook after the optimizer step (EMA teacher, ...)."""
+        """Hook after the optimizer step (the EMA of :class:`common.engine.teacher.TeacherMethod`, ...)."""
 
     # --- hard view selection (called without gradient) -------------------------
     def candidate_outputs(self, module: nn.Module, candidates: Sequence[torch.Tensor], step: StepInfo) -> Any:

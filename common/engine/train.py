@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ from common.engine.config import COMMON_SPEC, ConfigError, entry_point, parse_ar
 from common.views.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.engine.logs import JsonLog, Progress, SelectionLog, fmt_time
-from common.engine.method import StepInfo
+from common.engine.method import SSLMethod, StepInfo
 from common.views.photometric import device_photometric
 from common.engine.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
                             exit_on_error, run_session, step_seed, warn_config_changes)
@@ -121,12 +123,17 @@ def save_checkpoint(path, method, model_state, optimizer, scaler, cfg, epoch, st
     }, path)
 
 
+@dataclass
 class StepContext:
     """Everything one training step needs besides the batch."""
 
-    def __init__(self, method, model, ddp_model, optimizer, autocast, scaler, selector, device):
-        self.method, self.model, self.ddp_model, self.optimizer = method, model, ddp_model, optimizer
-        self.autocast, self.scaler, self.selector, self.device = autocast, scaler, selector, device
+    method: SSLMethod  # its ``model`` is the run's network (SyncBatchNorm layers where converted)
+    ddp_model: nn.Module  # what the training forward runs: method.model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    autocast: Callable  # a context manager of the run's mixed precision (runtime.amp_settings)
+    scaler: Optional[torch.amp.GradScaler]  # fp16 loss scaling (None: off)
+    selector: Optional[HardViewSelector]  # None: HVS off
+    device: torch.device
 
     def sync(self):
         if self.device.type == "cuda":
@@ -139,7 +146,7 @@ def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, tim
     selection seconds); with ``time_selection`` the selection is timed between
     CUDA synchronisations (otherwise no synchronisation is added).  ``renders``:
     the candidates' own-colour renderings, trained on (``hvs.static_color``)."""
-    method, model = ctx.method, ctx.model
+    method = ctx.method
     sel, sel_time = None, 0.0
     with ctx.autocast():
         views = candidates
@@ -147,9 +154,7 @@ def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, tim
             if time_selection:
                 ctx.sync()
             t0 = time.perf_counter()
-            sel = ctx.selector(candidates, model, lambda c: method.candidate_outputs(model, c, step),
-                               lambda outputs, combos: method.combination_scores(outputs, combos, step), generator,
-                               renders)
+            sel = ctx.selector(candidates, method, step, generator=generator, renders=renders)
             if time_selection:
                 ctx.sync()
             sel_time, views = time.perf_counter() - t0, sel.views
@@ -160,7 +165,7 @@ def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, tim
         ctx.scaler.unscale_(ctx.optimizer)
     else:
         loss.backward()
-    method.before_optimizer_step(model, step)
+    method.before_optimizer_step(method.model, step)
     if ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
@@ -173,11 +178,38 @@ def train_step(ctx: StepContext, candidates, step: StepInfo, generator=None, tim
 # ----------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------
+@dataclass(eq=False)
 class Run:
-    """What :func:`build` makes: everything the loop of one run holds."""
+    """What :func:`build` makes (the first group) and :func:`run` adds: everything
+    the loop of one run holds.  The method, its model, the optimizer, the
+    scaler, the selector and the device are the training step's (``ctx``)."""
 
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
+    cfg: dict
+    ctx: StepContext
+    dataset: MultiViewDataset
+    sampler: EpochSampler
+    photometric: Optional[Callable]  # augment.device=model(_crop): makes the views on the device
+    per_rank: int  # batch size of one rank
+    iters: int  # steps per epoch
+    epochs: int
+    out: Path  # the run folder
+    ckpt_path: Path
+    # where the run stands (resume)
+    epoch: int = 0
+    step: int = 0
+    loop_state: dict = field(default_factory=dict)  # the running sums of a checkpoint inside an epoch
+    loader: Optional[DataLoader] = None  # made at the first epoch, kept (persistent workers)
+    # logs and checks (set by run)
+    log: Optional[JsonLog] = None
+    sel_log: Optional[SelectionLog] = None
+    progress: Optional[Progress] = None
+    guard: Optional[DivergenceGuard] = None
+    log_every: int = 0
+    sel_every: int = 0
+    ckpt_every: int = 0
+    stop_after: int = 0
+    t_interval: float = 0.0  # time of the last logged step
+    last_logged: int = 0
 
 
 def build(cfg: dict, method_cls, device: torch.device) -> Run:
@@ -197,10 +229,9 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
         policy.total_steps = int(cfg["train"]["epochs"]) * iters
         sampler.tag_steps, sampler.steps_per_epoch = True, iters
 
-    model = method.model.to(device)
+    method.model = model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        method.model = model
+        method.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = method.build_optimizer(global_batch)
     autocast, scaler = amp_settings(cfg, device)
     if cfg["train"]["compile"]:
@@ -218,11 +249,10 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
             raise ConfigError(str(err)) from None
         selector = HardViewSelector.from_cfg(method, h)
     out = Path(cfg["run"]["output_dir"])
-    return Run(cfg=cfg, device=device, method=method, model=model, optimizer=optimizer, scaler=scaler,
-               dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
-               epochs=int(cfg["train"]["epochs"]),
-               ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
-               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={}, loader=None)
+    ctx = StepContext(method=method, ddp_model=ddp_model, optimizer=optimizer, autocast=autocast, scaler=scaler,
+                      selector=selector, device=device)
+    return Run(cfg=cfg, ctx=ctx, dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank,
+               iters=iters, epochs=int(cfg["train"]["epochs"]), out=out, ckpt_path=out / "checkpoint.pth")
 
 
 def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
@@ -260,12 +290,13 @@ def resume(r: Run, state: dict | None) -> None:
     (centres, ...), random generators, position."""
     if state is None:
         return
-    check_same_shapes(r.ckpt_path, state["model"], r.model.state_dict(), state["config"], r.cfg)
-    r.model.load_state_dict(state["model"])
-    r.optimizer.load_state_dict(state["optimizer"])
-    if r.scaler is not None and state["scaler"] is not None:
-        r.scaler.load_state_dict(state["scaler"])
-    r.method.load_state_dict(state["method_state"])
+    c = r.ctx
+    check_same_shapes(r.ckpt_path, state["model"], c.method.model.state_dict(), state["config"], r.cfg)
+    c.method.model.load_state_dict(state["model"])
+    c.optimizer.load_state_dict(state["optimizer"])
+    if c.scaler is not None and state["scaler"] is not None:
+        c.scaler.load_state_dict(state["scaler"])
+    c.method.load_state_dict(state["method_state"])
     ckpt_io.set_rng_state(state["rng"])
     r.epoch, r.step, r.loop_state = state["epoch"], state["step"], state.get("loop", {})
     if dist.is_main():
@@ -278,10 +309,11 @@ def checkpoint(r: Run, epoch_done: int, loop: dict | None = None) -> None:
     weight is not finite: then :class:`common.engine.runtime.Diverged`, and the last
     good checkpoint stays as it was."""
     r.sel_log.flush()
-    state = r.model.state_dict()
+    c = r.ctx
+    state = c.method.model.state_dict()
     r.guard.check(weights=state.values())
     if dist.is_main():
-        save_checkpoint(r.ckpt_path, r.method, state, r.optimizer, r.scaler, r.cfg, epoch_done, r.step, loop)
+        save_checkpoint(r.ckpt_path, c.method, state, c.optimizer, c.scaler, r.cfg, epoch_done, r.step, loop)
     r.guard.saved(r.step)
     dist.barrier()
 
@@ -296,7 +328,7 @@ def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, s
            **{k: float(v) for k, v in stats.items()}}
     r.t_interval, r.last_logged = now, r.step
     if sel is not None:
-        row.update(sel_time=sel_time, **selection_stats(sel, params, r.selector.baseline_combo))
+        row.update(sel_time=sel_time, **selection_stats(sel, params, r.ctx.selector.baseline_combo))
     if r.dataset.transform.policy is not None:
         policy = r.dataset.transform.policy
         row.update(iou_threshold=policy.threshold(r.step - 1), iou_policy_on=policy.active(r.step - 1),
@@ -317,22 +349,22 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     r.sampler.set_epoch(epoch, skip_batches=done_in_epoch)
     if r.loader is None:
         r.loader = make_loader(r.dataset, r.sampler, r.per_rank, int(r.cfg["data"]["num_workers"]),
-                               r.device.type == "cuda")
+                               r.ctx.device.type == "cuda")
     loader = r.loader
-    epoch_loss, epoch_n, t_epoch = torch.zeros((), device=r.device), 0, time.time()
+    epoch_loss, epoch_n, t_epoch = torch.zeros((), device=r.ctx.device), 0, time.time()
     if done_in_epoch and r.loop_state:  # resumed inside this epoch: the sums of its first steps
         epoch_loss += r.loop_state["epoch_loss"]
         epoch_n = int(r.loop_state["epoch_n"])
     for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
         if it >= r.iters:
             break
-        candidates = views_to(candidates, r.device)  # the views, or (augment.device=model_crop) the images
+        candidates = views_to(candidates, r.ctx.device)  # the views, or (augment.device=model_crop) the images
         if r.photometric is not None:  # augment.device=model(_crop): the views from the recorded params
             candidates, params = r.photometric(candidates, params)
         renders = None
         if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
             candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]
-        sched = r.method.schedule(r.optimizer, StepInfo(epoch, it, r.iters))
+        sched = r.ctx.method.schedule(r.ctx.optimizer, StepInfo(epoch, it, r.iters))
         timed = r.step % r.log_every == 0
         gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode
         torch.manual_seed(step_seed(seed, r.step) + 1)  # stochastic depth etc.: resume is exact
@@ -380,7 +412,7 @@ def run(cfg: dict, method_cls) -> Path:
         r.ckpt_every, r.stop_after = int(rc["ckpt_every_steps"]), int(rc["stop_after_steps"])
         r.t_interval, r.last_logged = time.time(), r.step
 
-        r.model.train()
+        r.ctx.method.model.train()
         for epoch in range(r.epoch, r.epochs):
             if r.step - epoch * r.iters >= r.iters:
                 continue

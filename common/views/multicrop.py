@@ -127,14 +127,3 @@ class MultiCropNet(nn.Module):
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(crops))
 
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by
-    parameter (buffers are not averaged, as in DINO)."""
-    t_params = list(teacher.parameters())
-    s_params = list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise RuntimeError("teacher and student have different parameter lists")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1.0 - momentum)
