@@ -280,9 +280,9 @@ class Check:
         import torch
         from torch.utils.data import DataLoader
 
-        from common.views.augment import MultiViewDataset, MultiViewTransform, ViewRecipe, collate, views_to
+        from common.views.augment import MultiViewTransform, ViewRecipe, collate
         from common.views.data import build_dataset
-        from common.views.photometric import device_photometric
+        from common.views.pipeline import ViewPipeline
 
         dataset, data_dir, what = self.data()
         base = build_dataset(dataset, "train", data_dir)
@@ -297,9 +297,8 @@ class Check:
                 if self.remaining() < MIN_RUN_S:
                     out[key] = {"ok": None, "status": "skipped: the section's time budget is spent"}
                     continue
-                transform = MultiViewTransform(slots=[(ViewRecipe(size=size), n)])
-                step = device_photometric({"augment": {"device": where}}, transform)
-                ds = MultiViewDataset(base, transform, seed=0)
+                pipeline = ViewPipeline.rendering(MultiViewTransform(slots=[(ViewRecipe(size=size), n)]), where)
+                ds = pipeline.dataset(base, seed=0)
                 loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                     pin_memory=self.cuda, persistent_workers=False, collate_fn=collate,
                                     generator=torch.Generator().manual_seed(0))
@@ -310,12 +309,10 @@ class Check:
                     if self.remaining() <= 0:  # the section's deadline: stop timing here
                         break
                     try:
-                        views, params, *_ = next(it)
+                        loaded = next(it)
                     except StopIteration:
                         break
-                    views = views_to(views, self.device)
-                    if step is not None:
-                        views, params = step(views, params)
+                    pipeline.to_device(loaded, self.device)  # the views on the device (model_crop: made there)
                     done += 1
                 if self.cuda:
                     torch.cuda.synchronize()

@@ -53,11 +53,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from common.views.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiViewDataset, MultiViewTransform, ViewRecipe, collate,
+from common.views.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiViewTransform, ViewRecipe, collate,
                             views_to)
 from common.engine.checkpoint import write_json_atomic
 from common.views.data import DataError, build_dataset
-from common.views.photometric import device_photometric
+from common.views.pipeline import ViewPipeline
 
 LOADERS = ("ours", "ours_model", "ours_model_crop", "torchvision")
 #: the training paths (augment.device) compared by ``--paper-dino``
@@ -99,8 +99,13 @@ class TorchvisionViews(Dataset):
         return [self.transform(image) for _ in range(self.n)], label
 
 
+def ours_pipeline(size: int, n: int, where: str = "loader") -> ViewPipeline:
+    """SimSiam's recipe, ``n`` views of ``size`` px, rendered as ``augment.device=where``."""
+    return ViewPipeline.rendering(MultiViewTransform([(ViewRecipe(size=size), n)]), where)
+
+
 def ours(base, size: int, n: int, photometric: str = "loader") -> Dataset:
-    return MultiViewDataset(base, MultiViewTransform([(ViewRecipe(size=size), n)], photometric=photometric), seed=0)
+    return ours_pipeline(size, n, photometric).dataset(base, seed=0)
 
 
 def make_loader(name: str, base, size: int, n: int) -> Dataset:
@@ -147,8 +152,8 @@ def device_seconds_per_image(base, size: int, n: int, batch_size: int, repeats: 
     (after one warm-up) on one collated batch of that loader.  On the CPU: CPU
     seconds with one thread, as a loader worker has; on a GPU: wall seconds
     between synchronisations."""
-    dataset = ours(base, size, n, "loader")
-    step = device_photometric({"augment": {"device": where}}, dataset.transform)
+    pipeline = ours_pipeline(size, n, where)
+    dataset, step = pipeline.dataset(base, seed=0), pipeline.device_step
     views, params, _, _ = next(iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)))
     views = views_to(views, device)
     on_cpu = device == "cpu"
@@ -242,9 +247,9 @@ def kernel_launches_as_on_gpu(fn) -> int:
         photometric.CPU_CHUNK_VALUES, resample.CPU_MAX_VALUES = saved
 
 
-def paper_dino_transform(where: str):
+def paper_dino_pipeline(where: str) -> ViewPipeline:
     """DINO's multi-crop transform with HVS at the paper's setting, rendering
-    as ``augment.device=where``, and its device step (None for ``loader``)."""
+    as ``augment.device=where`` (its device step None for ``loader``)."""
     from common.engine.config import COMMON_SPEC, resolve
     from common.views.multicrop import multicrop_transform
     from dino.method import DINOMethod
@@ -252,8 +257,7 @@ def paper_dino_transform(where: str):
     root = Path(__file__).resolve().parents[1]
     cfg = resolve({**COMMON_SPEC, **DINOMethod.spec}, root / "configs" / "dino_paper.yaml",
                   ["hvs.enabled=true", f"augment.device={where}"])
-    transform = multicrop_transform(cfg, hvs_on=True)
-    return transform, device_photometric(cfg, transform)
+    return ViewPipeline.rendering(multicrop_transform(cfg, hvs_on=True), cfg["augment"]["device"])
 
 
 def payload_bytes(views) -> int:
@@ -273,8 +277,8 @@ def paper_dino(base, images: int, batch_size: int, workers: int, device: str = "
     out = {"setting": "DINO paper, HVS: 4 global candidates 224 px + 16 local candidates 96 px per image",
            "images": len(base), "batch_size": batch_size, "workers": workers}
     for where in DEVICE_PATHS:
-        transform, step = paper_dino_transform(where)
-        dataset = MultiViewDataset(base, transform, seed=0)
+        pipeline = paper_dino_pipeline(where)
+        dataset, step = pipeline.dataset(base, seed=0), pipeline.device_step
         wall, cpu, count = read_all(dataset, batch_size, workers)
         cpu_per_image = max(1e-9, cpu - empty) / count
         views, params, _, _ = next(iter(DataLoader(dataset, batch_size=min(batch_size, len(base)), shuffle=False,

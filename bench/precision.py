@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from common.engine import checkpoint as ckpt_io
-from common.views.augment import MultiViewDataset
+from common.views.augment import collate
 from common.views.data import DataError, build_dataset
 from common.hvs import PRECISIONS, HardViewSelector, selection_dtype
 from common.engine.method import StepInfo
 from common.engine.registry import get_method
-from common.engine.train import view_transform
+from common.views.pipeline import ViewPipeline
 
 
 def load_method(path: Path, device: torch.device):
@@ -54,14 +54,16 @@ def load_method(path: Path, device: torch.device):
 
 
 def candidate_batches(cfg: dict, method, data_dir, batches: int, batch_size: int, seed: int):
-    """``batches`` lists of candidate tensors drawn from the run's training set."""
+    """``batches`` lists of candidate tensors drawn from the run's training
+    set, made by the run's view pipeline (its ``augment.device`` step on the CPU)."""
     d = cfg["data"]
     base = build_dataset(d["dataset"], "train", data_dir or d["data_dir"], download=False)
-    dataset = MultiViewDataset(base, view_transform(cfg, method), seed=seed)
+    pipeline = ViewPipeline.from_cfg(cfg, method)
+    dataset = pipeline.dataset(base, seed=seed)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     for b in range(batches):
         items = [dataset[int(i)] for i in order[b * batch_size:(b + 1) * batch_size]]
-        yield [torch.stack([views[k] for views, *_ in items]) for k in range(len(items[0][0]))]
+        yield pipeline.to_device(collate(items), "cpu").candidates
 
 
 def measure(method, cfg: dict, batches, precision: str, seed: int = 0) -> dict:

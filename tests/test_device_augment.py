@@ -19,6 +19,7 @@ from common.views.augment import (P, PARAM_NAMES, IoUPolicy, MultiViewDataset, M
                             draw_colour, draw_finish, draw_geometry, record, sample_crop, to_uint8)
 from common.engine.config import ConfigError
 from common.views.multicrop import multicrop_transform
+from common.views.pipeline import ViewPipeline
 from tests.helpers import dino_cfg, read_log, tiny_cfg
 
 
@@ -216,8 +217,8 @@ def test_device_path_gives_the_loader_paths_views_and_rows(kind, where, tmp_path
         policy = IoUPolicy(0.2, 0.5, total_steps=5) if kind == "pair_iou_policy" else None
         return MultiViewTransform([(recipe, 4)], static_color=kind == "pair_static_colour", policy=policy)
 
-    loader, device = make(), make()
-    step = ph.device_photometric({"augment": {"device": where}}, device)
+    loader, pipeline = make(), ViewPipeline.rendering(make(), where)
+    device, step = pipeline.transform, pipeline.device_step
     assert device.photometric == where
     images = make_images(5, seed=2)
     views, params = batch(loader, images)
@@ -270,7 +271,7 @@ def test_every_candidate_comes_from_one_decode_of_the_image(photometric, tmp_pat
     images = make_images(3)
     for transform in (MultiViewTransform([(ViewRecipe(size=8), 8)], photometric=photometric),
                       multicrop_transform(dino_cfg(tmp_path, tmp_path, "hvs.enabled=true"), True)):
-        transform.photometric = photometric
+        transform = ViewPipeline.rendering(transform, photometric).transform
         base = CountingImages(images)
         dataset = MultiViewDataset(base, transform)
         for i in range(len(dataset)):
@@ -294,13 +295,12 @@ def test_device_option_is_in_every_method_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="augment.device"):
         tiny_cfg(SimSiamMethod, tmp_path, tmp_path, "augment.device=gpu")
     cfg = tiny_cfg(SimSiamMethod, tmp_path, tmp_path, "augment.device=model")
-    transform = MultiViewTransform()
-    assert ph.device_photometric(cfg, transform) is not None and transform.photometric == "model"
-    transform = MultiViewTransform()
-    assert ph.device_photometric({**cfg, "augment": {**cfg["augment"], "device": "loader"}}, transform) is None
-    assert transform.photometric == "loader"
-    step = ph.device_photometric({**cfg, "augment": {**cfg["augment"], "device": "model_crop"}}, transform)
-    assert isinstance(step, ph.DeviceViews) and transform.photometric == "model_crop"
+    method = SimSiamMethod(cfg, torch.device("cpu"))
+    for where, step_type in (("model", ph.DevicePhotometric), ("loader", type(None)), ("model_crop", ph.DeviceViews)):
+        pipeline = ViewPipeline.from_cfg({**cfg, "augment": {**cfg["augment"], "device": where}}, method)
+        assert type(pipeline.device_step) is step_type and pipeline.transform.photometric == where
+        assert pipeline.transform.slots == method.view_transform(False).slots
+    step = pipeline.device_step
     with pytest.raises(ValueError, match="decoded images"):  # the views of model, not the images of model_crop
         step([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)] * 2, torch.zeros(2, 2, len(PARAM_NAMES)))
 

@@ -105,20 +105,19 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
 
 def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
     """Host synchronisations of each of ``steps`` training steps on batches
-    of the run's own dataset: the photometric step (``augment.device=model``),
+    of the run's own dataset: the view pipeline's move to the device and its
+    device step (``augment.device=model``, ``model_crop``: ``ViewPipeline.to_device``),
     ``common.engine.train.train_step`` and the divergence guard's update, as the loop
     runs them between logging steps.  ``fp16``: under fp16 autocast with a
     GradScaler (on the CPU)."""
     from common.views.augment import collate
     from common.engine.method import StepInfo
-    from common.views.photometric import device_photometric
     from common.engine.runtime import DivergenceGuard
     from common.engine.train import StepContext, build_train_data, train_step
 
     cpu = torch.device("cpu")
     method = method_cls(cfg, cpu)
-    dataset, _ = build_train_data(cfg, method, batch)
-    photometric = device_photometric(cfg, dataset.transform)
+    pipeline, dataset, _, _ = build_train_data(cfg, method, batch)
     h = cfg["hvs"]
     selector = HardViewSelector(method.pools(), mode=h["mode"], max_combinations=h["max_combinations"],
                                 precision=h["precision"], size_multiple=method.size_multiple)
@@ -134,14 +133,12 @@ def counted_steps(monkeypatch, method_cls, cfg, steps=2, batch=4, fp16=False):
     if hasattr(method, "loss"):
         counter.mark(*method.loss.buffers())
     for k in range(steps):
-        candidates, params, _, _ = collate([dataset[i] for i in range(k * batch, (k + 1) * batch)])
-        counter.mark(*([candidates.pixels] if hasattr(candidates, "pixels") else candidates))  # moved by the loop
+        loaded = collate([dataset[i] for i in range(k * batch, (k + 1) * batch)])
         counter.where = []
         with counter:
-            if photometric is not None:
-                candidates, params = photometric(candidates, params)
+            views = pipeline.to_device(loaded, cpu)  # its non-blocking copies make the device tensors
             step = StepInfo(0, k, steps, method.schedule(optimizer, StepInfo(0, k, steps)))
-            loss, *_ = train_step(ctx, candidates, step, torch.Generator().manual_seed(k))
+            loss, *_ = train_step(ctx, views.candidates, step, torch.Generator().manual_seed(k), renders=views.renders)
             guard.update(loss, k + 1)
         counts.append(counter.where)
     return counts

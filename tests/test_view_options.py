@@ -98,10 +98,8 @@ def test_the_policy_needs_the_step():
 
 
 def test_sampler_tags_samples_with_their_step():
-    sampler = EpochSampler(20, batch_size=4, seed=0)
-    plain = list(sampler)
-    sampler.tag_steps, sampler.steps_per_epoch = True, 5
-    sampler.set_epoch(0)
+    plain = list(EpochSampler(20, batch_size=4, seed=0))
+    sampler = EpochSampler(20, batch_size=4, seed=0, tag_steps=True, steps_per_epoch=5)
     tagged = list(sampler)
     assert [i for i, _ in tagged] == plain and [s for _, s in tagged] == [k // 4 for k in range(20)]
     sampler.set_epoch(2, skip_batches=3)  # resumed inside epoch 2: steps 13 and 14 are left

@@ -266,24 +266,28 @@ class EpochSampler(Sampler):
     ``set_epoch(e, skip_batches=k)`` starts the epoch after its first k batches
     (resuming a run stopped inside an epoch).  With ``tag_steps`` it yields
     ``(index, training step)`` pairs, the step counted with ``steps_per_epoch``
-    steps per epoch (for transforms that change over training).  With
-    ``tag_epochs`` it yields ``(index, training step or None, epoch)``: the
-    epoch travels with every index, so that loader workers that persist
-    across epochs draw the views of the right epoch."""
+    steps per epoch (default: its batches; for transforms that change over
+    training).  With ``tag_epochs`` it yields ``(index, training step or None,
+    epoch)``: the epoch travels with every index, so that loader workers that
+    persist across epochs draw the views of the right epoch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, tag_steps: bool = False, steps_per_epoch: int | None = None):
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.drop_last = drop_last
-        if drop_last:
-            self.batches = n // (batch_size * world)
-            self.per_rank = self.batches * batch_size
-        else:
-            self.per_rank = math.ceil(n / world)
-            self.batches = math.ceil(self.per_rank / batch_size)
+        self.batches = self.count_batches(n, batch_size, world, drop_last)
+        self.per_rank = self.batches * batch_size if drop_last else math.ceil(n / world)
         self.epoch, self.skip = 0, 0
-        self.tag_steps, self.steps_per_epoch = False, self.batches
+        self.tag_steps = tag_steps
+        self.steps_per_epoch = self.batches if steps_per_epoch is None else steps_per_epoch
         self.tag_epochs = False
+
+    @staticmethod
+    def count_batches(n: int, batch_size: int, world: int = 1, drop_last: bool = True) -> int:
+        """Batches per rank and epoch of ``n`` samples (known before the dataset is made)."""
+        if drop_last:
+            return n // (batch_size * world)
+        return math.ceil(math.ceil(n / world) / batch_size)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches

@@ -4,8 +4,9 @@ Runs as one process (CPU or GPU) or under torchrun (DDP: gloo on CPU, NCCL on
 GPU, one or several nodes).  Reads top to bottom:
 
   1. set-up (``common.engine.runtime``): process group, the locked run folder, seeds
-  2. :func:`build`: multi-view dataset (N candidates per crop slot), sampler,
-     model, optimizer, mixed precision, selector
+  2. :func:`build`: the view pipeline (``common.views.pipeline``) and its
+     multi-view dataset (N candidates per crop slot), sampler, model,
+     optimizer, mixed precision, selector
   3. :func:`resume` from ``checkpoint.pth`` (checked against the run first)
   4. :func:`train_one_epoch`: candidates -> selector -> method loss ->
      optimizer -> method hooks (:func:`train_step`), every loss watched for
@@ -26,47 +27,43 @@ from torch.utils.data import DataLoader
 
 from common.engine import checkpoint as ckpt_io
 from common.engine import dist
-from common.views.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou, collate, views_to
+from common.views.augment import P, PARAM_NAMES, box_iou, collate
 from common.engine.config import COMMON_SPEC, ConfigError, entry_point, parse_args
 from common.views.data import DataError, build_dataset, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.engine.logs import JsonLog, Progress, SelectionLog, fmt_time
 from common.engine.method import SSLMethod, StepInfo
-from common.views.photometric import device_photometric
+from common.views.pipeline import ViewBatch, ViewPipeline
 from common.engine.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
                             exit_on_error, run_session, step_seed, warn_config_changes)
 
 
+def steps_per_epoch(cfg: dict, n_images: int, per_rank_batch: int) -> int:
+    """Training steps of an epoch: the sampler's batches per rank, at most ``run.max_steps_per_epoch``."""
+    iters = EpochSampler.count_batches(n_images, per_rank_batch, dist.world())
+    if cfg["run"]["max_steps_per_epoch"]:
+        iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
+    return iters
+
+
 def build_train_data(cfg: dict, method, per_rank_batch: int):
+    """``(pipeline, dataset, sampler, iters)``: the run's view pipeline, its
+    multi-view dataset, the sampler and the training steps of an epoch."""
     d = cfg["data"]
     base = build_dataset(d["dataset"], "train", d["data_dir"], download=d["download"])
     if d["subset"]:
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
-    dataset = MultiViewDataset(base, view_transform(cfg, method), seed=cfg["run"]["seed"])
+    iters = steps_per_epoch(cfg, len(base), per_rank_batch)
+    # the IoU policy's schedule runs over the training steps, which the sampler tags the samples with
+    pipeline = ViewPipeline.from_cfg(cfg, method, total_steps=int(cfg["train"]["epochs"]) * iters)
+    dataset = pipeline.dataset(base, seed=cfg["run"]["seed"])
     if len(dataset) < per_rank_batch * dist.world():
         raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(dataset)} images, "
                         f"fewer than one global batch of train.batch_size={per_rank_batch * dist.world()}: "
                         "lower train.batch_size or raise data.subset")
-    sampler = EpochSampler(len(dataset), per_rank_batch, cfg["run"]["seed"], dist.rank(), dist.world())
-    return dataset, sampler
-
-
-def view_transform(cfg: dict, method):
-    """The method's multi-view transform with the options of the analyses
-    (static colour, the IoU policy), checked against HVS being on or off."""
-    hvs_on, p = cfg["hvs"]["enabled"], cfg["iou_policy"]
-    transform = method.view_transform(hvs_on)
-    if cfg["hvs"]["static_color"]:
-        if not hvs_on or cfg["hvs"]["mode"] == "random":
-            raise ConfigError("hvs.static_color=true shares the colour jitter of the candidates during the selection: "
-                              "it needs hvs.enabled=true and hvs.mode hard or easy")
-        transform.static_color = True
-    if p["enabled"]:
-        if hvs_on:
-            raise ConfigError("iou_policy.enabled=true replaces hard view selection (paper Table 5): "
-                              "set hvs.enabled=false")
-        transform.policy = IoUPolicy(p["start"], p["end"], alternate=p["alternate"], max_draws=p["max_draws"])
-    return transform
+    sampler = EpochSampler(len(dataset), per_rank_batch, cfg["run"]["seed"], dist.rank(), dist.world(),
+                           tag_steps=pipeline.policy is not None, steps_per_epoch=iters)
+    return pipeline, dataset, sampler, iters
 
 
 def base_root(dataset) -> str:
@@ -188,7 +185,7 @@ class Run:
     ctx: StepContext
     dataset: MultiViewDataset
     sampler: EpochSampler
-    photometric: Optional[Callable]  # augment.device=model(_crop): makes the views on the device
+    pipeline: ViewPipeline  # the views: the method's transform with the run's options, and its device step
     per_rank: int  # batch size of one rank
     iters: int  # steps per epoch
     epochs: int
@@ -219,15 +216,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
         raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {dist.world()} ranks")
     per_rank = global_batch // dist.world()
     method = method_cls(cfg, device)
-    dataset, sampler = build_train_data(cfg, method, per_rank)
-    photometric = device_photometric(cfg, dataset.transform)  # augment.device=model(_crop): views made on the device
-    iters = sampler.batches
-    if cfg["run"]["max_steps_per_epoch"]:
-        iters = min(iters, int(cfg["run"]["max_steps_per_epoch"]))
-    policy = dataset.transform.policy
-    if policy is not None:  # the schedule runs over the training steps, which the samples are tagged with
-        policy.total_steps = int(cfg["train"]["epochs"]) * iters
-        sampler.tag_steps, sampler.steps_per_epoch = True, iters
+    pipeline, dataset, sampler, iters = build_train_data(cfg, method, per_rank)
 
     method.model = model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
@@ -251,7 +240,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     out = Path(cfg["run"]["output_dir"])
     ctx = StepContext(method=method, ddp_model=ddp_model, optimizer=optimizer, autocast=autocast, scaler=scaler,
                       selector=selector, device=device)
-    return Run(cfg=cfg, ctx=ctx, dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank,
+    return Run(cfg=cfg, ctx=ctx, dataset=dataset, sampler=sampler, pipeline=pipeline, per_rank=per_rank,
                iters=iters, epochs=int(cfg["train"]["epochs"]), out=out, ckpt_path=out / "checkpoint.pth")
 
 
@@ -318,9 +307,11 @@ def checkpoint(r: Run, epoch_done: int, loop: dict | None = None) -> None:
     dist.barrier()
 
 
-def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, sel_time: float, params) -> None:
+def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, sel_time: float,
+             batch: ViewBatch) -> None:
     """One JSON line and one console line (logged steps only: they synchronise with the device)."""
     r.guard.check()
+    params = batch.params
     loss_value = loss.item()
     now = time.time()
     row = {"type": "step", "epoch": epoch, "step": r.step, "loss": loss_value,
@@ -329,8 +320,8 @@ def log_step(r: Run, epoch: int, it: int, loss, stats: dict, sched: dict, sel, s
     r.t_interval, r.last_logged = now, r.step
     if sel is not None:
         row.update(sel_time=sel_time, **selection_stats(sel, params, r.ctx.selector.baseline_combo))
-    if r.dataset.transform.policy is not None:
-        policy = r.dataset.transform.policy
+    policy = r.pipeline.policy
+    if policy is not None:
         row.update(iou_threshold=policy.threshold(r.step - 1), iou_policy_on=policy.active(r.step - 1),
                    policy_draws=params[:, 0, P["draws"]].mean().item(),
                    policy_iou=box_iou(params[:, 0], params[:, 1]).mean().item())
@@ -355,30 +346,25 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     if done_in_epoch and r.loop_state:  # resumed inside this epoch: the sums of its first steps
         epoch_loss += r.loop_state["epoch_loss"]
         epoch_n = int(r.loop_state["epoch_n"])
-    for it, (candidates, params, _labels, index) in enumerate(loader, start=done_in_epoch):
+    for it, loaded in enumerate(loader, start=done_in_epoch):
         if it >= r.iters:
             break
-        candidates = views_to(candidates, r.ctx.device)  # the views, or (augment.device=model_crop) the images
-        if r.photometric is not None:  # augment.device=model(_crop): the views from the recorded params
-            candidates, params = r.photometric(candidates, params)
-        renders = None
-        if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
-            candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]
+        batch = r.pipeline.to_device(loaded, r.ctx.device)  # finished candidates (static colour: and renderings)
         sched = r.ctx.method.schedule(r.ctx.optimizer, StepInfo(epoch, it, r.iters))
         timed = r.step % r.log_every == 0
         gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode
         torch.manual_seed(step_seed(seed, r.step) + 1)  # stochastic depth etc.: resume is exact
-        loss, stats, sel, sel_time = train_step(r.ctx, candidates, StepInfo(epoch, it, r.iters, sched), gen,
-                                                time_selection=timed, renders=renders)
+        loss, stats, sel, sel_time = train_step(r.ctx, batch.candidates, StepInfo(epoch, it, r.iters, sched), gen,
+                                                time_selection=timed, renders=batch.renders)
         r.step += 1
         r.guard.update(loss, r.step)  # no host synchronisation
         epoch_loss += loss.detach()
         epoch_n += 1
 
         if r.sel_every and (r.step - 1) % r.sel_every == 0:
-            r.sel_log.add(r.step - 1, index, params, sel)
+            r.sel_log.add(r.step - 1, batch.index, batch.params, sel)
         if timed:
-            log_step(r, epoch, it, loss, stats, sched, sel, sel_time, params)
+            log_step(r, epoch, it, loss, stats, sched, sel, sel_time, batch)
         if it + 1 < r.iters and ((r.ckpt_every and r.step % r.ckpt_every == 0) or r.step == r.stop_after):
             checkpoint(r, epoch, {"epoch_loss": dist.all_reduce_mean(epoch_loss).item(), "epoch_n": epoch_n})
         if r.step == r.stop_after:

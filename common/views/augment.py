@@ -261,7 +261,7 @@ class IoUPolicyError(ConfigError):
     """The IoU policy found no pair of views in its range within its draws."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class IoUPolicy:
     """The manual IoU policy of the paper's Section 5.2 (Table 5): the crops of
     the first two views (SimSiam's pair; DINO's two global crops) are drawn
@@ -299,7 +299,7 @@ class IoUPolicy:
             "raise iou_policy.start/end or iou_policy.max_draws")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MultiViewTransform:
     """Draws ``n`` candidate views for every crop slot, in slot order.
 
@@ -330,6 +330,10 @@ class MultiViewTransform:
       image itself, once (one uint8 tensor [3, H, W], not a list; :func:`collate`
       packs a batch of them), the crops and flips only drawn and recorded
       (:class:`common.views.photometric.DeviceViews` renders them).
+
+    Frozen: the options are given when it is made; a run's transform, with
+    its options from the config, is made by
+    :meth:`common.views.pipeline.ViewPipeline.from_cfg`.
     """
 
     slots: Sequence = field(default_factory=lambda: [(ViewRecipe(), 2)])

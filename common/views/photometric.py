@@ -397,14 +397,3 @@ class DeviceViews(DevicePhotometric):
             candidates.extend(crop_resize_flip(images, params[:, v:w], r.size, r.interpolation).unbind(1))
             v = w
         return super().__call__(candidates, params)
-
-
-def device_photometric(cfg: dict, transform) -> DevicePhotometric | None:
-    """With ``augment.device=model`` (``model_crop``): switch the transform's
-    workers to geometry only (to decoding only) and return the step that
-    finishes the views on the device; None with ``loader``."""
-    where = cfg["augment"].get("device", "loader")
-    if where == "loader":
-        return None
-    transform.photometric = where
-    return (DeviceViews if where == "model_crop" else DevicePhotometric)(transform.recipes())
