@@ -26,9 +26,10 @@ from common.engine import checkpoint as ckpt_io
 from common.engine import dist
 from common.views.augment import P, PARAM_NAMES, IoUPolicy, MultiViewDataset, box_iou, collate, views_to
 from common.engine.config import COMMON_SPEC, ConfigError, entry_point, parse_args
-from common.views.data import DataError, build_dataset, subset_indices
+from common.views.data import DataError, build_dataset, in_memory, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.engine.logs import JsonLog, Progress, SelectionLog, fmt_time
+from common.engine.memory_format import model_channels_last, use_channels_last, views_channels_last
 from common.engine.method import StepInfo
 from common.views.photometric import device_photometric
 from common.engine.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
@@ -40,6 +41,7 @@ def build_train_data(cfg: dict, method, per_rank_batch: int):
     base = build_dataset(d["dataset"], "train", d["data_dir"], download=d["download"])
     if d["subset"]:
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
+    base = in_memory(base, d.get("in_memory", "auto"), d["dataset"])  # decoded once, here (data.in_memory)
     dataset = MultiViewDataset(base, view_transform(cfg, method), seed=cfg["run"]["seed"])
     if len(dataset) < per_rank_batch * dist.world():
         raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(dataset)} images, "
@@ -201,6 +203,9 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         method.model = model
+    channels_last = use_channels_last(cfg["train"].get("channels_last", "auto"), device, model, cfg["train"]["amp"])
+    if channels_last:
+        model_channels_last(model)
     optimizer = method.build_optimizer(global_batch)
     autocast, scaler = amp_settings(cfg, device)
     if cfg["train"]["compile"]:
@@ -222,7 +227,8 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
                dataset=dataset, sampler=sampler, photometric=photometric, per_rank=per_rank, iters=iters,
                epochs=int(cfg["train"]["epochs"]),
                ctx=StepContext(method, model, ddp_model, optimizer, autocast, scaler, selector, device),
-               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={}, loader=None)
+               selector=selector, out=out, ckpt_path=out / "checkpoint.pth", epoch=0, step=0, loop_state={}, loader=None,
+               channels_last=channels_last)
 
 
 def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
@@ -329,6 +335,8 @@ def train_one_epoch(r: Run, epoch: int) -> None:
         candidates = views_to(candidates, r.device)  # the views, or (augment.device=model_crop) the images
         if r.photometric is not None:  # augment.device=model(_crop): the views from the recorded params
             candidates, params = r.photometric(candidates, params)
+        if r.channels_last:
+            candidates = views_channels_last(candidates)
         renders = None
         if len(candidates) == 2 * params.shape[1]:  # static colour: the candidates, then their own-colour renderings
             candidates, renders = candidates[: params.shape[1]], candidates[params.shape[1]:]
