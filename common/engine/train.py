@@ -29,9 +29,10 @@ from common.engine import checkpoint as ckpt_io
 from common.engine import dist
 from common.views.augment import P, PARAM_NAMES, box_iou, collate
 from common.engine.config import COMMON_SPEC, ConfigError, entry_point, parse_args
-from common.views.data import DataError, build_dataset, subset_indices
+from common.views.data import DataError, build_dataset, in_memory, subset_indices
 from common.hvs import HardViewSelector, selection_dtype
 from common.engine.logs import JsonLog, Progress, SelectionLog, fmt_time
+from common.engine.memory_format import model_channels_last, use_channels_last
 from common.engine.method import SSLMethod, StepInfo
 from common.views.pipeline import ViewBatch, ViewPipeline
 from common.engine.runtime import (DivergenceGuard, EpochSampler, amp_settings, check_same_shapes, compile_backbones,
@@ -53,6 +54,7 @@ def build_train_data(cfg: dict, method, per_rank_batch: int):
     base = build_dataset(d["dataset"], "train", d["data_dir"], download=d["download"])
     if d["subset"]:
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
+    base = in_memory(base, d.get("in_memory", "auto"), d["dataset"])  # decoded once, here (data.in_memory)
     iters = steps_per_epoch(cfg, len(base), per_rank_batch)
     # the IoU policy's schedule runs over the training steps, which the sampler tags the samples with
     pipeline = ViewPipeline.from_cfg(cfg, method, total_steps=int(cfg["train"]["epochs"]) * iters)
@@ -191,6 +193,7 @@ class Run:
     epochs: int
     out: Path  # the run folder
     ckpt_path: Path
+    channels_last: bool = False  # the model and the views in channels_last (train.channels_last)
     # where the run stands (resume)
     epoch: int = 0
     step: int = 0
@@ -221,6 +224,9 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     method.model = model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
         method.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = use_channels_last(cfg["train"].get("channels_last", "auto"), device, model, cfg["train"]["amp"])
+    if channels_last:
+        model_channels_last(model)
     optimizer = method.build_optimizer(global_batch)
     autocast, scaler = amp_settings(cfg, device)
     if cfg["train"]["compile"]:
@@ -241,7 +247,8 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     ctx = StepContext(method=method, ddp_model=ddp_model, optimizer=optimizer, autocast=autocast, scaler=scaler,
                       selector=selector, device=device)
     return Run(cfg=cfg, ctx=ctx, dataset=dataset, sampler=sampler, pipeline=pipeline, per_rank=per_rank,
-               iters=iters, epochs=int(cfg["train"]["epochs"]), out=out, ckpt_path=out / "checkpoint.pth")
+               iters=iters, epochs=int(cfg["train"]["epochs"]), out=out, ckpt_path=out / "checkpoint.pth",
+               channels_last=channels_last)
 
 
 def existing_checkpoint(cfg: dict, method_cls) -> dict | None:
@@ -349,7 +356,8 @@ def train_one_epoch(r: Run, epoch: int) -> None:
     for it, loaded in enumerate(loader, start=done_in_epoch):
         if it >= r.iters:
             break
-        batch = r.pipeline.to_device(loaded, r.ctx.device)  # finished candidates (static colour: and renderings)
+        # the finished candidates (static colour: and their renderings) on the device
+        batch = r.pipeline.to_device(loaded, r.ctx.device, channels_last=r.channels_last)
         sched = r.ctx.method.schedule(r.ctx.optimizer, StepInfo(epoch, it, r.iters))
         timed = r.step % r.log_every == 0
         gen = torch.Generator().manual_seed(step_seed(seed, r.step))  # cap subset, random mode

@@ -202,6 +202,116 @@ def _part_labels(part: Any) -> list[int]:
     return [category for category, _ in part.index]
 
 
+#: ``data.in_memory=auto`` decodes these training sets into memory when they come as image files
+IN_MEMORY_AUTO = ("cifar10", "cifar100")
+IN_MEMORY_CHOICES = ("auto", "true", "false")
+
+
+class DecodedImages(Dataset):
+    """Every image of ``dataset`` decoded once, held as uint8 pixels in one
+    buffer: ``(PIL RGB image, label)`` per index, as ``dataset`` gives them,
+    without reading or decoding a file again (``data.in_memory``).
+
+    The pixels are one numpy array made in the process that builds the
+    dataset; forked loader workers share its pages (nothing writes to them),
+    so neither a new epoch nor a worker start reads or decodes the files
+    again.  Images of any sizes are packed one after the other (``offsets``,
+    ``shapes``).  An image comes back as ``Image.fromarray`` of its pixels:
+    the same pixels as the file decoded (``load_rgb``), so every view drawn from
+    it is the same bit for bit.  Decoding uses ``threads`` threads (PIL
+    releases the GIL while it decodes); more than ``max_bytes`` of pixels is a
+    :class:`DataError`."""
+
+    def __init__(self, dataset: Dataset, threads: int | None = None, max_bytes: int | None = None) -> None:
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+
+        inner = dataset
+        while isinstance(inner, Subset):
+            inner = inner.dataset
+        self.root = str(getattr(inner, "root", "?"))
+        self.classes = list(getattr(inner, "classes", []) or [])
+        limit = max_bytes if max_bytes is not None else memory_bytes() // 2
+        n = len(dataset)
+        chunks = [range(i, min(n, i + 256)) for i in range(0, n, 256)]
+        arrays, self.targets, total = [], [], 0
+
+        def decode(chunk):
+            out = []
+            for i in chunk:
+                image, label = dataset[i]
+                out.append((np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8),
+                            int(label)))
+            return out
+
+        with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
+            for part in pool.map(decode, chunks):
+                for array, label in part:
+                    total += array.nbytes
+                    if total > limit:
+                        raise DataError(f"data.in_memory: the decoded images under {self.root} need more than "
+                                        f"{limit / 2**30:.1f} GiB (half of this machine's memory): set "
+                                        "data.in_memory=false to read them from their files")
+                    arrays.append(array)
+                    self.targets.append(label)
+        self.shapes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+        self.offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([a.size for a in arrays], out=self.offsets[1:])
+        self.pixels = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        for k in range(n):  # packed, then the separate arrays are dropped
+            self.pixels[self.offsets[k]:self.offsets[k + 1]] = arrays[k].reshape(-1)
+            arrays[k] = None
+        self.pixels.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if index < 0:
+            index += len(self)
+        h, w = self.shapes[index]
+        pixels = self.pixels[self.offsets[index]:self.offsets[index + 1]].reshape(int(h), int(w), 3)
+        return Image.fromarray(pixels, "RGB"), self.targets[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self.root}, n={len(self)}, {self.pixels.nbytes / 2**20:.0f} MiB)"
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine in bytes."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def holds_decoded(dataset: Dataset) -> bool:
+    """Whether ``dataset`` already keeps its images decoded in memory: ours
+    (:class:`DecodedImages`), or torchvision's CIFAR classes, which read the
+    pickled batches into one uint8 array once and only wrap a row in a PIL
+    image per sample."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, (DecodedImages, datasets.CIFAR10))  # CIFAR100 is a CIFAR10
+
+
+def in_memory(dataset: Dataset, mode: str, name: str, threads: int | None = None) -> Dataset:
+    """``dataset`` as ``data.in_memory`` says: ``auto`` decodes CIFAR-10/100
+    read from image files (:data:`IN_MEMORY_AUTO`), ``true`` any dataset,
+    ``false`` none; a dataset already held decoded (:func:`holds_decoded`)
+    stays as it is.  The images given are the same pixels either way."""
+    if not wants_in_memory(mode, name) or holds_decoded(dataset):
+        return dataset
+    return DecodedImages(dataset, threads)
+
+
+def wants_in_memory(mode: str, name: str) -> bool:
+    """Whether ``data.in_memory=mode`` asks for training set ``name`` decoded into memory."""
+    if mode not in IN_MEMORY_CHOICES:
+        raise ValueError(f"data.in_memory={mode!r} must be one of {IN_MEMORY_CHOICES}")
+    return mode == "true" or (mode == "auto" and name in IN_MEMORY_AUTO)
+
+
 def num_classes(dataset: Dataset) -> int:
     """Number of classes of a dataset from :func:`build_dataset` (or a Subset of one)."""
     while isinstance(dataset, Subset):

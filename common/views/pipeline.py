@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from common.engine.config import ConfigError
+from common.engine.memory_format import views_channels_last
 from common.views.augment import DEVICE_CHOICES, IoUPolicy, MultiViewDataset, MultiViewTransform, views_to
 from common.views.photometric import DevicePhotometric, DeviceViews
 
@@ -113,16 +114,19 @@ class ViewPipeline:
         """``base`` (PIL images and labels) as a :class:`MultiViewDataset` of this pipeline's views."""
         return MultiViewDataset(base, self.transform, seed=seed)
 
-    def to_device(self, batch, device) -> ViewBatch:
+    def to_device(self, batch, device, channels_last: bool = False) -> ViewBatch:
         """A batch of the loader (``(views, params, labels, index)``, collated
         by :func:`common.views.augment.collate`) as a :class:`ViewBatch` on
         ``device``: the views moved (``model_crop``: the decoded images), the
         device step run (``model``, ``model_crop``), and with static colour the
-        own-colour renderings split from the candidates."""
+        own-colour renderings split from the candidates.  ``channels_last``: the
+        image tensors in that memory format (``train.channels_last``)."""
         views, params, labels, index = batch
         views = views_to(views, device)
         if self.device_step is not None:  # the views from the recorded params
             views, params = self.device_step(views, params)
+        if channels_last:
+            views = views_channels_last(views)
         renders = None
         if self.static_color:  # the candidates, then their own-colour renderings
             if len(views) != 2 * self.n_views:
