@@ -109,6 +109,7 @@ def digest(path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_training_in_memory_gives_the_same_weights(tmp_path, image_root):
     """A SimSiam HVS run with a loader worker (forked: it reads the decoded pixels of the main process)
@@ -192,6 +193,7 @@ def test_channels_last_step_matches_the_default_layout(amp):
     assert max(abs(a - b) for a, b in zip(out["default"][0], out["channels_last"][0])) <= tolerance
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_training_run_with_channels_last(tmp_path, image_root):
     """train.channels_last=true: the loop trains a channels_last model on channels_last views (checked
@@ -234,6 +236,7 @@ def test_training_run_with_channels_last(tmp_path, image_root):
 # ----------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bench_cpu_step_tiny_writes_every_field(tmp_path):
     """python -m bench.cpu_step --tiny: the loader alone for every arm, source and worker count, the decoding
     cost, and the training step of the reference and of every option's variant, each compared with the
@@ -262,6 +265,7 @@ def test_bench_cpu_step_tiny_writes_every_field(tmp_path):
             c["variant"]["images_per_s"] / c["reference"]["images_per_s"])
 
 
+@pytest.mark.slow
 def test_bench_cpu_step_refuses_bad_arguments(tmp_path):
     from tests.helpers import cli
 
