@@ -254,7 +254,7 @@ def test_bench_cpu_step_tiny_writes_every_field(tmp_path):
     assert all(r["ratio_vs_files"] > 0 for r in res["loader"] if r["source"] == "in_memory")
     assert res["decode"][0]["s_per_image"] > 0 and res["decode"][0]["full_set_images"] == 32
     compared = {(c["arm"], c["option"], c["reference"]["value"], c["variant"]["value"]) for c in res["comparisons"]}
-    layout = "true" if load_yaml(MEDIUM)["train"].get("channels_last") is True else "false"  # the config's, and the other
+    layout = "true" if load_yaml(MEDIUM).get("train.channels_last") is True else "false"  # the config's; the variant: the other
     for arm in ("baseline", "hvs"):
         assert {(arm, "amp", "bf16", "off"), (arm, "channels_last", layout, {"true": "false", "false": "true"}[layout]),
                 (arm, "in_memory", "false", "true"), (arm, "workers", "1", "0"), (arm, "batch", "8", "16")} <= compared
