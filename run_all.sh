@@ -34,14 +34,14 @@ usage: bash run_all.sh [options]
                crops) and iBOT (10 local crops) (configs/<method>_small.yaml; baseline + HVS at
                23 steps on 2 cores: pretraining SimSiam + SimCLR ~6 min, DINO ~6 min, iBOT ~7 min,
                dino_resnet ~16 min; evaluation ~18 min, most of it the transfer of SimSiam and DINO)
-      medium   CPU, built to show signal on two cores (docs/evidence.md): SimSiam with a narrow
+      medium   CPU, built to show signal on two cores (docs/evidence.md): SimCLR with a narrow
                ResNet-18 (resnet18_w16, CIFAR stem) on all 50,000 CIFAR-10 training images at 32 px,
                batch 128, 10 epochs, bf16 autocast where the CPU has it; baseline + HVS, seeds "0 1 2"
-               (about 3.1 to 3.4 hours on two cores); k-NN and
-               the fast linear probe (configs/linear_medium.yaml) on the full 10,000-image test set; the analyses of the HVS
+               (about 3.1 to 3.4 hours on two cores); k-NN and the fast linear probe
+               (configs/linear_medium.yaml) on the full 10,000-image test set; the analyses of the HVS
                selection logs (--evals selection).  Resumable: re-run the same command to go on
-               (or run it in parts: --seeds 0, then --seeds 1, ...).  SimCLR: --methods "simsiam simclr"
-               (configs/simclr_medium.yaml; doubles the time)
+               (or run it in parts: --seeds 0, then --seeds 1, ...).  SimSiam: --methods "simclr simsiam"
+               (configs/simsiam_medium.yaml; doubles the time)
       gpu      CIFAR-10, 100 epochs, same backbones (<method>_cifar10_gpu.yaml; SimSiam and SimCLR about
                a GPU-hour each; DINO and iBOT not yet timed on a GPU)
       gpu-tin  Tiny-ImageNet-100 at 64 px, 100 epochs; DINO's and iBOT's ViT-tiny with 8 px patches
@@ -152,7 +152,7 @@ case "$PROFILE" in
   medium)  CFG=medium;             KNN=()
            LIN=(--config configs/linear_medium.yaml); FT=(); T1=(); TR=()
            TRANSFER_DEFAULT="none"; DETECTION=()
-           DEFAULT_SEEDS="0 1 2"; DEFAULT_METHODS="simsiam"; DEFAULT_EVALS="knn linear selection"
+           DEFAULT_SEEDS="0 1 2"; DEFAULT_METHODS="simclr"; DEFAULT_EVALS="knn linear selection"
            SELECTION_ARGS=(--max-rows 30000 --null-shuffles 20); PREDICT_ARGS=(--max-rows 4000)
            SCALE="medium CPU profile: all 50,000 CIFAR-10 training images at 32 px, ResNet-18 with 16 channels in its first stage (resnet18_w16, CIFAR stem), batch 128, 10 epochs, bf16 autocast of the training step, channels_last (configs/<method>_medium.yaml); HVS N = 4; k-NN bank and linear probe: the 50,000 training images, tested on all 10,000 test images; linear probe in fast mode at batch 4,096 (configs/linear_medium.yaml); fANOVA on 30,000 rows per run with a 20-shuffle permutation null; predictability on 4,000 samples per run";;
   gpu)     CFG=cifar10_gpu;        KNN=()
