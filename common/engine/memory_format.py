@@ -6,7 +6,7 @@ layout that oneDNN (CPU) and cuDNN (GPU, tensor cores under mixed precision)
 compute convolutions in natively; with the default layout (NCHW) they
 convert around every convolution.  The values are those of the same
 computation in another order of memory, so float results may differ from the
-default layout in the last bits (``tests/test_channels_last.py`` bounds the
+default layout in the last bits (``tests/test_cpu_speed.py`` bounds the
 difference of a SimSiam step's loss).
 
 ``auto`` turns it on for a convolutional network on a GPU under mixed

@@ -54,15 +54,15 @@ def build_train_data(cfg: dict, method, per_rank_batch: int):
     base = build_dataset(d["dataset"], "train", d["data_dir"], download=d["download"])
     if d["subset"]:
         base = torch.utils.data.Subset(base, subset_indices(base.targets, d["subset"], cfg["run"]["seed"]))
-    base = in_memory(base, d.get("in_memory", "auto"), d["dataset"])  # decoded once, here (data.in_memory)
     iters = steps_per_epoch(cfg, len(base), per_rank_batch)
     # the IoU policy's schedule runs over the training steps, which the sampler tags the samples with
     pipeline = ViewPipeline.from_cfg(cfg, method, total_steps=int(cfg["train"]["epochs"]) * iters)
-    dataset = pipeline.dataset(base, seed=cfg["run"]["seed"])
-    if len(dataset) < per_rank_batch * dist.world():
-        raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(dataset)} images, "
+    if len(base) < per_rank_batch * dist.world():
+        raise DataError(f"the training set ({d['dataset']} under {base_root(base)}) has {len(base)} images, "
                         f"fewer than one global batch of train.batch_size={per_rank_batch * dist.world()}: "
                         "lower train.batch_size or raise data.subset")
+    # decoded once, here (data.in_memory), after every check of the config and the data's size
+    dataset = pipeline.dataset(in_memory(base, d["in_memory"], d["dataset"]), seed=cfg["run"]["seed"])
     sampler = EpochSampler(len(dataset), per_rank_batch, cfg["run"]["seed"], dist.rank(), dist.world(),
                            tag_steps=pipeline.policy is not None, steps_per_epoch=iters)
     return pipeline, dataset, sampler, iters
@@ -224,7 +224,7 @@ def build(cfg: dict, method_cls, device: torch.device) -> Run:
     method.model = model = method.model.to(device)
     if dist.is_dist() and device.type == "cuda" and cfg["train"]["sync_bn"]:
         method.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = use_channels_last(cfg["train"].get("channels_last", "auto"), device, model, cfg["train"]["amp"])
+    channels_last = use_channels_last(cfg["train"]["channels_last"], device, model, cfg["train"]["amp"])
     if channels_last:
         model_channels_last(model)
     optimizer = method.build_optimizer(global_batch)
